@@ -1,0 +1,41 @@
+"""torchckpt: save and restore PyTorch training state, fast, atomically, safely.
+
+The API of ``torch.distributed.checkpoint._experimental`` under ``torchckpt``,
+with atomic commits, checksums, enforced timeouts and no pickle on load.
+"""
+
+from .barriers import Barrier, BarrierConfig, DistBarrier, TCPStoreBarrier, create_barrier_from_config, register_barrier
+from .builder import make_sync_checkpointer
+from .checkpoint_reader import CheckpointReader
+from .checkpoint_writer import CheckpointFormat, CheckpointWriter, CheckpointWriterConfig, WriterHook
+from .checkpointer import Checkpointer, SyncCheckpointer
+from .config import CheckpointerConfig
+from .staging import CheckpointStagerConfig
+from .checkpoint_process import CheckpointProcessConfig
+from .types import STATE_DICT, RankInfo
+from .utils import wrap_future
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STATE_DICT",
+    "Barrier",
+    "BarrierConfig",
+    "CheckpointFormat",
+    "CheckpointProcessConfig",
+    "CheckpointReader",
+    "CheckpointStagerConfig",
+    "CheckpointWriter",
+    "CheckpointWriterConfig",
+    "Checkpointer",
+    "CheckpointerConfig",
+    "DistBarrier",
+    "RankInfo",
+    "SyncCheckpointer",
+    "TCPStoreBarrier",
+    "WriterHook",
+    "create_barrier_from_config",
+    "make_sync_checkpointer",
+    "register_barrier",
+    "wrap_future",
+]

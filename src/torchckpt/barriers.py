@@ -1,0 +1,236 @@
+"""Barriers that make every rank wait for the others before a checkpoint is committed.
+
+``Barrier.execute_barrier()`` is called exactly once per
+``CheckpointWriter.write``, on every rank, after the rank's data is durable
+and before the coordinator commits. It returns once every rank has arrived,
+or raises :class:`~torchckpt.errors.BarrierTimeoutError` naming the ranks
+that did not arrive within the timeout.
+
+Barrier types are found by name through a registry, so a
+:class:`BarrierConfig` can name them: ``"dist_barrier"`` and ``"tcp_store"``.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from .errors import BarrierTimeoutError, ConfigError
+
+__all__ = [
+    "BARRIER_REGISTRY",
+    "Barrier",
+    "BarrierConfig",
+    "DistBarrier",
+    "TCPStoreBarrier",
+    "create_barrier_from_config",
+    "register_barrier",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Barrier classes by their ``barrier_type`` name.
+BARRIER_REGISTRY: dict[str, type] = {}
+
+
+def register_barrier(barrier_class: type) -> type:
+    """Class decorator: make ``barrier_class`` available under its ``barrier_type``."""
+    name = getattr(barrier_class, "barrier_type", None)
+    if name is not None:
+        BARRIER_REGISTRY[name] = barrier_class
+    return barrier_class
+
+
+@dataclass
+class BarrierConfig:
+    """Which barrier a checkpointer uses.
+
+    Attributes:
+        barrier_type: A registered name (``"dist_barrier"``, ``"tcp_store"``), or
+            None for no barrier (a single rank).
+        barrier_args: Keyword arguments of the barrier's constructor. Rank
+            fields (``global_rank``, ``global_world_size``) left out are filled
+            in from the checkpointer's rank information by the builders.
+    """
+
+    barrier_type: str | None = None
+    barrier_args: dict[str, Any] = field(default_factory=dict)
+
+
+def create_barrier_from_config(barrier_config: BarrierConfig) -> Barrier | None:
+    """Build the barrier ``barrier_config`` names (None when it names none).
+
+    Raises:
+        ConfigError: The type is not registered (also a ``ValueError``).
+    """
+    if barrier_config.barrier_type is None:
+        return None
+    cls = BARRIER_REGISTRY.get(barrier_config.barrier_type)
+    if cls is None:
+        raise ConfigError(
+            f"Unknown barrier type: {barrier_config.barrier_type}. Available types: {sorted(BARRIER_REGISTRY)}",
+            field="barrier_type",
+        )
+    barrier: Barrier = cls(**barrier_config.barrier_args)
+    return barrier
+
+
+class Barrier(abc.ABC):
+    """A synchronisation point of all ranks."""
+
+    @abc.abstractmethod
+    def __init__(self, **kwargs: Any) -> None:
+        """Barrier-specific construction."""
+
+    @abc.abstractmethod
+    def execute_barrier(self) -> None:
+        """Return once every rank has called it, or raise on timeout."""
+
+
+@register_barrier
+class DistBarrier(Barrier):
+    """A barrier over the default ``torch.distributed`` process group.
+
+    On gloo it uses ``monitored_barrier``, whose timeout error names the ranks
+    that did not arrive; on other backends ``barrier``.
+
+    Args:
+        timeout_secs: Longest wait in seconds (None: the process group's timeout).
+
+    Raises:
+        ConfigError: No process group is initialised (also an ``AssertionError``).
+    """
+
+    barrier_type = "dist_barrier"
+
+    def __init__(self, timeout_secs: float | None = None) -> None:
+        if not dist.is_initialized():
+            raise ConfigError("DistBarrier requires an initialized process group.")
+        self._timeout_secs = timeout_secs
+
+    def execute_barrier(self) -> None:
+        if dist.get_backend() == "gloo":
+            timeout = timedelta(seconds=self._timeout_secs) if self._timeout_secs else None
+            try:
+                dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+            except RuntimeError as e:
+                raise BarrierTimeoutError(
+                    f"rank {dist.get_rank()}: barrier failed: {e}", missing_ranks=_ranks_in(str(e))
+                ) from e
+        else:
+            dist.barrier()
+
+
+def _ranks_in(message: str) -> list[int]:
+    import re
+
+    m = re.search(r"[Rr]anks? ([\d, ]+)", message)
+    return [int(x) for x in re.findall(r"\d+", m.group(1))] if m else []
+
+
+@register_barrier
+class TCPStoreBarrier(Barrier):
+    """A barrier through a ``torch.distributed.TCPStore`` (no process group needed).
+
+    Rank 0 hosts the store. Each barrier has a sequence number per prefix;
+    every rank records the sequence it reached under ``rank<N>``, which is how
+    a timeout names the ranks that did not arrive.
+
+    Args:
+        global_rank: This rank.
+        global_world_size: Number of ranks.
+        barrier_prefix: Names this barrier's keys in the store.
+        timeout_barrier_init_secs: Longest wait to connect to the store.
+        use_checkpoint_barrier_tcpstore_libuv: Use the libuv store backend.
+        tcpstore_port: Port of the store.
+        master_address: Host of the store (rank 0 listens on this address only).
+        timeout_secs: Longest wait for the other ranks at each barrier (enforced).
+    """
+
+    barrier_type = "tcp_store"
+
+    def __init__(
+        self,
+        global_rank: int,
+        global_world_size: int,
+        barrier_prefix: str,
+        timeout_barrier_init_secs: int,
+        use_checkpoint_barrier_tcpstore_libuv: bool,
+        tcpstore_port: int,
+        master_address: str,
+        timeout_secs: int,
+    ) -> None:
+        logger.info(
+            "connecting barrier store %s:%s (rank %s of %s, prefix %s, timeout %ss)",
+            master_address,
+            tcpstore_port,
+            global_rank,
+            global_world_size,
+            barrier_prefix,
+            timeout_secs,
+        )
+        self._tcp_store_barrier_seq: Counter[str] = Counter()
+        self._barrier_prefix = barrier_prefix
+        self._global_rank = global_rank
+        self._global_world_size = global_world_size
+        self._timeout_secs = timeout_secs
+        # Looked up at call time (dist.TCPStore), so tests and users can patch it.
+        self._tcp_store = dist.TCPStore(
+            master_address,
+            int(tcpstore_port),
+            world_size=global_world_size,
+            timeout=timedelta(seconds=timeout_barrier_init_secs),
+            is_master=(global_rank == 0),
+            use_libuv=use_checkpoint_barrier_tcpstore_libuv,
+        )
+
+    @property
+    def store(self) -> Any:
+        """The underlying store."""
+        return self._tcp_store
+
+    def execute_barrier(self) -> None:
+        import torch.distributed.elastic.utils.store as store_util
+
+        prefix = self._barrier_prefix
+        seq = self._tcp_store_barrier_seq[prefix]
+        self._tcp_store.set(f"rank{self._global_rank}", str(seq))
+        try:
+            store_util.barrier(
+                store=self._tcp_store,
+                world_size=self._global_world_size,
+                key_prefix=prefix + str(seq),
+                barrier_timeout=self._timeout_secs,
+            )
+        except Exception as e:
+            if not _is_timeout(e):
+                raise
+            missing = self._missing_ranks(seq)
+            raise BarrierTimeoutError(
+                f"rank {self._global_rank}: timed out after {self._timeout_secs}s at barrier {prefix!r} #{seq}; "
+                f"ranks that did not arrive: {missing}",
+                missing_ranks=missing,
+            ) from e
+        self._tcp_store_barrier_seq[prefix] += 1
+
+    def _missing_ranks(self, seq: int) -> list[int]:
+        missing = []
+        for r in range(self._global_world_size):
+            key = f"rank{r}"
+            try:
+                arrived = self._tcp_store.check([key]) and int(self._tcp_store.get(key)) >= seq
+            except Exception:  # noqa: BLE001 - the store itself may be gone
+                arrived = False
+            if not arrived:
+                missing.append(r)
+        return missing
+
+
+def _is_timeout(e: BaseException) -> bool:
+    return isinstance(e, TimeoutError) or "timeout" in str(e).lower() or "timed out" in str(e).lower()

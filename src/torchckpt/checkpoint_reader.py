@@ -1,0 +1,229 @@
+"""Reading a checkpoint: validate the manifest, then read only what is asked for."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+import warnings
+from typing import Any
+
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .format.manifest import MAX_MANIFEST_BYTES, Layout, Manifest, ManifestError, RankEntry, parse_manifest
+from .format.native_read import read_native
+from .format.torch_save import file_digest, load_torch_save, rank_file_name
+from .storage.local import MANIFEST_NAME, open_dir
+from .types import STATE_DICT, RankInfo
+
+__all__ = ["CheckpointReader", "LegacyCheckpointWarning", "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+
+class LegacyCheckpointWarning(UserWarning):
+    """A checkpoint without a manifest (written by the reference implementation) was loaded."""
+
+
+def _open_in(dir_fd: int, name: str, where: str) -> int:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {where}: {name} is a symbolic link (refused)", path=where, file=name
+            ) from e
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"corrupt checkpoint {where}: {name} is not a regular file", path=where, file=name)
+    return fd
+
+
+def _open_checkpoint_dir(path: str) -> int:
+    try:
+        return open_dir(path)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"no checkpoint at {path}: the directory does not exist", path=path) from e
+    except NotADirectoryError as e:
+        raise CheckpointNotFoundError(f"no checkpoint at {path}: not a directory", path=path) from e
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointNotFoundError(f"no checkpoint at {path}: it is a symbolic link", path=path) from e
+        raise
+
+
+def _read_manifest_fd(dir_fd: int, where: str) -> Manifest:
+    fd = _open_in(dir_fd, MANIFEST_NAME, where)
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {where}: manifest.json is {size} bytes (limit {MAX_MANIFEST_BYTES})",
+                path=where,
+                file=MANIFEST_NAME,
+            )
+        data = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    try:
+        return parse_manifest(data)
+    except ManifestError as e:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {where}: manifest.json: {e}", path=where, file=MANIFEST_NAME
+        ) from e
+
+
+def read_manifest(path: str) -> Manifest:
+    """Read and validate the manifest of the checkpoint at ``path``.
+
+    Raises:
+        CheckpointNotFoundError: No committed checkpoint there.
+        CorruptCheckpointError: The manifest is invalid.
+    """
+    path = os.fspath(path)
+    dir_fd = _open_checkpoint_dir(path)
+    try:
+        return _read_manifest_fd(dir_fd, path)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"no committed checkpoint at {path}: manifest.json is missing", path=path) from e
+    finally:
+        os.close(dir_fd)
+
+
+class CheckpointReader:
+    """Reads this rank's part of a checkpoint.
+
+    Args:
+        rank_info: This process's rank; it reads the part of rank
+            ``global_rank % world_size`` of the checkpoint unless ``read`` is
+            given ``rank=``.
+        verify_checksums: Check checksums of what is read (default True).
+        allow_pickle: Load values stored with pickle (only for trusted checkpoints).
+        io_threads: Threads reading one file in parallel.
+    """
+
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        *,
+        verify_checksums: bool = True,
+        allow_pickle: bool = False,
+        io_threads: int = 2,
+    ) -> None:
+        self._rank_info = rank_info
+        self._verify = verify_checksums
+        self._allow_pickle = allow_pickle
+        self._io_threads = io_threads
+
+    def read(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        map_location: Any = None,
+        **kwargs: Any,
+    ) -> tuple[STATE_DICT, list[str]]:
+        """Read the checkpoint at ``path``.
+
+        Args:
+            path: The checkpoint directory.
+            state_dict: A template: only its keys are loaded and its tensors are
+                filled in place (None: load everything).
+            map_location: Device for tensors created by the load (a device, its
+                name, or a dict from saved device names to new ones).
+            **kwargs: ``verify`` and ``allow_pickle`` override the reader's
+                options for this call; ``rank`` picks whose part to read. Other
+                keywords are ignored.
+
+        Returns:
+            The state dict and the keys of the template missing from the checkpoint.
+
+        Raises:
+            CheckpointNotFoundError: Nothing committed at ``path``.
+            CorruptCheckpointError: The manifest, a size or a checksum is wrong.
+            StateDictMismatchError: The template does not fit the checkpoint.
+            UnsafeObjectError: The checkpoint needs pickle and it is not allowed.
+        """
+        path = os.fspath(path)
+        verify = bool(kwargs.get("verify", self._verify))
+        allow_pickle = bool(kwargs.get("allow_pickle", self._allow_pickle))
+        started = time.monotonic()
+        dir_fd = _open_checkpoint_dir(path)
+        try:
+            try:
+                manifest = _read_manifest_fd(dir_fd, path)
+            except FileNotFoundError:
+                return self._read_legacy(dir_fd, path, state_dict, map_location, allow_pickle)
+            entry = self._entry(manifest, kwargs.get("rank"), path)
+            try:
+                fd = _open_in(dir_fd, entry.file, path)
+            except FileNotFoundError as e:
+                raise CorruptCheckpointError(
+                    f"corrupt checkpoint {path}: rank file {entry.file} listed in the manifest is missing",
+                    path=path,
+                    file=entry.file,
+                ) from e
+            try:
+                if manifest.layout == Layout.SAFETENSORS:
+                    result, missing, nbytes = read_native(
+                        fd, entry, state_dict, map_location=map_location, verify=verify,
+                        allow_pickle=allow_pickle, where=path, threads=self._io_threads,
+                    )  # fmt: skip
+                else:
+                    if verify:
+                        self._verify_whole_file(fd, entry, path)
+                    result, missing = load_torch_save(
+                        fd, state_dict, map_location=map_location, allow_pickle=allow_pickle, where=path, file=entry.file
+                    )
+                    nbytes = entry.size_bytes
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dir_fd)
+        if missing:
+            logger.warning("checkpoint %s lacks %d keys of the template: %s", path, len(missing), missing[:10])
+        logger.info("loaded checkpoint %s (rank %d): %d bytes in %.3fs", path, entry.rank, nbytes, time.monotonic() - started)
+        return result, missing
+
+    def _entry(self, manifest: Manifest, rank: Any, path: str) -> RankEntry:
+        if rank is None:
+            rank = self._rank_info.global_rank % manifest.world_size
+        if not isinstance(rank, int) or not 0 <= rank < manifest.world_size:
+            raise ValueError(f"rank {rank!r} out of range for the checkpoint {path} of {manifest.world_size} ranks")
+        return manifest.ranks[rank]
+
+    @staticmethod
+    def _verify_whole_file(fd: int, entry: RankEntry, path: str) -> None:
+        size, digest = file_digest(fd)
+        if size != entry.size_bytes or digest != entry.digest:
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {path}: rank file {entry.file} does not match the manifest "
+                f"(size {size} vs {entry.size_bytes}, digest {digest} vs {entry.digest})",
+                path=path,
+                file=entry.file,
+            )
+
+    def _read_legacy(
+        self, dir_fd: int, path: str, state_dict: STATE_DICT | None, map_location: Any, allow_pickle: bool
+    ) -> tuple[STATE_DICT, list[str]]:
+        name = rank_file_name(self._rank_info.global_rank)
+        try:
+            fd = _open_in(dir_fd, name, path)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint at {path}: manifest.json is missing", path=path
+            ) from e
+        warnings.warn(
+            f"{path} has no manifest.json: loading {name} as a checkpoint of the reference implementation, "
+            "which has no commit marker and no checksums",
+            LegacyCheckpointWarning,
+            stacklevel=3,
+        )
+        try:
+            return load_torch_save(fd, state_dict, map_location=map_location, allow_pickle=allow_pickle, where=path, file=name)
+        finally:
+            os.close(fd)

@@ -1,0 +1,263 @@
+"""Writing a checkpoint: this rank's data, then one atomic commit.
+
+A write goes (DESIGN.md §2):
+
+1. prepare  the hidden pending directory beside ``path`` (coordinator: lock, clean)
+2. write    this rank's file (native: parallel positional writes with checksums), fsync
+3. ``WriterHook.pre_commit(path, **kwargs)``
+4. barrier  ``Barrier.execute_barrier()``, exactly once
+5. commit   the coordinator (rank 0) writes ``manifest.json`` last and swaps the
+            directory into place atomically
+6. ``WriterHook.post_commit(path, **kwargs)``
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .barriers import Barrier
+from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError
+from .format.manifest import RankEntry, build_manifest, parse_rank_entry
+from .format.native import plan_rank_file, rank_entry, write_rank_file
+from .format.torch_save import rank_file_name, save_torch_save
+from .format.tree import flatten
+from .storage.io import CHUNK_BYTES
+from .storage.local import DirectoryCommit, write_file_durably
+from .types import STATE_DICT, RankInfo
+
+__all__ = ["CheckpointFormat", "CheckpointWriter", "CheckpointWriterConfig", "WriterHook"]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointFormat(str, enum.Enum):
+    """The on-disk layout of a checkpoint's rank files."""
+
+    #: ``checkpoint_<rank>.pt`` written by ``torch.save`` (what the reference writes).
+    TORCH_SAVE = "torch_save"
+    #: One safetensors file per rank, checksummed, with typed-JSON structure (native).
+    SAFETENSORS = "safetensors"
+
+
+class WriterHook(abc.ABC):
+    """Callbacks around the commit of a checkpoint.
+
+    Call order, on every rank, inside ``CheckpointWriter.write``: this rank's
+    data is written and fsynced, then ``pre_commit``; then the barrier; then
+    (rank 0) the manifest commit; then ``post_commit``. Both receive the
+    ``path`` and the keyword arguments given to ``write``. An exception in
+    ``pre_commit`` fails the save before anything is committed.
+    Subclasses need not call ``super().__init__()``.
+    """
+
+    @abc.abstractmethod
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        """Runs after this rank's data is durable, before the commit."""
+
+    @abc.abstractmethod
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        """Runs after the checkpoint is committed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointWriterConfig:
+    """Options of :class:`CheckpointWriter`.
+
+    Attributes:
+        write_barrier_timeout_secs: Longest wait, in seconds, for the other ranks
+            (and for another save holding the same path).
+        format: Layout of the rank files: ``"torch_save"`` (default, what the
+            reference writes) or ``"safetensors"`` (native: parallel, checksummed
+            per tensor, partial loads read only what they need).
+        allow_pickle: Store values that have no safe form with pickle instead of
+            refusing them at save time. Loading them then needs ``allow_pickle`` too.
+        io_threads: Threads writing one rank file in parallel (native format).
+    """
+
+    write_barrier_timeout_secs: int = 600
+    format: CheckpointFormat | str = CheckpointFormat.TORCH_SAVE
+    allow_pickle: bool = False
+    io_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.write_barrier_timeout_secs <= 0:
+            raise ConfigError(
+                f"CheckpointWriterConfig.write_barrier_timeout_secs must be > 0, got {self.write_barrier_timeout_secs}",
+                field="write_barrier_timeout_secs",
+            )
+        if self.format not in tuple(CheckpointFormat):
+            raise ConfigError(
+                f"CheckpointWriterConfig.format must be one of {[f.value for f in CheckpointFormat]}, "
+                f"got {self.format!r}",
+                field="format",
+            )
+        if self.io_threads < 1:
+            raise ConfigError(f"CheckpointWriterConfig.io_threads must be >= 1, got {self.io_threads}", field="io_threads")
+
+
+class CheckpointWriter:
+    """Writes this rank's part of a checkpoint and takes part in its commit.
+
+    Args:
+        config: Writer options.
+        rank_info: This process's rank and the world size.
+        barrier: Synchronises the ranks before the commit; its
+            ``execute_barrier()`` is called exactly once per ``write``.
+        commit_hook: Called before and after the commit.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointWriterConfig,
+        rank_info: RankInfo,
+        barrier: Barrier | None = None,
+        commit_hook: WriterHook | None = None,
+    ) -> None:
+        self._config = config
+        self._rank_info = rank_info
+        self._barrier = barrier
+        self._commit_hook = commit_hook
+
+    @property
+    def config(self) -> CheckpointWriterConfig:
+        return self._config
+
+    def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
+        """Write ``state_dict`` as this rank's part of the checkpoint at ``path``.
+
+        Args:
+            path: The checkpoint directory (created; an existing checkpoint there
+                is replaced atomically).
+            state_dict: The state to save.
+            **kwargs: Passed to the commit hooks. ``metadata`` (a JSON-serialisable
+                dict), when given, is also stored in the manifest.
+
+        Raises:
+            UnsafeObjectError: A value cannot be saved without pickle.
+            CheckpointIOError: A system call failed (names rank, operation, path, errno).
+        """
+        rank = self._rank_info.global_rank
+        world = self._rank_info.global_world_size
+        coordinator = rank == 0
+        started = time.monotonic()
+        path = os.fspath(path)
+        logger.info("saving checkpoint %s (rank %d of %d)", path, rank, world)
+        commit = DirectoryCommit(path, rank=rank, lock_timeout_s=self._config.write_barrier_timeout_secs)
+        commit.prepare(coordinator=coordinator)
+        try:
+            entry, stats = self._write_rank(commit.pending, state_dict)
+            if world > 1:
+                _write_entry_sidecar(commit.pending, entry)
+            if self._commit_hook is not None:
+                self._commit_hook.pre_commit(path, **kwargs)
+            if self._barrier is not None:
+                self._barrier.execute_barrier()
+            if coordinator:
+                entries = [entry] if world == 1 else _read_entry_sidecars(commit.pending, world, path)
+                commit_started = time.monotonic()
+                stats["bytes"] = sum(e.tensor_bytes or e.size_bytes for e in entries)
+                manifest = build_manifest(
+                    layout=str(CheckpointFormat(self._config.format).value),
+                    ranks=entries,
+                    chunk_bytes=CHUNK_BYTES,
+                    metadata=_metadata(kwargs.get("metadata"), path),
+                    stats=stats,
+                )
+                commit.commit(manifest)
+                stats["commit_s"] = time.monotonic() - commit_started
+            if self._commit_hook is not None:
+                self._commit_hook.post_commit(path, **kwargs)
+        finally:
+            commit.release(remove_pending=world == 1)
+        logger.info(
+            "saved checkpoint %s (rank %d): %d bytes in %.3fs", path, rank, stats["bytes"], time.monotonic() - started
+        )
+
+    def _write_rank(self, pending: str, state_dict: STATE_DICT) -> tuple[RankEntry, dict[str, Any]]:
+        rank = self._rank_info.global_rank
+        t0 = time.monotonic()
+        flat = flatten(state_dict, allow_pickle=self._config.allow_pickle)
+        native = CheckpointFormat(self._config.format) is CheckpointFormat.SAFETENSORS
+        name = f"rank_{rank:05d}.safetensors" if native else rank_file_name(rank)
+        file_path = os.path.join(pending, name)
+        plan = plan_rank_file(flat, rank=rank) if native else None
+        t1 = time.monotonic()
+        op = "open"
+        try:
+            fd = os.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                op = "write"
+                if plan is not None:
+                    tensors, header_crc = write_rank_file(fd, plan, threads=self._config.io_threads)
+                else:
+                    size, digest = save_torch_save(fd, state_dict)
+                t2 = time.monotonic()
+                op = "fsync"
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise CheckpointIOError(
+                f"rank {rank}: {op} failed for {file_path}: {e.strerror or e}",
+                errno=e.errno,
+                path=file_path,
+                rank=rank,
+                operation=op,
+            ) from e
+        t3 = time.monotonic()
+        if plan is not None:
+            entry = rank_entry(rank, name, plan, flat.tree, tensors, header_crc)
+            nbytes = entry.tensor_bytes
+        else:
+            entry = RankEntry(rank=rank, file=name, size_bytes=size, digest=digest)
+            nbytes = sum(t.numel() * t.element_size() for t in flat.tensors)
+        stats = {"bytes": nbytes, "plan_s": t1 - t0, "write_s": t2 - t1, "fsync_s": t3 - t2}
+        return entry, stats
+
+    def close(self) -> None:
+        """Release resources (none are held between writes)."""
+        logger.debug("closing checkpoint writer")
+
+
+def _metadata(metadata: Any, path: str) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"metadata of the checkpoint {path} must be JSON-serialisable: {e}", field="metadata") from e
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"metadata of the checkpoint {path} must be a dict, got {type(metadata).__name__}")
+    return metadata
+
+
+def _sidecar(rank: int) -> str:
+    return f"rank_{rank:05d}.entry.json"
+
+
+def _write_entry_sidecar(pending: str, entry: RankEntry) -> None:
+    write_file_durably(pending, _sidecar(entry.rank), json.dumps(entry.to_json()).encode())
+
+
+def _read_entry_sidecars(pending: str, world: int, path: str) -> list[RankEntry]:
+    entries = []
+    for r in range(world):
+        file = os.path.join(pending, _sidecar(r))
+        try:
+            with open(file, "rb") as f:
+                doc = json.loads(f.read())
+            entries.append(parse_rank_entry(doc, r, CHUNK_BYTES))
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(
+                f"rank {r} reported no result for the checkpoint {path}: {e}", path=path, file=file
+            ) from e
+        os.unlink(file)
+    return entries
+

@@ -1,0 +1,269 @@
+"""``manifest.json``: the commit marker and index of a checkpoint.
+
+The manifest is written last; its presence means the checkpoint is complete.
+It is plain JSON (see ``docs/format.md``) and a reader trusts nothing in it:
+:func:`parse_manifest` validates every field, every file name and every size
+before any data file is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dtypes import dtype_from_name
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_MANIFEST_BYTES",
+    "Layout",
+    "Manifest",
+    "ManifestError",
+    "RankEntry",
+    "TensorEntry",
+    "build_manifest",
+    "check_file_name",
+    "parse_manifest",
+    "parse_rank_entry",
+]
+
+FORMAT_VERSION = 1
+#: A manifest larger than this is refused before it is parsed.
+MAX_MANIFEST_BYTES = 1 << 30
+_NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+
+
+class Layout:
+    """The two on-disk layouts (plain strings in the manifest)."""
+
+    TORCH_SAVE = "torch_save"
+    SAFETENSORS = "safetensors"
+    ALL = (TORCH_SAVE, SAFETENSORS)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a native rank file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    crc32c: tuple[int, ...]
+    device: str = "cpu"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "crc32c": list(self.crc32c),
+            "device": self.device,
+        }
+
+
+@dataclass(frozen=True)
+class RankEntry:
+    """What one rank wrote."""
+
+    rank: int
+    file: str
+    size_bytes: int
+    digest: str
+    tree: Any = None
+    tensors: tuple[TensorEntry, ...] = ()
+    data_offset: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "rank": self.rank,
+            "file": self.file,
+            "size_bytes": self.size_bytes,
+            "digest": self.digest,
+        }
+        if self.tree is not None:
+            out["data_offset"] = self.data_offset
+            out["tree"] = self.tree
+            out["tensors"] = [t.to_json() for t in self.tensors]
+        return out
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated manifest."""
+
+    layout: str
+    world_size: int
+    ranks: tuple[RankEntry, ...]
+    chunk_bytes: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    created_unix_s: float = 0.0
+    version: int = FORMAT_VERSION
+
+
+def build_manifest(
+    *,
+    layout: str,
+    ranks: list[RankEntry],
+    chunk_bytes: int,
+    metadata: dict[str, Any] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> bytes:
+    """Serialise a manifest to UTF-8 JSON bytes."""
+    doc = {
+        "torchckpt_format": FORMAT_VERSION,
+        "layout": layout,
+        "world_size": len(ranks),
+        "created_unix_s": time.time(),
+        "checksum": {"algorithm": "crc32c", "chunk_bytes": chunk_bytes},
+        "ranks": [r.to_json() for r in sorted(ranks, key=lambda r: r.rank)],
+        "metadata": metadata or {},
+        "stats": stats or {},
+    }
+    return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+class ManifestError(ValueError):
+    """Raised by :func:`parse_manifest`; the caller adds the path."""
+
+
+def check_file_name(name: Any) -> str:
+    """Return ``name`` if it is a plain file name inside the checkpoint directory.
+
+    Raises:
+        ManifestError: Empty, ``.``/``..``, a path (``/``), absolute, NUL bytes, or odd characters.
+    """
+    if not isinstance(name, str) or not _NAME_OK.match(name) or name in (".", ".."):
+        raise ManifestError(f"unsafe file name {name!r}: only plain names inside the checkpoint directory are allowed")
+    return name
+
+
+def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise ManifestError(f"{where}: missing field {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
+        raise ManifestError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _nonneg(d: Any, key: str, where: str) -> int:
+    value = _get(d, key, int, where)
+    if value < 0:
+        raise ManifestError(f"{where}: field {key!r} is negative ({value})")
+    return int(value)
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes.
+
+    Raises:
+        ManifestError: Not JSON, unknown version, missing or ill-typed fields,
+            unsafe names, or sizes that do not add up.
+    """
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ManifestError("not a JSON object")
+    version = _get(doc, "torchckpt_format", int, "manifest")
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"unknown format version {version} (this torchckpt reads version {FORMAT_VERSION})")
+    layout = _get(doc, "layout", str, "manifest")
+    if layout not in Layout.ALL:
+        raise ManifestError(f"unknown layout {layout!r}")
+    world_size = _get(doc, "world_size", int, "manifest")
+    ranks_doc = _get(doc, "ranks", list, "manifest")
+    if world_size < 1 or len(ranks_doc) != world_size:
+        raise ManifestError(f"world_size {world_size} does not match the {len(ranks_doc)} rank entries")
+    checksum = _get(doc, "checksum", dict, "manifest")
+    if _get(checksum, "algorithm", str, "checksum") != "crc32c":
+        raise ManifestError(f"unknown checksum algorithm {checksum.get('algorithm')!r}")
+    chunk_bytes = _nonneg(checksum, "chunk_bytes", "checksum")
+    if chunk_bytes == 0:
+        raise ManifestError("checksum chunk_bytes is 0")
+    ranks = tuple(_parse_rank(r, i, layout, chunk_bytes) for i, r in enumerate(ranks_doc))
+    files = [r.file for r in ranks]
+    if len(set(files)) != len(files):
+        raise ManifestError("two ranks name the same file")
+    metadata = doc.get("metadata", {})
+    stats = doc.get("stats", {})
+    if not isinstance(metadata, dict) or not isinstance(stats, dict):
+        raise ManifestError("metadata and stats must be JSON objects")
+    created = doc.get("created_unix_s", 0.0)
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise ManifestError("created_unix_s must be a number")
+    return Manifest(layout, world_size, ranks, chunk_bytes, metadata, stats, float(created), version)
+
+
+def parse_rank_entry(doc: Any, index: int, chunk_bytes: int) -> RankEntry:
+    """Parse one rank's entry (as reported by that rank before the commit)."""
+    layout = Layout.SAFETENSORS if isinstance(doc, dict) and "tree" in doc else Layout.TORCH_SAVE
+    return _parse_rank(doc, index, layout, chunk_bytes)
+
+
+def _parse_rank(doc: Any, index: int, layout: str, chunk_bytes: int) -> RankEntry:
+    where = f"ranks[{index}]"
+    rank = _nonneg(doc, "rank", where)
+    if rank != index:
+        raise ManifestError(f"{where}: rank {rank} out of order")
+    file = check_file_name(_get(doc, "file", str, where))
+    size = _nonneg(doc, "size_bytes", where)
+    digest = _get(doc, "digest", str, where)
+    if not re.fullmatch(r"crc32c:[0-9a-f]{8}", digest):
+        raise ManifestError(f"{where}: malformed digest {digest!r}")
+    if layout == Layout.TORCH_SAVE:
+        return RankEntry(rank, file, size, digest)
+    data_offset = _nonneg(doc, "data_offset", where)
+    tensors_doc = _get(doc, "tensors", list, where)
+    tensors = tuple(_parse_tensor(t, f"{where}.tensors[{j}]", chunk_bytes) for j, t in enumerate(tensors_doc))
+    if "tree" not in doc:
+        raise ManifestError(f"{where}: missing field 'tree'")
+    end = data_offset
+    for t in sorted(tensors, key=lambda t: (t.offset, t.nbytes)):
+        if t.offset != end:
+            raise ManifestError(f"{where}: tensor {t.name!r} at offset {t.offset}, expected {end} (gap or overlap)")
+        end += t.nbytes
+    if end != size:
+        raise ManifestError(f"{where}: tensors end at byte {end} but the file is declared as {size} bytes")
+    if data_offset < 8 or data_offset > size:
+        raise ManifestError(f"{where}: data_offset {data_offset} outside the file")
+    return RankEntry(rank, file, size, digest, doc["tree"], tensors, data_offset)
+
+
+def _parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
+    name = _get(doc, "name", str, where)
+    dtype_str = _get(doc, "dtype", str, where)
+    try:
+        dtype = dtype_from_name(dtype_str)
+    except KeyError:
+        raise ManifestError(f"{where}: unknown dtype {dtype_str!r}") from None
+    shape_doc = _get(doc, "shape", list, where)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_doc):
+        raise ManifestError(f"{where}: shape must be a list of non-negative integers")
+    shape = tuple(int(d) for d in shape_doc)
+    nbytes = _nonneg(doc, "nbytes", where)
+    if math.prod(shape) * dtype.itemsize != nbytes:
+        raise ManifestError(f"{where}: {nbytes} bytes do not match shape {list(shape)} of {dtype_str}")
+    crcs = _get(doc, "crc32c", list, where)
+    if len(crcs) != max(1, -(-nbytes // chunk_bytes)) or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**32 for c in crcs
+    ):
+        raise ManifestError(f"{where}: malformed crc32c list")
+    device = doc.get("device", "cpu")
+    if not isinstance(device, str):
+        raise ManifestError(f"{where}: device must be a string")
+    return TensorEntry(name, dtype_str, shape, _nonneg(doc, "offset", where), nbytes, tuple(crcs), device)

@@ -1,0 +1,176 @@
+"""Reading native rank files: only the bytes the requested keys need, straight into tensors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ..errors import CorruptCheckpointError, StateDictMismatchError
+from ..storage.io import ChecksumError, Extent, checksum, read_extents
+from .dtypes import dtype_from_name
+from .manifest import RankEntry, TensorEntry
+from .native import byte_view, digest_of
+from .select import merge
+from .tree import TensorRef, unflatten
+
+__all__ = ["read_native", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(saved: str, map_location: Any) -> torch.device:
+    """The device a freshly loaded tensor goes to.
+
+    ``map_location`` may be None (the saved device when this machine has it,
+    else the CPU), a device or its name, or a dict mapping saved device names
+    to new ones.
+    """
+    if isinstance(map_location, dict):
+        map_location = map_location.get(saved, saved)
+    if map_location is not None:
+        return torch.device(map_location)
+    device = torch.device(saved)
+    if device.type == "cpu":
+        return device
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        logger.warning("tensor saved on %s loads on the CPU: that device is not available here", saved)
+        return torch.device("cpu")
+    return device
+
+
+class _Loads:
+    """Collects which tensors to read and where to put them."""
+
+    def __init__(self, entry: RankEntry, map_location: Any, where: str) -> None:
+        self.entry = entry
+        self.map_location = map_location
+        self.where = where
+        self.fresh: dict[int, torch.Tensor] = {}
+        self.targets: list[tuple[int, torch.Tensor]] = []
+        self._seen: set[tuple[int, int]] = set()
+
+    def info(self, index: int) -> tuple[TensorEntry, torch.dtype]:
+        if not 0 <= index < len(self.entry.tensors):
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {self.where}: tree refers to tensor {index} of {len(self.entry.tensors)}",
+                path=self.where,
+                file=self.entry.file,
+            )
+        e = self.entry.tensors[index]
+        return e, dtype_from_name(e.dtype)
+
+    def tensor(self, ref: TensorRef, target: torch.Tensor | None, key: str) -> torch.Tensor:
+        e, dtype = self.info(ref.index)
+        if target is None:
+            if ref.index not in self.fresh:
+                device = resolve_device(e.device, self.map_location)
+                self.fresh[ref.index] = torch.empty(e.shape, dtype=dtype, device=device)
+                self.targets.append((ref.index, self.fresh[ref.index]))
+            return self.fresh[ref.index]
+        if target.dtype != dtype or tuple(target.shape) != e.shape:
+            raise StateDictMismatchError(
+                f"key {key!r}: the template tensor is {target.dtype} {list(target.shape)} but the checkpoint at "
+                f"{self.where} holds {dtype} {list(e.shape)}",
+                path=self.where,
+                key=key,
+            )
+        mark = (ref.index, target.data_ptr() if target.numel() else id(target))
+        if mark not in self._seen:
+            self._seen.add(mark)
+            self.targets.append((ref.index, target))
+        return target
+
+
+def _check_header(fd: int, entry: RankEntry, where: str) -> None:
+    size = os.fstat(fd).st_size
+    if size != entry.size_bytes:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {where}: rank file {entry.file} is {size} bytes, the manifest says "
+            f"{entry.size_bytes} (truncated or replaced)",
+            path=where,
+            file=entry.file,
+        )
+    header = os.pread(fd, entry.data_offset, 0)
+    if len(header) != entry.data_offset or digest_of(checksum(header), list(entry.tensors)) != entry.digest:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {where}: the header of rank file {entry.file} does not match the manifest digest "
+            f"{entry.digest}",
+            path=where,
+            file=entry.file,
+        )
+
+
+def read_native(
+    fd: int,
+    entry: RankEntry,
+    template: Any,
+    *,
+    map_location: Any,
+    verify: bool,
+    allow_pickle: bool,
+    where: str,
+    threads: int,
+) -> tuple[Any, list[str], int]:
+    """Load a rank's state from its open rank file.
+
+    Returns:
+        The state dict, the missing keys, and the number of tensor bytes read.
+
+    Raises:
+        CorruptCheckpointError: Size, header or a checksum do not match (names the file and key).
+        StateDictMismatchError: The template does not fit the checkpoint.
+    """
+    _check_header(fd, entry, where)
+    try:
+        source = unflatten(entry.tree, TensorRef, allow_pickle=allow_pickle, where=where)
+    except ValueError as e:
+        raise CorruptCheckpointError(f"corrupt checkpoint {where}: {e}", path=where, file="manifest.json") from e
+    loads = _Loads(entry, map_location, where)
+    result, missing = merge(
+        template,
+        source,
+        is_tensor=lambda v: isinstance(v, TensorRef),
+        tensor=loads.tensor,
+        where=where,
+    )
+    nbytes = _execute(fd, loads, verify=verify, where=where, threads=threads)
+    return result, missing, nbytes
+
+
+def _execute(fd: int, loads: _Loads, *, verify: bool, where: str, threads: int) -> int:
+    extents: list[Extent] = []
+    keys: list[str] = []
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for index, target in loads.targets:
+        e = loads.entry.tensors[index]
+        direct = target.device.type == "cpu" and target.is_contiguous() and not target.is_conj() and not target.is_neg()
+        host = target if direct else torch.empty(e.shape, dtype=target.dtype)
+        if not direct:
+            copies.append((target, host))
+        extents.append(Extent(e.offset, byte_view(host), list(e.crc32c) if verify else None))
+        keys.append(e.name)
+    try:
+        nbytes = read_extents(fd, extents, threads=threads)
+    except ChecksumError as err:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {where}: checksum mismatch in rank file {loads.entry.file}, key "
+            f"{keys[err.extent_index]!r} (chunk {err.chunk})",
+            path=where,
+            file=loads.entry.file,
+            key=keys[err.extent_index],
+        ) from err
+    except EOFError as err:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {where}: rank file {loads.entry.file} is truncated: {err}",
+            path=where,
+            file=loads.entry.file,
+        ) from err
+    for target, host in copies:
+        with torch.no_grad():
+            target.copy_(host)
+    return nbytes

@@ -1,0 +1,111 @@
+"""Merge a checkpoint's structure into a template state dict.
+
+Semantics (those of the reference ``CheckpointReader``): only the keys of
+the template are loaded; a ``None`` value loads the whole subtree; template
+tensors are filled in place after their dtype and shape are checked; keys of
+the template absent from the checkpoint are reported, at the level where they
+are missing (``"a"`` for ``{"a": {"b": None}}`` when the checkpoint has no
+``"a"``), in ``missing_keys``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import StateDictMismatchError
+from .tree import join_key
+
+__all__ = ["merge"]
+
+
+def _index_path(prefix: str, i: int) -> str:
+    return f"{prefix}[{i}]" if prefix else f"[{i}]"
+
+
+def merge(
+    template: Any,
+    source: Any,
+    *,
+    is_tensor: Callable[[Any], bool],
+    tensor: Callable[[Any, torch.Tensor | None, str], Any],
+    where: str,
+) -> tuple[Any, list[str]]:
+    """Merge ``source`` (the checkpoint's objects) into ``template``.
+
+    Args:
+        template: The template (None: take everything).
+        source: The checkpoint's structure; its tensors are whatever ``is_tensor`` accepts.
+        is_tensor: Tells a source tensor (or a reference to one).
+        tensor: ``tensor(source, target, key)`` returns the value to put at ``key``,
+            filling ``target`` in place when it is a tensor.
+        where: The checkpoint path, for error messages.
+
+    Returns:
+        The merged object and the missing keys.
+
+    Raises:
+        StateDictMismatchError: The template has a tensor or container where the
+            checkpoint has something else.
+    """
+    missing: list[str] = []
+
+    def whole(src: Any, path: str) -> Any:
+        if is_tensor(src):
+            return tensor(src, None, path)
+        if isinstance(src, dict):
+            out = type(src)()
+            for k, v in src.items():
+                out[k] = whole(v, join_key(path, k))
+            return out
+        if isinstance(src, (list, tuple)) and not isinstance(src, torch.Size):
+            items = [whole(v, _index_path(path, i)) for i, v in enumerate(src)]
+            return items if isinstance(src, list) else tuple(items)
+        return src
+
+    def mismatch(tgt: Any, src: Any, path: str) -> StateDictMismatchError:
+        src_kind = "tensor" if is_tensor(src) else type(src).__name__
+        return StateDictMismatchError(
+            f"key {path or '[root]'!r} of the template is a {type(tgt).__name__} but the checkpoint at "
+            f"{where} holds a {src_kind} there",
+            path=where,
+            key=path,
+        )
+
+    def go(tgt: Any, src: Any, path: str) -> Any:
+        if tgt is None:
+            return whole(src, path)
+        if is_tensor(src):
+            if not isinstance(tgt, torch.Tensor):
+                raise mismatch(tgt, src, path)
+            return tensor(src, tgt, path)
+        if isinstance(tgt, torch.Tensor):
+            raise mismatch(tgt, src, path)
+        if isinstance(src, dict):
+            if not isinstance(tgt, dict):
+                raise mismatch(tgt, src, path)
+            for k in list(tgt.keys()):
+                sub = join_key(path, k)
+                if k in src:
+                    tgt[k] = go(tgt[k], src[k], sub)
+                else:
+                    missing.append(sub)
+            return tgt
+        if isinstance(src, (list, tuple)) and not isinstance(src, torch.Size):
+            if not isinstance(tgt, (list, tuple)) or isinstance(tgt, torch.Size):
+                raise mismatch(tgt, src, path)
+            items = []
+            for i in range(max(len(tgt), len(src))):
+                if i < len(src):
+                    items.append(go(tgt[i] if i < len(tgt) else None, src[i], _index_path(path, i)))
+                else:
+                    missing.append(_index_path(path, i))
+                    items.append(tgt[i])
+            return items if isinstance(src, list) else tuple(items)
+        if isinstance(tgt, (dict, list)):
+            raise mismatch(tgt, src, path)
+        return src
+
+    return go(template, source, ""), missing

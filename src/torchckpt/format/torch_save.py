@@ -1,0 +1,135 @@
+"""The ``torch_save`` layout: ``checkpoint_<rank>.pt`` files that plain ``torch.load`` reads.
+
+Each rank's state dict is written by ``torch.save`` through a file object that
+computes the crc32c of the stream as it goes, so the digest costs no extra
+pass over the data. Loading uses ``torch.load(weights_only=True)`` unless
+pickle is explicitly allowed; the digest of the whole file is checked first.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from typing import Any
+
+import torch
+
+from ..errors import CorruptCheckpointError, UnsafeObjectError
+from ..storage.io import checksum
+from .select import merge
+
+__all__ = ["file_digest", "load_torch_save", "rank_file_name", "save_torch_save"]
+
+_READ_BLOCK = 16 * 1024 * 1024
+
+
+def rank_file_name(rank: int) -> str:
+    """The file name the reference implementation gives rank ``rank``."""
+    return f"checkpoint_{rank}.pt"
+
+
+class _ChecksumWriter(io.RawIOBase):
+    """A write-only file object over ``fd`` that checksums what goes through it."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.crc = 0
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < view.nbytes:
+            done += os.write(self.fd, view[done:])
+        self.crc = checksum(view, self.crc)
+        self.size += view.nbytes
+        return view.nbytes
+
+
+def save_torch_save(fd: int, state_dict: Any) -> tuple[int, str]:
+    """Write ``state_dict`` with ``torch.save`` to ``fd`` (not fsynced).
+
+    Returns:
+        The file size and its digest.
+    """
+    out = _ChecksumWriter(fd)
+    torch.save(state_dict, out)
+    return out.size, f"crc32c:{out.crc:08x}"
+
+
+def file_digest(fd: int) -> tuple[int, str]:
+    """Size and digest of the open file ``fd``, read from the start."""
+    crc = 0
+    size = 0
+    while True:
+        block = os.pread(fd, _READ_BLOCK, size)
+        if not block:
+            break
+        crc = checksum(block, crc)
+        size += len(block)
+    return size, f"crc32c:{crc:08x}"
+
+
+def load_torch_save(
+    fd: int,
+    template: Any,
+    *,
+    map_location: Any,
+    allow_pickle: bool,
+    where: str,
+    file: str,
+) -> tuple[Any, list[str]]:
+    """Load a ``checkpoint_<rank>.pt`` file from the open ``fd``.
+
+    Raises:
+        UnsafeObjectError: The file needs pickle and pickle is not allowed.
+        CorruptCheckpointError: ``torch.load`` cannot read it.
+    """
+    proc_path = f"/proc/self/fd/{fd}"
+    use_mmap = template is not None and os.path.exists(proc_path)
+    try:
+        if use_mmap:
+            loaded = torch.load(proc_path, map_location=map_location, weights_only=not allow_pickle, mmap=True)
+        else:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                loaded = torch.load(f, map_location=map_location, weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise UnsafeObjectError(
+                f"refusing to load {file} of {where}: it holds objects that need pickle (not executed). "
+                f"Pass allow_pickle=True only for checkpoints you trust. Cause: {str(e).splitlines()[0]}",
+                path=where,
+                key=None,
+                type_name="pickle",
+            ) from e
+        raise CorruptCheckpointError(f"corrupt checkpoint {where}: cannot read {file}: {e}", path=where, file=file) from e
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CorruptCheckpointError(f"corrupt checkpoint {where}: cannot read {file}: {e}", path=where, file=file) from e
+    if template is None:
+        return loaded, []
+    clones: dict[int, torch.Tensor] = {}
+
+    def tensor(src: torch.Tensor, target: torch.Tensor | None, key: str) -> torch.Tensor:
+        if target is None:
+            if id(src) not in clones:
+                clones[id(src)] = src.clone()
+            return clones[id(src)]
+        if target.dtype != src.dtype or target.shape != src.shape:
+            from ..errors import StateDictMismatchError
+
+            raise StateDictMismatchError(
+                f"key {key!r}: the template tensor is {target.dtype} {list(target.shape)} but the checkpoint at "
+                f"{where} holds {src.dtype} {list(src.shape)}",
+                path=where,
+                key=key,
+            )
+        with torch.no_grad():
+            target.copy_(src)
+        return target
+
+    return merge(template, loaded, is_tensor=lambda v: isinstance(v, torch.Tensor), tensor=tensor, where=where)

@@ -1,0 +1,289 @@
+"""Flatten a state dict into a typed-JSON tree and a list of tensors, and back.
+
+The tree keeps structure and plain values without pickle. Every JSON object in
+it is a typed node with exactly one key naming its type; JSON scalars stand
+for themselves (``null``, ``true``/``false``, integers, finite floats, strings):
+
+==================  ==========================================================
+node                 meaning
+==================  ==========================================================
+``{"T": i}``         tensor ``i`` of the rank's tensor table
+``{"dict": [[k, v], ...]}``   dict; keys are nodes too (str, int, ...)
+``{"odict": [[k, v], ...]}``  collections.OrderedDict
+``{"list": [...]}``  list
+``{"tuple": [...]}`` tuple
+``{"float": "nan"|"inf"|"-inf"}``  a non-finite float
+``{"bytes": "<base64>"}``         bytes
+``{"dtype": "bfloat16"}``          torch.dtype
+``{"size": [2, 3]}``               torch.Size
+``{"device": "cuda:0"}``           torch.device
+``{"pickle": "<base64>"}``         any other object, only when pickle is allowed
+==================  ==========================================================
+
+Tensors reached twice through the same storage, offset, shape, strides and
+dtype (tied weights) get one table entry and come back as one tensor.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import pickle
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UnsafeObjectError
+from .dtypes import dtype_from_name, dtype_name
+
+__all__ = ["Flattened", "TensorRef", "flatten", "join_key", "unflatten"]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor of the checkpoint not yet read: its index in the tensor table."""
+
+    index: int
+
+
+@dataclass
+class Flattened:
+    """The result of :func:`flatten`.
+
+    Attributes:
+        tree: The typed-JSON tree (JSON-serialisable).
+        tensors: The unique tensors in table order.
+        names: Their key paths (unique), one per tensor.
+    """
+
+    tree: Any
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+
+def join_key(prefix: str, key: Any) -> str:
+    """Return the key path of ``key`` below ``prefix`` ("a.b", "a[0]")."""
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _index_path(prefix: str, i: int) -> str:
+    return f"{prefix}[{i}]" if prefix else f"[{i}]"
+
+
+def _tie_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+class _Flattener:
+    def __init__(self, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self.out = Flattened(tree=None)
+        self._seen: dict[tuple[Any, ...], int] = {}
+        self._used_names: set[str] = {"__metadata__"}  # reserved by safetensors
+
+    def tensor(self, t: torch.Tensor, path: str) -> dict[str, int]:
+        _check_tensor(t, path)
+        key = _tie_key(t)
+        if key is not None and key in self._seen:
+            return {"T": self._seen[key]}
+        index = len(self.out.tensors)
+        if key is not None:
+            self._seen[key] = index
+        name = path or "[root]"
+        if name in self._used_names:
+            n = 2
+            while f"{name}#{n}" in self._used_names:
+                n += 1
+            name = f"{name}#{n}"
+        self._used_names.add(name)
+        self.out.tensors.append(t)
+        self.out.names.append(name)
+        return {"T": index}
+
+    def node(self, value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value, path)
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return float(value) if math.isfinite(value) else {"float": repr(float(value))}
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, (bytes, bytearray)):
+            return {"bytes": base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, torch.dtype):
+            return {"dtype": dtype_name(value)}
+        if isinstance(value, torch.Size):
+            return {"size": [int(d) for d in value]}
+        if isinstance(value, torch.device):
+            return {"device": str(value)}
+        if type(value) is OrderedDict or type(value) is dict:
+            tag = "dict" if type(value) is dict else "odict"
+            items = []
+            for k, v in value.items():
+                key_node = self.key(k, path)
+                items.append([key_node, self.node(v, join_key(path, k))])
+            return {tag: items}
+        if type(value) is list or type(value) is tuple:
+            tag = "list" if type(value) is list else "tuple"
+            return {tag: [self.node(v, _index_path(path, i)) for i, v in enumerate(value)]}
+        return self.opaque(value, path)
+
+    def key(self, k: Any, path: str) -> Any:
+        if isinstance(k, torch.Tensor):  # hashed by identity: cannot be rebuilt as a key
+            return self.opaque(k, join_key(path, "<tensor key>"))
+        return self.node(k, join_key(path, k))
+
+    def opaque(self, value: Any, path: str) -> Any:
+        type_name = f"{type(value).__module__}.{type(value).__qualname__}"
+        if not self.allow_pickle:
+            raise UnsafeObjectError(
+                f"cannot save the value at key {path or '[root]'!r} of type {type_name} without pickle; "
+                "store tensors, containers (dict, OrderedDict, list, tuple) and plain values "
+                "(None, bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device), "
+                "or opt in with allow_pickle=True on both save and load",
+                key=path,
+                type_name=type_name,
+            )
+        try:
+            blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            raise UnsafeObjectError(
+                f"cannot pickle the value at key {path or '[root]'!r} of type {type_name}: {e}",
+                key=path,
+                type_name=type_name,
+            ) from e
+        return {"pickle": base64.b64encode(blob).decode("ascii")}
+
+
+def _check_tensor(t: torch.Tensor, path: str) -> None:
+    where = path or "[root]"
+    if t.layout != torch.strided:
+        raise UnsafeObjectError(
+            f"cannot save the tensor at key {where!r}: layout {t.layout} is not supported (only dense tensors)",
+            key=path,
+            type_name="torch.Tensor",
+        )
+    if t.is_quantized or t.device.type == "meta":
+        kind = "quantized" if t.is_quantized else "meta"
+        raise UnsafeObjectError(
+            f"cannot save the tensor at key {where!r}: {kind} tensors are not supported",
+            key=path,
+            type_name="torch.Tensor",
+        )
+    if type(t) not in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer):
+        raise UnsafeObjectError(
+            f"cannot save the tensor at key {where!r}: tensor subclass {type(t).__qualname__} is not supported",
+            key=path,
+            type_name=f"{type(t).__module__}.{type(t).__qualname__}",
+        )
+
+
+def flatten(state_dict: Any, *, allow_pickle: bool = False) -> Flattened:
+    """Split ``state_dict`` into a typed-JSON tree and its unique tensors.
+
+    Args:
+        state_dict: The state to save.
+        allow_pickle: Pickle values that have no typed-JSON form instead of refusing them.
+
+    Returns:
+        The tree, the tensors and their key paths.
+
+    Raises:
+        UnsafeObjectError: A value cannot be stored safely (names its key path and type).
+    """
+    f = _Flattener(allow_pickle)
+    f.out.tree = f.node(state_dict, "")
+    return f.out
+
+
+def unflatten(
+    tree: Any,
+    tensor: Callable[[int], Any],
+    *,
+    allow_pickle: bool = False,
+    where: str = "",
+) -> Any:
+    """Rebuild the object a typed-JSON ``tree`` describes.
+
+    Args:
+        tree: A node as produced by :func:`flatten`.
+        tensor: Called with a tensor-table index; its result stands for the tensor.
+        allow_pickle: Unpickle ``{"pickle": ...}`` nodes instead of refusing them.
+        where: Names the checkpoint in error messages.
+
+    Raises:
+        UnsafeObjectError: A pickle node was met and pickle is not allowed.
+        ValueError: The tree is malformed (callers turn this into CorruptCheckpointError).
+    """
+    return _Unflattener(tensor, allow_pickle, where).node(tree, "")
+
+
+class _Unflattener:
+    def __init__(self, tensor: Callable[[int], Any], allow_pickle: bool, where: str) -> None:
+        self.tensor = tensor
+        self.allow_pickle = allow_pickle
+        self.where = where
+
+    def node(self, n: Any, path: str) -> Any:
+        if n is None or isinstance(n, (bool, int, float, str)):
+            return n
+        if not isinstance(n, dict) or len(n) != 1:
+            raise ValueError(f"malformed tree node at key {path or '[root]'!r}: {str(n)[:80]!r}")
+        ((tag, body),) = n.items()
+        if tag == "T":
+            if not isinstance(body, int) or isinstance(body, bool):
+                raise ValueError(f"malformed tensor reference at key {path!r}")
+            return self.tensor(body)
+        if tag in ("dict", "odict"):
+            out: dict[Any, Any] = {} if tag == "dict" else OrderedDict()
+            for item in _expect_list(body, path):
+                if not isinstance(item, list) or len(item) != 2:
+                    raise ValueError(f"malformed dict item at key {path!r}")
+                k = self.node(item[0], path)
+                out[k] = self.node(item[1], join_key(path, k))
+            return out
+        if tag in ("list", "tuple"):
+            items = [self.node(v, _index_path(path, i)) for i, v in enumerate(_expect_list(body, path))]
+            return items if tag == "list" else tuple(items)
+        return self.leaf(tag, body, path)
+
+    def leaf(self, tag: str, body: Any, path: str) -> Any:
+        try:
+            if tag == "float":
+                if body not in ("nan", "inf", "-inf"):
+                    raise ValueError(body)
+                return float(body)
+            if tag == "bytes":
+                return base64.b64decode(body, validate=True)
+            if tag == "dtype":
+                return dtype_from_name(body)
+            if tag == "size":
+                return torch.Size([int(d) for d in _expect_list(body, path)])
+            if tag == "device":
+                return torch.device(body)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"malformed {tag} value at key {path or '[root]'!r}: {e}") from e
+        if tag == "pickle":
+            if not self.allow_pickle:
+                raise UnsafeObjectError(
+                    f"the value at key {path or '[root]'!r} of {self.where} is pickled; refusing to unpickle it "
+                    "(pass allow_pickle=True to load it, only for checkpoints you trust)",
+                    key=path,
+                    type_name="pickle",
+                )
+            return pickle.loads(base64.b64decode(body))  # noqa: S301 - explicit opt-in
+        raise ValueError(f"unknown node type {tag!r} at key {path or '[root]'!r}")
+
+
+def _expect_list(body: Any, path: str) -> list[Any]:
+    if not isinstance(body, list):
+        raise ValueError(f"malformed tree node at key {path or '[root]'!r}: expected a list")
+    return body

@@ -1,0 +1,229 @@
+"""Parallel positional file I/O with checksums computed in the same pass.
+
+Tensor bytes go straight from tensor memory to the file (``pwritev``) and
+straight from the file into tensor memory (``preadv``): no intermediate
+buffer holds a whole tensor. Work is split into batches of at most
+``BATCH_BYTES`` that run on a small thread pool; ``pwritev``, ``preadv``,
+crc32c and ``sync_file_range`` all release the GIL, so two threads keep both
+the disk and the checksum busy.
+
+Checksums are crc32c per *chunk*: a tensor of ``n`` bytes has
+``max(1, ceil(n / CHUNK_BYTES))`` checksums, chunk ``k`` covering bytes
+``[k * CHUNK_BYTES, min(n, (k + 1) * CHUNK_BYTES))`` of the tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as errno_mod
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import crc32c as _crc32c
+
+__all__ = [
+    "BATCH_BYTES",
+    "CHUNK_BYTES",
+    "ChecksumError",
+    "Extent",
+    "checksum",
+    "chunk_count",
+    "read_extents",
+    "write_extents",
+]
+
+#: Bytes covered by one checksum.
+CHUNK_BYTES = 16 * 1024 * 1024
+#: Largest single positional write or read.
+BATCH_BYTES = 16 * 1024 * 1024
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+        # Starts writeback of the range so the final fsync has little left to do.
+        # A failure here is not an error: fsync reports what matters.
+        fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+    return start_writeback
+
+
+_start_writeback = _load_sync_file_range()
+
+
+def checksum(data: memoryview | bytes, value: int = 0) -> int:
+    """Return the crc32c of ``data``, continuing from ``value``."""
+    return int(_crc32c.crc32c(data, value=value))
+
+
+def chunk_count(nbytes: int) -> int:
+    """Number of checksum chunks of a tensor of ``nbytes`` bytes."""
+    return max(1, -(-nbytes // CHUNK_BYTES))
+
+
+class ChecksumError(Exception):
+    """A chunk read back does not match its checksum (internal; callers wrap it)."""
+
+    def __init__(self, extent_index: int, chunk: int) -> None:
+        super().__init__(extent_index, chunk)
+        self.extent_index = extent_index
+        self.chunk = chunk
+
+
+@dataclass
+class Extent:
+    """A byte range of the file and the memory it comes from or goes to.
+
+    Attributes:
+        offset: Absolute file offset.
+        buffer: Byte view of the tensor memory (writable for reads).
+        crcs: For writes, filled with the chunk checksums; for reads, the
+            expected checksums (None: do not verify).
+    """
+
+    offset: int
+    buffer: memoryview
+    crcs: list[int] | None = field(default=None)
+
+
+@dataclass
+class _Piece:
+    extent: int
+    chunk: int
+    view: memoryview
+
+
+def _batches(extents: Sequence[Extent]) -> list[tuple[int, list[_Piece]]]:
+    """Group extents' chunks into runs of contiguous file bytes, each at most BATCH_BYTES."""
+    order = sorted(range(len(extents)), key=lambda i: extents[i].offset)
+    batches: list[tuple[int, list[_Piece]]] = []
+    cur: list[_Piece] = []
+    cur_start = cur_end = -1
+    for i in order:
+        e = extents[i]
+        n = e.buffer.nbytes
+        pieces = [
+            _Piece(i, k, e.buffer[k * CHUNK_BYTES : min(n, (k + 1) * CHUNK_BYTES)]) for k in range(chunk_count(n))
+        ]
+        pos = e.offset
+        for p in pieces:
+            size = p.view.nbytes
+            fits = cur and pos == cur_end and cur_end - cur_start + size <= BATCH_BYTES and len(cur) < _IOV_MAX
+            if not fits:
+                if cur:
+                    batches.append((cur_start, cur))
+                cur, cur_start, cur_end = [], pos, pos
+            cur.append(p)
+            cur_end += size
+            pos += size
+    if cur:
+        batches.append((cur_start, cur))
+    return batches
+
+
+def _write_batch(fd: int, offset: int, pieces: list[_Piece], crcs: list[list[int]]) -> int:
+    views = [p.view for p in pieces if p.view.nbytes]
+    total = sum(v.nbytes for v in views)
+    done = 0
+    while done < total:
+        written = os.pwritev(fd, _advance(views, done), offset + done)
+        if written <= 0:
+            raise OSError(errno_mod.EIO, "pwritev wrote no bytes")
+        done += written
+    for p in pieces:
+        crcs[p.extent][p.chunk] = checksum(p.view)
+    if _start_writeback is not None and total:
+        _start_writeback(fd, offset, total)
+    return total
+
+
+def _read_batch(fd: int, offset: int, pieces: list[_Piece], expected: Sequence[list[int] | None]) -> int:
+    views = [p.view for p in pieces if p.view.nbytes]
+    total = sum(v.nbytes for v in views)
+    done = 0
+    while done < total:
+        got = os.preadv(fd, _advance(views, done), offset + done)
+        if got <= 0:
+            raise EOFError(f"file ends at byte {offset + done}, expected {offset + total}")
+        done += got
+    for p in pieces:
+        want = expected[p.extent]
+        if want is not None and checksum(p.view) != want[p.chunk]:
+            raise ChecksumError(p.extent, p.chunk)
+    return total
+
+
+def _advance(views: list[memoryview], skip: int) -> list[memoryview]:
+    if skip == 0:
+        return views
+    out = []
+    for v in views:
+        if skip >= v.nbytes:
+            skip -= v.nbytes
+            continue
+        out.append(v[skip:] if skip else v)
+        skip = 0
+    return out
+
+
+def _run(jobs: list[Callable[[], int]], threads: int) -> int:
+    if threads <= 1 or len(jobs) <= 1:
+        return sum(job() for job in jobs)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="torchckpt-io") as pool:
+        futures = [pool.submit(job) for job in jobs]
+        total = 0
+        first_error: BaseException | None = None
+        for f in futures:
+            try:
+                total += f.result()
+            except BaseException as e:  # noqa: BLE001 - keep the first, wait for all
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        return total
+
+
+def write_extents(fd: int, extents: Sequence[Extent], *, threads: int = 2) -> int:
+    """Write every extent to ``fd`` at its offset and fill its ``crcs``.
+
+    Returns:
+        The number of bytes written.
+
+    Raises:
+        OSError: A write failed (the first error; all started writes are waited for).
+    """
+    crcs = [[0] * chunk_count(e.buffer.nbytes) for e in extents]
+    jobs = [lambda o=o, p=p: _write_batch(fd, o, p, crcs) for o, p in _batches(extents)]
+    total = _run(jobs, threads)
+    for e, c in zip(extents, crcs):
+        e.crcs = c
+    return total
+
+
+def read_extents(fd: int, extents: Sequence[Extent], *, threads: int = 2) -> int:
+    """Fill every extent's buffer from ``fd``, verifying ``crcs`` where given.
+
+    Returns:
+        The number of bytes read.
+
+    Raises:
+        ChecksumError: A chunk does not match (names the extent and chunk).
+        EOFError: The file is shorter than an extent needs.
+        OSError: A read failed.
+    """
+    expected = [e.crcs for e in extents]
+    jobs = [lambda o=o, p=p: _read_batch(fd, o, p, expected) for o, p in _batches(extents)]
+    return _run(jobs, threads)

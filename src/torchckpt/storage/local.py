@@ -1,0 +1,295 @@
+"""The local filesystem: durable writes and the atomic commit of a checkpoint directory.
+
+Why one strategy: a checkpoint directory is built complete in a hidden
+*pending* sibling (``.<name>.torchckpt-pending``), its ``manifest.json``
+written last (temporary name, fsync, rename, fsync of the directory), and
+then swapped into place with ``renameat2(RENAME_EXCHANGE)`` (or a plain
+``rename`` when nothing is there yet), followed by an fsync of the parent.
+A reader therefore sees the old directory or the new one, never a mix, and a
+crash at any instant leaves the old one untouched at ``path``. The fixed file
+names of the ``torch_save`` layout (``checkpoint_<rank>.pt``) need exactly
+this; the native layout uses the same path so that there is one protocol to
+prove. Readers open files relative to a directory file descriptor, so a swap
+during a load cannot mix generations either.
+
+Files in the old directory that torchckpt does not own (anything but the
+manifest and rank files) are carried over into the new one before the swap.
+Leftovers of crashed saves (pending and trash directories) are hidden,
+never mistaken for checkpoints, and cleaned by the next save to the path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+
+from ..errors import CheckpointIOError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "DirectoryCommit",
+    "fsync_dir",
+    "is_owned_name",
+    "open_dir",
+    "write_file_durably",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+_PENDING = ".{name}.torchckpt-pending"
+_TRASH_PREFIX = ".{name}.torchckpt-trash-"
+_LOCK = ".{name}.torchckpt-lock"
+_OWNED = re.compile(r"^(manifest\.json(\.tmp)?|checkpoint_\d+\.pt|rank_\d+\.safetensors)$")
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def is_owned_name(name: str) -> bool:
+    """Whether a file name in a checkpoint directory belongs to torchckpt."""
+    return bool(_OWNED.match(name))
+
+
+def _renameat2_fn() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _renameat2_fn()
+
+
+def exchange(a: str, b: str) -> bool:
+    """Atomically swap the directory entries ``a`` and ``b``.
+
+    Returns:
+        False when the filesystem or platform cannot exchange (caller falls back).
+
+    Raises:
+        OSError: The exchange failed for another reason.
+    """
+    if _renameat2 is None:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_dir(path: str) -> int:
+    """Open a directory for ``dir_fd``-relative opens (no symlink followed at the last step)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+
+def write_file_durably(directory: str, name: str, data: bytes) -> None:
+    """Write ``directory/name`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    tmp = os.path.join(directory, name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(directory, name))
+    fsync_dir(directory)
+
+
+class DirectoryCommit:
+    """One save to a checkpoint directory: the pending directory, then the atomic swap.
+
+    Call order (on the coordinator unless said otherwise):
+
+    1. ``prepare(rank)`` on every rank before writing: creates the pending
+       directory; the coordinator also removes a stale manifest from it and
+       takes the path's lock (other saves to the same path wait their turn).
+    2. Every rank writes its files into ``pending`` and fsyncs them.
+    3. ``commit(manifest_bytes)``: writes the manifest last, swaps the
+       directory into place, fsyncs the parent, discards the old one.
+    4. ``release()`` always, at the end (drops the lock; on failure removes
+       the pending directory when this process alone wrote into it).
+
+    Args:
+        path: The checkpoint directory.
+        rank: This process's rank, for error messages.
+        lock_timeout_s: Longest wait for another save to the same path.
+    """
+
+    def __init__(self, path: str, *, rank: int = 0, lock_timeout_s: float = 600.0) -> None:
+        self.path = os.path.abspath(path)
+        self.parent, self.name = os.path.split(self.path)
+        if not self.name:
+            raise ValueError(f"checkpoint path {path!r} has no final component")
+        self.pending = os.path.join(self.parent, _PENDING.format(name=self.name))
+        self.rank = rank
+        self.lock_timeout_s = lock_timeout_s
+        self._lock_fd: int | None = None
+        self.committed = False
+
+    def _io_error(self, operation: str, path: str, e: OSError) -> CheckpointIOError:
+        return CheckpointIOError(
+            f"rank {self.rank}: {operation} failed for {path}: {e.strerror or e}",
+            errno=e.errno,
+            path=path,
+            rank=self.rank,
+            operation=operation,
+        )
+
+    def prepare(self, *, coordinator: bool) -> None:
+        """Create the pending directory (and, on the coordinator, lock and clean it)."""
+        try:
+            os.makedirs(self.parent, exist_ok=True)
+        except OSError as e:
+            raise self._io_error("mkdir", self.parent, e) from e
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise CheckpointIOError(
+                f"rank {self.rank}: checkpoint path {self.path} exists and is not a directory",
+                errno=errno.ENOTDIR,
+                path=self.path,
+                rank=self.rank,
+                operation="prepare",
+            )
+        if coordinator:
+            self._lock()
+            self._clean_leftovers()
+        try:
+            os.makedirs(self.pending, exist_ok=True)
+        except OSError as e:
+            raise self._io_error("mkdir", self.pending, e) from e
+        if coordinator:
+            for name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
+                try:
+                    os.unlink(os.path.join(self.pending, name))
+                except FileNotFoundError:
+                    pass
+
+    def _lock(self) -> None:
+        lock_path = os.path.join(self.parent, _LOCK.format(name=self.name))
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise self._io_error("lock", lock_path, e) from e
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise CheckpointIOError(
+                        f"rank {self.rank}: another save to {self.path} held its lock for more than "
+                        f"{self.lock_timeout_s:g}s",
+                        errno=errno.ETIMEDOUT,
+                        path=self.path,
+                        rank=self.rank,
+                        operation="lock",
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        self._lock_fd = fd
+
+    def _clean_leftovers(self) -> None:
+        prefix = _TRASH_PREFIX.format(name=self.name)
+        try:
+            names = os.listdir(self.parent)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(prefix):
+                shutil.rmtree(os.path.join(self.parent, name), ignore_errors=True)
+
+    def commit(self, manifest: bytes) -> None:
+        """Write the manifest into the pending directory and swap it into place."""
+        try:
+            fsync_dir(self.pending)
+        except OSError as e:
+            raise self._io_error("fsync", self.pending, e) from e
+        try:
+            write_file_durably(self.pending, MANIFEST_NAME, manifest)
+        except OSError as e:
+            raise self._io_error("write manifest", os.path.join(self.pending, MANIFEST_NAME), e) from e
+        try:
+            self._swap()
+        except OSError as e:
+            raise self._io_error("rename", self.path, e) from e
+        self.committed = True
+        self._discard_old()
+
+    def _swap(self) -> None:
+        if not os.path.isdir(self.path):
+            os.rename(self.pending, self.path)
+            fsync_dir(self.parent)
+            return
+        self._carry_foreign_files()
+        if exchange(self.pending, self.path):
+            fsync_dir(self.parent)
+            return
+        # No RENAME_EXCHANGE here: move the old one aside, then the new one in.
+        # A crash between the two renames leaves no directory at path (never a mix).
+        aside = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
+        os.rename(self.path, aside)
+        os.rename(self.pending, self.path)
+        fsync_dir(self.parent)
+        os.rename(aside, self.pending)
+
+    def _carry_foreign_files(self) -> None:
+        for name in _listdir(self.path):
+            if not is_owned_name(name) and not os.path.exists(os.path.join(self.pending, name)):
+                os.rename(os.path.join(self.path, name), os.path.join(self.pending, name))
+
+    def _discard_old(self) -> None:
+        # After the swap the old generation sits at the pending name. Move it out
+        # of the way first (instant), so the next save can start at once.
+        if not os.path.exists(self.pending):
+            return
+        trash = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
+        try:
+            os.rename(self.pending, trash)
+        except OSError as e:
+            logger.warning("could not move the old checkpoint %s aside: %s", self.pending, e)
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def release(self, *, remove_pending: bool) -> None:
+        """Drop the lock; on failure, optionally remove the pending directory."""
+        if remove_pending and not self.committed:
+            shutil.rmtree(self.pending, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _listdir(path: str) -> Iterable[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
