@@ -5,13 +5,13 @@ with atomic commits, checksums, enforced timeouts and no pickle on load.
 """
 
 from .barriers import Barrier, BarrierConfig, DistBarrier, TCPStoreBarrier, create_barrier_from_config, register_barrier
-from .builder import make_sync_checkpointer
+from .builder import make_async_checkpointer, make_sync_checkpointer
 from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import CheckpointFormat, CheckpointWriter, CheckpointWriterConfig, WriterHook
-from .checkpointer import Checkpointer, SyncCheckpointer
+from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
 from .config import CheckpointerConfig
-from .staging import CheckpointStagerConfig
-from .checkpoint_process import CheckpointProcessConfig
+from .checkpoint_process import CheckpointProcess, CheckpointProcessConfig
+from .staging import CheckpointStager, CheckpointStagerConfig, DefaultStager
 from .types import STATE_DICT, RankInfo
 from .utils import wrap_future
 
@@ -19,22 +19,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "STATE_DICT",
+    "AsyncCheckpointer",
     "Barrier",
     "BarrierConfig",
     "CheckpointFormat",
+    "CheckpointProcess",
     "CheckpointProcessConfig",
     "CheckpointReader",
+    "CheckpointStager",
     "CheckpointStagerConfig",
     "CheckpointWriter",
     "CheckpointWriterConfig",
     "Checkpointer",
     "CheckpointerConfig",
+    "DefaultStager",
     "DistBarrier",
     "RankInfo",
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "WriterHook",
     "create_barrier_from_config",
+    "make_async_checkpointer",
     "make_sync_checkpointer",
     "register_barrier",
     "wrap_future",

@@ -1,10 +1,48 @@
-"""The writer subprocess that writes staged checkpoints in the background."""
+"""The writer subprocess: writes staged checkpoints in the background.
+
+One persistent subprocess per rank (``spawn`` start method) runs the
+``CheckpointWriter``. Messages are small: the staged tensors live in
+shared-memory arenas (:mod:`torchckpt.shm`) whose file descriptors cross the
+pipe once; a write request carries only the typed-JSON structure and where
+each tensor lies. Every wait has a limit: the subprocess start
+(``subprocess_init_timeout_secs``), each write (``write_timeout_secs``), and
+the shutdown (``subprocess_shutdown_timeout_secs``, then it is killed). A
+writer that dies fails its pending write at once, naming its pid and exit
+status, and the next write starts a fresh one. The subprocess watches its
+parent and exits when the training process is gone.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
+from multiprocessing import reduction
+from multiprocessing.connection import Connection, wait
+from typing import Any
 
-__all__ = ["CheckpointProcessConfig"]
+import torch
+import torch.multiprocessing as mp
+
+from .checkpoint_writer import STATS_KWARG, CheckpointWriter
+from .errors import ConfigError, WriterProcessError
+from .format.dtypes import dtype_from_name, dtype_name
+from .format.tree import flatten, unflatten
+from .shm import SharedArena, find_arena, tensor_in
+from .types import STATE_DICT, RankInfo
+
+__all__ = ["CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse"]
+
+logger = logging.getLogger(__name__)
+
+_DIED = "Child process terminated unexpectedly"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -12,9 +50,441 @@ class CheckpointProcessConfig:
     """Options of the writer subprocess.
 
     Attributes:
-        subprocess_init_timeout_secs: Longest wait for the subprocess to start.
-        subprocess_shutdown_timeout_secs: Longest wait for it to exit on close before it is killed.
+        subprocess_init_timeout_secs: Longest wait for the subprocess to start and initialise.
+        subprocess_shutdown_timeout_secs: Longest wait for it to exit on ``close`` before it is killed.
+        write_timeout_secs: Longest wait for one write; past it the writer is killed and the
+            write fails (None: no limit beyond the writer's own barrier timeouts).
     """
 
     subprocess_init_timeout_secs: int = 30
     subprocess_shutdown_timeout_secs: int = 60
+    write_timeout_secs: float | None = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("subprocess_init_timeout_secs", "subprocess_shutdown_timeout_secs", "write_timeout_secs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"CheckpointProcessConfig.{name} must be > 0, got {value}", field=name)
+
+
+class RequestType(Enum):
+    """Kinds of message to the writer subprocess."""
+
+    PING = "ping"
+    WRITE_CHECKPOINT = "write_checkpoint"
+    TERMINATE_PROCESS = "exit"
+
+
+@dataclass
+class WorkerRequest:
+    """A message to the writer subprocess (sent pickled over the private pipe)."""
+
+    request_type: RequestType
+    payload: dict[str, Any]
+
+
+@dataclass
+class WorkerResponse:
+    """The writer subprocess's answer."""
+
+    request_type: RequestType
+    success: bool
+    error_msg: str | None = None
+    payload: dict[str, Any] | None = None
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.tb}\"\"\""
+
+
+def _describe_exit(proc: Any) -> str:
+    code = proc.exitcode
+    if code is None:
+        return f"writer subprocess (pid {proc.pid}) is unresponsive"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"writer subprocess (pid {proc.pid}) was killed by {name}"
+    return f"writer subprocess (pid {proc.pid}) exited with code {code}"
+
+
+class CheckpointProcess:
+    """Writes checkpoints in a persistent background subprocess.
+
+    Args:
+        rank_info: This process's rank.
+        config: Timeouts.
+        subprocess_init_fn: Runs first in the subprocess, with ``subprocess_init_args``.
+        subprocess_init_args: Its arguments.
+        checkpoint_writer_init_fn: Builds the writer in the subprocess from
+            ``checkpoint_writer_init_args`` (``rank_info`` added when absent).
+        checkpoint_writer_init_args: Its keyword arguments.
+    """
+
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        config: CheckpointProcessConfig,
+        subprocess_init_fn: Callable[..., None],
+        subprocess_init_args: tuple[Any, ...],
+        checkpoint_writer_init_fn: Callable[..., CheckpointWriter],
+        checkpoint_writer_init_args: dict[str, Any],
+    ) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-writer")
+        self._rank_info = rank_info
+        self._config = config
+        self._subprocess_init_fn = subprocess_init_fn
+        self._subprocess_init_args = subprocess_init_args
+        self._checkpoint_writer_init_fn = checkpoint_writer_init_fn
+        self._checkpoint_writer_init_args = dict(checkpoint_writer_init_args or {})
+        self.process: Any = None
+        self._parent_end: Connection | None = None
+        self._sent_arenas: set[int] = set()
+        self._fallback_arena: SharedArena | None = None
+        self._broken = False
+        self._closed = False
+        self.process_creation_future: Future[None] = self._executor.submit(self._create_subprocess, config)
+
+    # -- lifecycle -------------------------------------------------------
+
+    def _create_subprocess(self, config: CheckpointProcessConfig) -> None:
+        ctx = mp.get_context("spawn")
+        self._parent_end, child_end = ctx.Pipe()
+        self._sent_arenas = set()
+        self._broken = False
+        # Known workaround for https://github.com/pytorch/pytorch/issues/37377
+        os.environ.setdefault("MKL_SERVICE_FORCE_INTEL", "GNU")
+        self.process = mp.start_processes(
+            CheckpointProcess._subprocess,
+            args=(
+                self._rank_info,
+                child_end,
+                self._subprocess_init_fn,
+                self._subprocess_init_args,
+                self._checkpoint_writer_init_fn,
+                self._checkpoint_writer_init_args,
+                os.getpid(),
+            ),
+            nprocs=1,
+            join=False,
+            daemon=True,
+            start_method="spawn",
+        )
+        child_end.close()  # so a dead child shows as EOF here
+        proc = self.process.processes[0]
+        logger.info("started checkpoint writer subprocess pid %d for rank %d", proc.pid, self._rank_info.global_rank)
+        self._send(RequestType.PING, {})
+        timeout = config.subprocess_init_timeout_secs
+        if not self._await_response(timeout, during="start"):
+            self._kill()
+            msg = f"Timed out after {timeout}s waiting for checkpoint subprocess (pid {proc.pid}) to initialize"
+            logger.error(msg)
+            raise TimeoutError(msg)
+        self._recv()
+
+    def _alive(self) -> bool:
+        return (
+            self.process is not None
+            and not self._broken
+            and self._parent_end is not None
+            and not self._parent_end.closed
+            and self.process.processes[0].is_alive()
+        )
+
+    def _kill(self) -> None:
+        if self.process is None:
+            return
+        proc = self.process.processes[0]
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=10)
+
+    def _respawn(self) -> None:
+        old = self.process.processes[0] if self.process is not None else None
+        logger.warning(
+            "replacing the checkpoint writer subprocess (%s)", _describe_exit(old) if old is not None else "none"
+        )
+        self._kill()
+        if self._parent_end is not None:
+            self._parent_end.close()
+        self._create_subprocess(self._config)
+
+    # -- messages --------------------------------------------------------
+
+    def _send(self, request_type: RequestType, payload: dict[str, Any]) -> None:
+        try:
+            if self._parent_end is None:
+                raise OSError("pipe to the writer subprocess is not open")
+            self._parent_end.send(WorkerRequest(request_type=request_type, payload=payload))
+        except (OSError, ValueError) as e:
+            self._broken = True
+            raise WriterProcessError(
+                f"{_DIED}: could not send the {request_type.value} request: {e}",
+                pid=self._pid(),
+            ) from e
+
+    def _pid(self) -> int | None:
+        return self.process.processes[0].pid if self.process is not None else None
+
+    def _await_response(self, timeout: float | None, *, during: str) -> bool:
+        """Wait for a response or the death of the subprocess; False on timeout."""
+        assert self._parent_end is not None and self.process is not None
+        proc = self.process.processes[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = wait([self._parent_end, proc.sentinel], timeout=remaining)
+            if self._parent_end in ready:
+                return True
+            if proc.sentinel in ready:
+                proc.join(timeout=1)
+                self._broken = True
+                raise WriterProcessError(
+                    f"{_DIED}: {_describe_exit(proc)} during {during}", pid=proc.pid, exitcode=proc.exitcode
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def _recv(self) -> dict[str, Any] | None:
+        assert self._parent_end is not None
+        try:
+            response: WorkerResponse = self._parent_end.recv()
+        except (EOFError, OSError) as e:
+            self._broken = True
+            proc = self.process.processes[0]
+            proc.join(timeout=1)
+            raise WriterProcessError(f"{_DIED}: {_describe_exit(proc)}: {e}", pid=proc.pid, exitcode=proc.exitcode) from e
+        if not response.success:
+            error = (response.payload or {}).get("error")
+            remote = _RemoteTraceback(response.error_msg or "")
+            if isinstance(error, Exception):
+                raise error from remote
+            raise RuntimeError(f"Unexpected response from worker process: {response.error_msg}") from remote
+        return response.payload
+
+    # -- writing ---------------------------------------------------------
+
+    def write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> Future[None]:
+        """Write a (staged) state dict in the subprocess.
+
+        Args:
+            state_dict: The staged state dict, or a future of it.
+            path: The checkpoint directory.
+            **kwargs: Passed to the writer (and its hooks).
+
+        Returns:
+            A future that completes when the checkpoint is committed, or holds the error.
+        """
+        self.process_creation_future.result()
+        return self._executor.submit(self._write, state_dict, path, **kwargs)
+
+    def _write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> None:
+        sd = state_dict.result() if isinstance(state_dict, Future) else state_dict
+        stats = kwargs.get(STATS_KWARG)
+        if isinstance(stats, dict) and "called_at" in stats:
+            stats["stall_s"] = time.perf_counter() - stats.pop("called_at")
+        if not self._alive() and not (self._parent_end is not None and self._parent_end.closed):
+            self._respawn()
+        payload, new_arenas = self._describe(sd)
+        payload["path"] = os.fspath(path)
+        payload["kwargs"] = kwargs
+        self._send(RequestType.WRITE_CHECKPOINT, payload)
+        for arena in new_arenas:
+            try:
+                reduction.send_handle(self._parent_end, arena.fd, self._pid())
+            except OSError as e:
+                self._broken = True
+                raise WriterProcessError(f"{_DIED}: could not pass shared memory: {e}", pid=self._pid()) from e
+            self._sent_arenas.add(arena.arena_id)
+        timeout = self._config.write_timeout_secs
+        if not self._await_response(timeout, during=f"the write of {path}"):
+            pid = self._pid()
+            self._kill()
+            self._broken = True
+            raise TimeoutError(f"checkpoint writer subprocess (pid {pid}) did not finish writing {path} in {timeout}s")
+        self._recv()
+
+    def _describe(self, sd: STATE_DICT) -> tuple[dict[str, Any], list[SharedArena]]:
+        """The write request for ``sd``: structure plus where each tensor lies in shared memory."""
+        flat = flatten(sd, allow_pickle=True)
+        slots = [find_arena(t) for t in flat.tensors]
+        missing = [i for i, s in enumerate(slots) if s is None and flat.tensors[i].numel()]
+        if missing:
+            # Not staged into shared memory: copy those tensors into a private arena.
+            sizes = [flat.tensors[i].numel() * flat.tensors[i].element_size() for i in missing]
+            offsets, total = tensor_in(sizes)
+            if self._fallback_arena is None or self._fallback_arena.size_bytes < total:
+                self._fallback_arena = SharedArena(total)
+            for i, off in zip(missing, offsets):
+                t = flat.tensors[i]
+                dst = self._fallback_arena.tensor(off, t.dtype, tuple(t.shape))
+                with torch.no_grad():
+                    dst.copy_(t)
+                slots[i] = find_arena(dst)
+        tensors = []
+        arenas: dict[int, SharedArena] = {}
+        for t, slot in zip(flat.tensors, slots):
+            if slot is None:  # empty tensor
+                tensors.append([None, 0, dtype_name(t.dtype), list(t.shape), str(t.device)])
+                continue
+            arenas[slot.arena.arena_id] = slot.arena
+            tensors.append([slot.arena.arena_id, slot.offset, dtype_name(t.dtype), list(t.shape), str(t.device)])
+        new = [a for a_id, a in arenas.items() if a_id not in self._sent_arenas]
+        payload = {
+            "tree": flat.tree,
+            "tensors": tensors,
+            "new_arenas": [[a.arena_id, a.size_bytes] for a in new],
+        }
+        return payload, new
+
+    def close(self) -> None:
+        """Stop the subprocess: ask it to exit, wait up to the shutdown timeout, then kill it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.process is not None and self.process.processes[0].is_alive():
+            pid = self.process.processes[0].pid
+            try:
+                assert self._parent_end is not None
+                self._parent_end.send(WorkerRequest(request_type=RequestType.TERMINATE_PROCESS, payload={}))
+            except (OSError, ValueError, AssertionError):
+                logger.warning("could not ask writer subprocess %d to exit; it will be killed", pid)
+            timeout = self._config.subprocess_shutdown_timeout_secs
+            try:
+                if not self.process.join(timeout=timeout):
+                    logger.warning("writer subprocess %d did not exit within %ss: killing it", pid, timeout)
+                    self.process.processes[0].kill()
+            except Exception as e:  # noqa: BLE001 - it exited with an error: nothing left to stop
+                logger.warning("writer subprocess %d ended with an error: %s", pid, e)
+        if self.process is not None:
+            self.process.processes[0].join(timeout=10)
+        if self._parent_end is not None:
+            self._parent_end.close()
+        if self._fallback_arena is not None:
+            self._fallback_arena.close()
+            self._fallback_arena = None
+        logger.debug("checkpoint process closed")
+
+    # -- the subprocess --------------------------------------------------
+
+    @staticmethod
+    def _subprocess(
+        sub_rank: int,
+        rank_info: RankInfo,
+        parent_pipe: Connection,
+        subprocess_init_fn: Callable[..., None],
+        subprocess_init_args: tuple[Any, ...],
+        checkpoint_writer_init_fn: Callable[..., CheckpointWriter],
+        checkpoint_writer_init_args: dict[str, Any],
+        parent_pid: int | None = None,
+    ) -> None:
+        if parent_pid is not None:
+            _watch_parent(parent_pid)
+        _WriterLoop(
+            rank_info, parent_pipe, subprocess_init_fn, subprocess_init_args,
+            checkpoint_writer_init_fn, checkpoint_writer_init_args,
+        ).run()  # fmt: skip
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the training process is gone (a killed parent must not leave a writer behind)."""
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.2)
+
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=watch, name="torchckpt-parent-watch", daemon=True).start()
+
+
+class _WriterLoop:
+    """The subprocess side: initialise, then serve requests until told to exit."""
+
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        pipe: Connection,
+        init_fn: Callable[..., None],
+        init_args: tuple[Any, ...],
+        writer_init_fn: Callable[..., CheckpointWriter],
+        writer_init_args: dict[str, Any],
+    ) -> None:
+        self.rank_info = rank_info
+        self.pipe = pipe
+        self.init_fn = init_fn
+        self.init_args = init_args
+        self.writer_init_fn = writer_init_fn
+        self.writer_init_args = writer_init_args
+        self.arenas: dict[int, SharedArena] = {}
+
+    def run(self) -> None:
+        request = WorkerRequest(RequestType.PING, {})
+        try:
+            self.init_fn(*self.init_args)
+            args = dict(self.writer_init_args)
+            args.setdefault("rank_info", self.rank_info)
+            writer = self.writer_init_fn(**args)
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            self._fail(request, e)
+            return
+        while True:
+            try:
+                request = self.pipe.recv()
+            except (EOFError, OSError):
+                break  # the parent is gone
+            try:
+                if request.request_type == RequestType.PING:
+                    self.pipe.send(WorkerResponse(RequestType.PING, success=True))
+                elif request.request_type == RequestType.WRITE_CHECKPOINT:
+                    self._write(writer, request.payload)
+                    self.pipe.send(WorkerResponse(RequestType.WRITE_CHECKPOINT, success=True))
+                elif request.request_type == RequestType.TERMINATE_PROCESS:
+                    self.pipe.send(WorkerResponse(RequestType.TERMINATE_PROCESS, success=True))
+                    break
+                else:
+                    raise ValueError(f"Unknown request type: {request.request_type}")
+            except Exception as e:  # noqa: BLE001 - reported to the parent; keep serving
+                if not self._fail(request, e):
+                    break
+        writer.close()
+        for arena in self.arenas.values():
+            arena.close()
+
+    def _fail(self, request: WorkerRequest, e: Exception) -> bool:
+        text = traceback.format_exc()
+        logger.error("checkpoint writer subprocess: %s failed: %s", request.request_type.value, text)
+        for payload in ({"error": e}, None):
+            try:
+                self.pipe.send(WorkerResponse(request.request_type, success=False, error_msg=text, payload=payload))
+                return True
+            except Exception:  # noqa: BLE001 - the error itself may not pickle
+                continue
+        return False
+
+    def _write(self, writer: CheckpointWriter, payload: dict[str, Any]) -> None:
+        for arena_id, size in payload["new_arenas"]:
+            fd = reduction.recv_handle(self.pipe)
+            old = self.arenas.pop(arena_id, None)
+            if old is not None:
+                old.close()
+            self.arenas[arena_id] = SharedArena(size, fd=fd, arena_id=arena_id)
+        tensors = []
+        for arena_id, offset, dtype, shape, _device in payload["tensors"]:
+            dt = dtype_from_name(dtype)
+            if arena_id is None:
+                tensors.append(torch.empty(shape, dtype=dt))
+            else:
+                tensors.append(self.arenas[arena_id].tensor(offset, dt, tuple(shape)))
+        sd = unflatten(payload["tree"], lambda i: tensors[i], allow_pickle=True)
+        writer.write(payload["path"], sd, **payload["kwargs"])

@@ -36,6 +36,9 @@ __all__ = ["CheckpointFormat", "CheckpointWriter", "CheckpointWriterConfig", "Wr
 
 logger = logging.getLogger(__name__)
 
+#: Keyword argument by which the async path hands its figures (stall, staging) to the writer.
+STATS_KWARG = "_torchckpt_stats"
+
 
 class CheckpointFormat(str, enum.Enum):
     """The on-disk layout of a checkpoint's rank files."""
@@ -143,6 +146,7 @@ class CheckpointWriter:
             UnsafeObjectError: A value cannot be saved without pickle.
             CheckpointIOError: A system call failed (names rank, operation, path, errno).
         """
+        extra_stats = kwargs.pop(STATS_KWARG, None) or {}
         rank = self._rank_info.global_rank
         world = self._rank_info.global_world_size
         coordinator = rank == 0
@@ -153,6 +157,7 @@ class CheckpointWriter:
         commit.prepare(coordinator=coordinator)
         try:
             entry, stats = self._write_rank(commit.pending, state_dict)
+            stats.update(extra_stats)
             if world > 1:
                 _write_entry_sidecar(commit.pending, entry)
             if self._commit_hook is not None:

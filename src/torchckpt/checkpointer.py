@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import abc
 import logging
+import time
 from concurrent.futures import Future
 from typing import Any
 
 from .checkpoint_reader import CheckpointReader
-from .checkpoint_writer import CheckpointWriter
+from .checkpoint_writer import STATS_KWARG, CheckpointWriter
 from .errors import MissingKeysError
 from .types import STATE_DICT
+from .utils import wrap_future
 
-__all__ = ["Checkpointer", "SyncCheckpointer"]
+__all__ = ["AsyncCheckpointer", "Checkpointer", "SyncCheckpointer"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +95,83 @@ class SyncCheckpointer(Checkpointer):
 
     def close(self) -> None:
         self._writer.close()
+
+
+class _WriteFuture(Future):  # type: ignore[type-arg]
+    """A write future that remembers whether its outcome was looked at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retrieved = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.retrieved = True
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self.retrieved = True
+        return super().exception(timeout)
+
+
+class AsyncCheckpointer(Checkpointer):
+    """Saves in the background: staging, then a writer subprocess.
+
+    ``save`` returns ``(stage_future, write_future)`` at once. Training may
+    change its tensors again when ``stage_future`` is done; the checkpoint is
+    committed when ``write_future`` is. A save first waits for the previous
+    write; the error of a write whose future nobody looked at is raised by the
+    next ``save`` or by ``close`` — never lost.
+
+    Args:
+        checkpoint_stager: Makes the snapshot.
+        checkpoint_process: Writes it in the background.
+        reader: Reads checkpoints.
+    """
+
+    def __init__(self, checkpoint_stager: Any, checkpoint_process: Any, reader: CheckpointReader) -> None:
+        self._checkpoint_stager = checkpoint_stager
+        self._checkpoint_process = checkpoint_process
+        self._reader = reader
+        self._write_future: _WriteFuture | None = None
+
+    def _raise_unseen_error(self) -> None:
+        previous, self._write_future = self._write_future, None
+        if previous is None:
+            return
+        error = Future.exception(previous)  # waits; does not mark it seen
+        if error is not None and not previous.retrieved:
+            raise error
+
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future] | None:
+        """Start saving ``state_dict`` to ``path``.
+
+        Returns:
+            ``(stage_future, write_future)``, both resolving to None.
+        """
+        self._raise_unseen_error()
+        called = time.perf_counter()
+        staged = self._checkpoint_stager.stage(state_dict, **kwargs)
+        stage_future = wrap_future(staged)
+        kwargs[STATS_KWARG] = {"called_at": called}  # the writer thread turns it into stall_s
+        inner = self._checkpoint_process.write(staged, path, **kwargs)
+        outer = _WriteFuture()
+
+        def done(f: Future) -> None:
+            error = f.exception()
+            if error is not None:
+                outer.set_exception(error)
+            else:
+                logger.info("checkpoint %s durable %.3fs after save was called", path, time.perf_counter() - called)
+                outer.set_result(None)
+
+        inner.add_done_callback(done)
+        self._write_future = outer
+        return stage_future, outer
+
+    def close(self) -> None:
+        """Wait for the last write, stop the writer and free staging memory; raise an unseen write error."""
+        try:
+            self._raise_unseen_error()
+        finally:
+            self._checkpoint_stager.close()
+            self._checkpoint_process.close()

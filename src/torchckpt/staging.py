@@ -1,25 +1,248 @@
-"""Staging: a snapshot of the state in CPU memory, so training can go on while it is written."""
+"""Staging: a snapshot of the state in CPU memory, so training goes on while it is written.
+
+``DefaultStager`` copies every tensor of a state dict into staging memory and
+returns a state dict of the same structure whose tensors live there. The
+staging memory is allocated once per structure and reused: the second and
+later saves of a state dict with the same keys, shapes and dtypes copy into
+the buffers of the first. By default it is a shared-memory arena
+(:mod:`torchckpt.shm`) that the writer subprocess maps once.
+
+With an accelerator, device-to-host copies are issued on a dedicated stream
+that first waits for the current (compute) stream, and the stage result is
+ready only after that stream has finished them.
+"""
 
 from __future__ import annotations
 
+import abc
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["CheckpointStagerConfig"]
+import torch
+
+from .errors import ConfigError
+from .format.tree import Flattened, flatten, unflatten
+from .shm import SharedArena, tensor_in
+from .types import STATE_DICT
+
+__all__ = ["CheckpointStager", "CheckpointStagerConfig", "DefaultStager"]
+
+logger = logging.getLogger(__name__)
+
+
+def _accelerator_available() -> bool:
+    try:
+        return bool(torch.accelerator.is_available())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class CheckpointStager(abc.ABC):
+    """Makes a snapshot of a state dict that stays valid while training goes on."""
+
+    @abc.abstractmethod
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
+        """Return the staged copy, or a future of it (asynchronous staging)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release staging memory and threads."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointStagerConfig:
-    """Options of the stager. None means: decide from the machine.
+    """Options of the stager. A field left at None adapts to the machine.
 
     Attributes:
-        use_pinned_memory: Page-locked staging memory (default: when an accelerator exists).
-        use_shared_memory: Stage into shared memory the writer subprocess maps (default True).
-        use_async_staging: Copy in a background thread; ``stage`` returns a future (default True).
-        use_non_blocking_copy: Non-blocking device-to-host copies on a staging stream
-            (default: when an accelerator exists; True without one is an error).
+        use_pinned_memory: Page-locked staging memory, for fast device-to-host
+            copies (default: when an accelerator exists).
+        use_shared_memory: Stage into shared memory that the writer subprocess
+            maps (default True).
+        use_async_staging: Copy in a background thread; ``stage`` returns a
+            future (default True).
+        use_non_blocking_copy: Non-blocking device-to-host copies on a staging
+            stream (default: when an accelerator exists; True without one is an error).
     """
 
     use_pinned_memory: bool | None = None
     use_shared_memory: bool | None = None
     use_async_staging: bool | None = None
     use_non_blocking_copy: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.use_non_blocking_copy and not _accelerator_available():
+            raise ConfigError(
+                "CheckpointStagerConfig.use_non_blocking_copy=True: Non-blocking copy requires that the current "
+                "accelerator is available, and none is (leave it at None to adapt)",
+                field="use_non_blocking_copy",
+            )
+
+    def resolved(self) -> CheckpointStagerConfig:
+        """This config with every None replaced by what this machine supports."""
+        accel = _accelerator_available()
+        return CheckpointStagerConfig(
+            use_pinned_memory=accel if self.use_pinned_memory is None else self.use_pinned_memory,
+            use_shared_memory=True if self.use_shared_memory is None else self.use_shared_memory,
+            use_async_staging=True if self.use_async_staging is None else self.use_async_staging,
+            use_non_blocking_copy=accel if self.use_non_blocking_copy is None else self.use_non_blocking_copy,
+        )
+
+
+@dataclass
+class _Buffers:
+    """Staging memory for one structure of state dict."""
+
+    signature: tuple[Any, ...]
+    tensors: list[torch.Tensor]
+    arena: SharedArena | None
+
+
+class _StateDictStager:
+    """Copies a state dict's tensors into reused staging buffers."""
+
+    def __init__(self, *, pin_memory: bool, share_memory: bool) -> None:
+        self.pin_memory = pin_memory
+        self.share_memory = share_memory
+        self._buffers: _Buffers | None = None
+
+    @staticmethod
+    def _signature(flat: Flattened) -> tuple[Any, ...]:
+        return tuple((tuple(t.shape), t.dtype) for t in flat.tensors)
+
+    def _allocate(self, flat: Flattened) -> _Buffers:
+        old = self._buffers
+        sizes = [t.numel() * t.element_size() for t in flat.tensors]
+        if self.share_memory:
+            offsets, total = tensor_in(sizes)
+            if old is not None and old.arena is not None and old.arena.size_bytes >= total:
+                arena = old.arena  # same or smaller: reuse the arena, re-lay the tensors
+            else:
+                if old is not None and old.arena is not None:
+                    old.arena.close()
+                arena = SharedArena(total)
+                if self.pin_memory:
+                    _pin(arena)
+            tensors = [arena.tensor(o, t.dtype, tuple(t.shape)) for o, t in zip(offsets, flat.tensors)]
+            return _Buffers(self._signature(flat), tensors, arena)
+        reuse = {}
+        if old is not None:
+            for t in old.tensors:
+                reuse.setdefault((tuple(t.shape), t.dtype), []).append(t)
+        tensors = []
+        for t in flat.tensors:
+            pool = reuse.get((tuple(t.shape), t.dtype))
+            if pool:
+                tensors.append(pool.pop())
+            else:
+                tensors.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory))
+        return _Buffers(self._signature(flat), tensors, None)
+
+    def stage(self, state_dict: STATE_DICT, *, non_blocking: bool) -> STATE_DICT:
+        flat = flatten(state_dict, allow_pickle=True)
+        if self._buffers is None or self._buffers.signature != self._signature(flat):
+            self._buffers = self._allocate(flat)
+        staged = self._buffers.tensors
+        with torch.no_grad():
+            for dst, src in zip(staged, flat.tensors):
+                dst.copy_(src, non_blocking=non_blocking)
+        return unflatten(flat.tree, lambda i: staged[i], allow_pickle=True)
+
+    def close(self) -> None:
+        if self._buffers is not None and self._buffers.arena is not None:
+            self._buffers.arena.close()
+        self._buffers = None
+
+
+def _pin(arena: SharedArena) -> None:
+    """Page-lock an arena for fast device-to-host copies (best effort)."""
+    try:
+        torch.cuda.cudart().cudaHostRegister(arena.address, arena.size_bytes, 0)
+    except Exception as e:  # noqa: BLE001 - pinning is an optimisation
+        logger.debug("could not pin staging memory: %s", e)
+
+
+class DefaultStager(CheckpointStager):
+    """Stages state dicts into reused (shared, pinned where useful) CPU memory.
+
+    Args:
+        config: Staging options (None: adapt to the machine).
+
+    Not thread-safe: one stager per training thread. A staged state dict stays
+    valid until the next ``stage`` call (which reuses its memory).
+    """
+
+    def __init__(self, config: CheckpointStagerConfig | None = None) -> None:
+        self._config = (config if config is not None else CheckpointStagerConfig()).resolved()
+        self._state_dict_stager = _StateDictStager(
+            pin_memory=bool(self._config.use_pinned_memory), share_memory=bool(self._config.use_shared_memory)
+        )
+        self._staging_executor: ThreadPoolExecutor | None = None
+        self._staging_stream: Any = None
+        if self._config.use_async_staging:
+            self._staging_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-stage")
+        if self._config.use_non_blocking_copy:
+            # Created on the calling thread, after the compute stream exists.
+            self._staging_stream = torch.Stream()
+        self.last_stage_s: float | None = None
+
+    @property
+    def config(self) -> CheckpointStagerConfig:
+        """The resolved configuration."""
+        return self._config
+
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
+        """Stage ``state_dict``: its copy, or a future of it when staging is asynchronous."""
+        compute_event = None
+        if self._staging_stream is not None:
+            # Everything the compute stream has queued so far must be in the copy.
+            compute_event = torch.Event()
+            compute_event.record()
+        if self._staging_executor is not None:
+            return self._staging_executor.submit(self._stage, state_dict, compute_event)
+        return self._stage(state_dict, compute_event)
+
+    def _stage(self, state_dict: STATE_DICT, compute_event: Any) -> STATE_DICT:
+        t0 = time.perf_counter()
+        non_blocking = bool(self._config.use_non_blocking_copy)
+        if self._staging_stream is not None:
+            self._staging_stream.wait_event(compute_event)
+            with torch.accelerator.stream(self._staging_stream) if hasattr(torch.accelerator, "stream") else _StreamCtx(
+                self._staging_stream
+            ):
+                staged = self._state_dict_stager.stage(state_dict, non_blocking=non_blocking)
+            # The copies are done only when the staging stream has run them.
+            self._staging_stream.synchronize()
+        else:
+            staged = self._state_dict_stager.stage(state_dict, non_blocking=False)
+        self.last_stage_s = time.perf_counter() - t0
+        return staged
+
+    def close(self) -> None:
+        """Stop the staging thread and free the staging memory."""
+        if self._staging_executor is not None:
+            self._staging_executor.shutdown(wait=True)
+            self._staging_executor = None
+        self._state_dict_stager.close()
+
+    def __enter__(self) -> DefaultStager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _StreamCtx:
+    """``with stream:`` for torch versions without ``torch.accelerator.stream``."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __enter__(self) -> None:
+        self.prev = torch.accelerator.current_stream()
+        torch.accelerator.set_stream(self.stream)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.accelerator.set_stream(self.prev)
