@@ -259,6 +259,35 @@ class Bench:
         drop_caches(self.cold, self.scratch)
 
 
+class CpuMeter:
+    """CPU seconds the rest of the machine used while we ran (the noise): from /proc/stat minus ours."""
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self.start()
+
+    def _busy(self) -> float:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return 0.0
+        return (sum(v[:8]) - v[3] - v[4]) / self._tick  # all but idle and iowait
+
+    def _own(self) -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def start(self) -> None:
+        self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy(), self._own()
+
+    def foreign_cores(self) -> float:
+        """Average number of cores other processes kept busy since ``start``."""
+        wall = time.perf_counter() - self._t0
+        other = (self._busy() - self._busy0) - (self._own() - self._own0)
+        return max(0.0, other / wall) if wall > 0 else 0.0
+
+
 def _zero(ts: list[torch.Tensor]) -> None:
     for t in ts:
         t.zero_()
@@ -462,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch.set_num_threads(1); cold reads via {cold}"
               f"{' (echo 3 > /proc/sys/vm/drop_caches, as root)' if cold == 'drop_caches' else ' (posix_fadvise DONTNEED)'}; "
               f"scratch {scratch}", flush=True)
+        env_load = os.getloadavg()
         t0 = time.perf_counter()
         sd = make_state(int(args.size_gib * 2**30), seed=args.seed)
         dst = template_like(sd)
@@ -471,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
 
         bench = Bench(scratch, cold, nbytes)
         orders = []
+        foreign: list[float] = []
+        meter = CpuMeter()
         for rep in range(args.reps):
+            meter.start()
             k = rep % len(BLOCKS)
             order = BLOCKS[k:] + BLOCKS[:k]
             orders.append([name for name, _ in order])
@@ -479,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
             for _, block in order:
                 block(bench, sd, dst, rep == 0)
                 os.sync()
+            foreign.append(meter.foreign_cores())
             line = ", ".join(f"{k}={v[-1]:.3f}" for k, v in bench.times.items() if v)
             print(f"  {line}", flush=True)
+            print(f"  other processes kept {foreign[-1]:.2f} of {os.cpu_count()} cores busy during this rep", flush=True)
 
         summary = summarize(bench.times, nbytes)
         rats = ratios(bench.times, summary)
@@ -500,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("native save breakdown (medians, from the manifest's stats): " +
               ", ".join(f"{k} {v:.3f}" for k, v in breakdown.items()))
+        print("noise: other processes kept " + ", ".join(f"{x:.2f}" for x in foreign) +
+              f" of {os.cpu_count()} cores busy during reps 1..{args.reps}; loadavg at start {env_load[0]:.2f}")
         print(f"correctness (rep 1): {'all loads returned the saved bytes' if all(bench.checks.values()) else bench.checks}")
 
         env = environment()
@@ -515,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             "tensor_bytes": nbytes,
             "tensor_count": len(tensors(sd)),
             "orders": orders,
+            "foreign_cores_per_rep": foreign,
             "times_s": bench.times,
             "summary": summary,
             "ratios": rats,

@@ -187,7 +187,6 @@ class TCPStoreBarrier(Barrier):
             world_size=global_world_size,
             timeout=timedelta(seconds=timeout_barrier_init_secs),
             is_master=(global_rank == 0),
-            use_libuv=use_checkpoint_barrier_tcpstore_libuv,
         )
 
     @property
@@ -201,13 +200,14 @@ class TCPStoreBarrier(Barrier):
         prefix = self._barrier_prefix
         seq = self._tcp_store_barrier_seq[prefix]
         self._tcp_store.set(f"rank{self._global_rank}", str(seq))
+        # Arrive and wait under our own deadline (timeout_secs is enforced here);
+        # the elastic barrier after it then completes at once on every rank.
+        key = f"{prefix}{seq}/torchckpt"
+        arrived = self._tcp_store.add(f"{key}/arrived", 1)
+        if arrived == self._global_world_size:
+            self._tcp_store.add(f"{key}/all", 1)
         try:
-            store_util.barrier(
-                store=self._tcp_store,
-                world_size=self._global_world_size,
-                key_prefix=prefix + str(seq),
-                barrier_timeout=self._timeout_secs,
-            )
+            self._tcp_store.wait([f"{key}/all"], timedelta(seconds=self._timeout_secs))
         except Exception as e:
             if not _is_timeout(e):
                 raise
@@ -217,6 +217,7 @@ class TCPStoreBarrier(Barrier):
                 f"ranks that did not arrive: {missing}",
                 missing_ranks=missing,
             ) from e
+        store_util.barrier(store=self._tcp_store, world_size=self._global_world_size, key_prefix=prefix + str(seq))
         self._tcp_store_barrier_seq[prefix] += 1
 
     def _missing_ranks(self, seq: int) -> list[int]:

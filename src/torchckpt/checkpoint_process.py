@@ -1,10 +1,12 @@
 """The writer subprocess: writes staged checkpoints in the background.
 
 One persistent subprocess per rank (``spawn`` start method) runs the
-``CheckpointWriter``. Messages are small: the staged tensors live in
-shared-memory arenas (:mod:`torchckpt.shm`) whose file descriptors cross the
-pipe once; a write request carries only the typed-JSON structure and where
-each tensor lies. Every wait has a limit: the subprocess start
+``CheckpointWriter``. Tensors cross to it through shared memory, never as
+bytes through the pipe: the request is pickled with torch's multiprocessing
+reductions, which pass a shared storage's file descriptor (a staged state dict
+lives in one shared arena, :mod:`torchckpt.shm`) and move any other tensor into
+shared memory first. The subprocess keeps the last mapping, so a reused arena
+is not mapped again. Every wait has a limit: the subprocess start
 (``subprocess_init_timeout_secs``), each write (``write_timeout_secs``), and
 the shutdown (``subprocess_shutdown_timeout_secs``, then it is killed). A
 writer that dies fails its pending write at once, naming its pid and exit
@@ -24,7 +26,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -33,9 +34,6 @@ import torch.multiprocessing as mp
 
 from .checkpoint_writer import STATS_KWARG, CheckpointWriter
 from .errors import ConfigError, WriterProcessError
-from .format.dtypes import dtype_from_name, dtype_name
-from .format.tree import flatten, unflatten
-from .shm import SharedArena, find_arena, tensor_in
 from .types import STATE_DICT, RankInfo
 
 __all__ = ["CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse"]
@@ -146,8 +144,6 @@ class CheckpointProcess:
         self._checkpoint_writer_init_args = dict(checkpoint_writer_init_args or {})
         self.process: Any = None
         self._parent_end: Connection | None = None
-        self._sent_arenas: set[int] = set()
-        self._fallback_arena: SharedArena | None = None
         self._broken = False
         self._closed = False
         self.process_creation_future: Future[None] = self._executor.submit(self._create_subprocess, config)
@@ -157,7 +153,6 @@ class CheckpointProcess:
     def _create_subprocess(self, config: CheckpointProcessConfig) -> None:
         ctx = mp.get_context("spawn")
         self._parent_end, child_end = ctx.Pipe()
-        self._sent_arenas = set()
         self._broken = False
         # Known workaround for https://github.com/pytorch/pytorch/issues/37377
         os.environ.setdefault("MKL_SERVICE_FORCE_INTEL", "GNU")
@@ -292,17 +287,7 @@ class CheckpointProcess:
             stats["stall_s"] = time.perf_counter() - stats.pop("called_at")
         if not self._alive() and not (self._parent_end is not None and self._parent_end.closed):
             self._respawn()
-        payload, new_arenas = self._describe(sd)
-        payload["path"] = os.fspath(path)
-        payload["kwargs"] = kwargs
-        self._send(RequestType.WRITE_CHECKPOINT, payload)
-        for arena in new_arenas:
-            try:
-                reduction.send_handle(self._parent_end, arena.fd, self._pid())
-            except OSError as e:
-                self._broken = True
-                raise WriterProcessError(f"{_DIED}: could not pass shared memory: {e}", pid=self._pid()) from e
-            self._sent_arenas.add(arena.arena_id)
+        self._send(RequestType.WRITE_CHECKPOINT, {"state_dict": sd, "path": os.fspath(path), "kwargs": kwargs})
         timeout = self._config.write_timeout_secs
         if not self._await_response(timeout, during=f"the write of {path}"):
             pid = self._pid()
@@ -310,39 +295,6 @@ class CheckpointProcess:
             self._broken = True
             raise TimeoutError(f"checkpoint writer subprocess (pid {pid}) did not finish writing {path} in {timeout}s")
         self._recv()
-
-    def _describe(self, sd: STATE_DICT) -> tuple[dict[str, Any], list[SharedArena]]:
-        """The write request for ``sd``: structure plus where each tensor lies in shared memory."""
-        flat = flatten(sd, allow_pickle=True)
-        slots = [find_arena(t) for t in flat.tensors]
-        missing = [i for i, s in enumerate(slots) if s is None and flat.tensors[i].numel()]
-        if missing:
-            # Not staged into shared memory: copy those tensors into a private arena.
-            sizes = [flat.tensors[i].numel() * flat.tensors[i].element_size() for i in missing]
-            offsets, total = tensor_in(sizes)
-            if self._fallback_arena is None or self._fallback_arena.size_bytes < total:
-                self._fallback_arena = SharedArena(total)
-            for i, off in zip(missing, offsets):
-                t = flat.tensors[i]
-                dst = self._fallback_arena.tensor(off, t.dtype, tuple(t.shape))
-                with torch.no_grad():
-                    dst.copy_(t)
-                slots[i] = find_arena(dst)
-        tensors = []
-        arenas: dict[int, SharedArena] = {}
-        for t, slot in zip(flat.tensors, slots):
-            if slot is None:  # empty tensor
-                tensors.append([None, 0, dtype_name(t.dtype), list(t.shape), str(t.device)])
-                continue
-            arenas[slot.arena.arena_id] = slot.arena
-            tensors.append([slot.arena.arena_id, slot.offset, dtype_name(t.dtype), list(t.shape), str(t.device)])
-        new = [a for a_id, a in arenas.items() if a_id not in self._sent_arenas]
-        payload = {
-            "tree": flat.tree,
-            "tensors": tensors,
-            "new_arenas": [[a.arena_id, a.size_bytes] for a in new],
-        }
-        return payload, new
 
     def close(self) -> None:
         """Stop the subprocess: ask it to exit, wait up to the shutdown timeout, then kill it."""
@@ -368,9 +320,6 @@ class CheckpointProcess:
             self.process.processes[0].join(timeout=10)
         if self._parent_end is not None:
             self._parent_end.close()
-        if self._fallback_arena is not None:
-            self._fallback_arena.close()
-            self._fallback_arena = None
         logger.debug("checkpoint process closed")
 
     # -- the subprocess --------------------------------------------------
@@ -426,7 +375,7 @@ class _WriterLoop:
         self.init_args = init_args
         self.writer_init_fn = writer_init_fn
         self.writer_init_args = writer_init_args
-        self.arenas: dict[int, SharedArena] = {}
+        self.keep_alive: Any = None
 
     def run(self) -> None:
         request = WorkerRequest(RequestType.PING, {})
@@ -458,8 +407,6 @@ class _WriterLoop:
                 if not self._fail(request, e):
                     break
         writer.close()
-        for arena in self.arenas.values():
-            arena.close()
 
     def _fail(self, request: WorkerRequest, e: Exception) -> bool:
         text = traceback.format_exc()
@@ -473,18 +420,9 @@ class _WriterLoop:
         return False
 
     def _write(self, writer: CheckpointWriter, payload: dict[str, Any]) -> None:
-        for arena_id, size in payload["new_arenas"]:
-            fd = reduction.recv_handle(self.pipe)
-            old = self.arenas.pop(arena_id, None)
-            if old is not None:
-                old.close()
-            self.arenas[arena_id] = SharedArena(size, fd=fd, arena_id=arena_id)
-        tensors = []
-        for arena_id, offset, dtype, shape, _device in payload["tensors"]:
-            dt = dtype_from_name(dtype)
-            if arena_id is None:
-                tensors.append(torch.empty(shape, dtype=dt))
-            else:
-                tensors.append(self.arenas[arena_id].tensor(offset, dt, tuple(shape)))
-        sd = unflatten(payload["tree"], lambda i: tensors[i], allow_pickle=True)
-        writer.write(payload["path"], sd, **payload["kwargs"])
+        state_dict = payload["state_dict"]
+        # Keep the previous request's shared storages mapped until this one is
+        # unpickled (done by now): a reused staging arena is then found in
+        # torch's cache of shared storages instead of being mapped again.
+        self.keep_alive = state_dict
+        writer.write(path=payload["path"], state_dict=state_dict, **payload["kwargs"])

@@ -1,123 +1,76 @@
-"""Shared-memory arenas: staging memory that the writer subprocess maps once.
+"""Shared-memory arenas: staging memory that the writer subprocess maps without a copy.
 
-An arena is an anonymous ``memfd`` mapped in the training process; the staged
-tensors are views into it. The writer subprocess receives the file
-descriptor once (over the pipe, ``SCM_RIGHTS``) and maps the same pages, so a
-save sends only a small description of where each tensor lies, never tensor
-bytes. A memfd has no name: it cannot leak in ``/dev/shm`` and disappears
-with the last process that holds it, even after a SIGKILL.
+An arena is one shared ``torch.UntypedStorage`` (file-descriptor sharing:
+an unlinked shared-memory file, so nothing is left in ``/dev/shm`` even after
+a SIGKILL); staged tensors are views into it. When a staged state dict is
+sent to the writer subprocess, torch's multiprocessing reductions pass the
+storage's file descriptor once per message, not its bytes, and the
+subprocess keeps the mapping cached between saves.
 """
 
 from __future__ import annotations
 
-import mmap
-import os
-import threading
-import weakref
-from dataclasses import dataclass
+import math
 
 import torch
 
-__all__ = ["ALIGN", "SharedArena", "find_arena", "tensor_in"]
+__all__ = ["ALIGN", "SharedArena", "pack"]
 
-#: Alignment of every tensor in an arena (a cache line; and bytes for vectorised copies).
+#: Alignment of every tensor in an arena (a cache line; enough for any dtype and vectorised copies).
 ALIGN = 64
 
-_lock = threading.Lock()
-_live: dict[int, weakref.ref[SharedArena]] = {}
-_next_id = [0]
 
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-class SharedArena:
-    """A block of shared memory holding tensors.
-
-    Args:
-        size_bytes: Its size (rounded up to a page; at least one page).
-        fd: An existing memfd to map (in the writer subprocess); None creates one.
-        arena_id: The creator's id for this arena (None: a new one).
-    """
-
-    def __init__(self, size_bytes: int, *, fd: int | None = None, arena_id: int | None = None) -> None:
-        self.size_bytes = max(mmap.PAGESIZE, -(-size_bytes // mmap.PAGESIZE) * mmap.PAGESIZE)
-        if fd is None:
-            fd = os.memfd_create("torchckpt-staging", os.MFD_CLOEXEC)
-            os.ftruncate(fd, self.size_bytes)
-        self.fd = fd
-        self._mmap: mmap.mmap | None = mmap.mmap(fd, self.size_bytes, flags=mmap.MAP_SHARED)
-        self._base = torch.frombuffer(self._mmap, dtype=torch.uint8)
-        self.address = self._base.data_ptr()
-        with _lock:
-            if arena_id is None:
-                arena_id = _next_id[0]
-                _next_id[0] += 1
-            self.arena_id = arena_id
-            _live[self.address] = weakref.ref(self)
-
-    def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A tensor view of ``shape`` and ``dtype`` at byte ``offset``."""
-        nbytes = _numel(shape) * dtype.itemsize
-        if offset < 0 or offset + nbytes > self.size_bytes:
-            raise ValueError(f"tensor of {nbytes} bytes at {offset} outside arena of {self.size_bytes}")
-        raw = self._base[offset : offset + nbytes]
-        return raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
-
-    def close(self) -> None:
-        """Unmap and close (views into it must no longer be used)."""
-        with _lock:
-            _live.pop(self.address, None)
-        if self._mmap is not None:
-            del self._base
-            try:
-                self._mmap.close()
-            except BufferError:
-                pass  # views still exported: the mapping goes when they do
-            self._mmap = None
-            os.close(self.fd)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-@dataclass(frozen=True)
-class ArenaSlot:
-    """Where a tensor lies in an arena."""
-
-    arena: SharedArena
-    offset: int
-
-
-def find_arena(t: torch.Tensor) -> ArenaSlot | None:
-    """The arena slot holding the contiguous CPU tensor ``t``, if any."""
-    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
-        return None
-    ptr = t.data_ptr()
-    with _lock:
-        for address, ref in _live.items():
-            arena = ref()
-            if arena is not None and address <= ptr and ptr + t.numel() * t.element_size() <= address + arena.size_bytes:
-                return ArenaSlot(arena, ptr - address)
-    return None
-
-
-def tensor_in(sizes: list[int]) -> tuple[list[int], int]:
-    """Offsets of tensors of ``sizes`` bytes packed into an arena, and the arena size."""
+def pack(sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of tensors of ``sizes`` bytes packed into an arena, and the arena's size."""
     offsets = []
     pos = 0
     for n in sizes:
         offsets.append(pos)
-        pos += _align(n)
+        pos += -(-n // ALIGN) * ALIGN
     return offsets, pos
+
+
+class SharedArena:
+    """A block of shared memory that holds tensors.
+
+    Args:
+        size_bytes: Its size.
+        pin: Page-lock it for fast device-to-host copies (needs CUDA; best effort).
+    """
+
+    def __init__(self, size_bytes: int, *, pin: bool = False) -> None:
+        self.size_bytes = size_bytes
+        self.storage = torch.UntypedStorage._new_shared(max(size_bytes, 1))
+        self.pinned = pin and _pin(self.storage)
+
+    def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor of ``shape`` and ``dtype`` in the arena at byte ``offset``."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if offset < 0 or offset % ALIGN or offset + nbytes > self.size_bytes:
+            raise ValueError(f"tensor of {nbytes} bytes at offset {offset} does not fit the arena of {self.size_bytes}")
+        raw = torch.empty(0, dtype=torch.uint8).set_(self.storage, offset, (nbytes,))
+        return raw.view(dtype).view(shape)
+
+    def close(self) -> None:
+        """Drop the arena's own reference (the memory goes when the last view does)."""
+        if self.pinned:
+            _unpin(self.storage)
+            self.pinned = False
+        self.storage = torch.UntypedStorage(0)
+
+
+def _pin(storage: torch.UntypedStorage) -> bool:
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
+        return int(rc) == 0
+    except Exception:  # noqa: BLE001 - pinning is an optimisation
+        return False
+
+
+def _unpin(storage: torch.UntypedStorage) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(storage.data_ptr())
+    except Exception:  # noqa: BLE001
+        pass

@@ -25,7 +25,7 @@ import torch
 
 from .errors import ConfigError
 from .format.tree import Flattened, flatten, unflatten
-from .shm import SharedArena, tensor_in
+from .shm import SharedArena, pack
 from .types import STATE_DICT
 
 __all__ = ["CheckpointStager", "CheckpointStagerConfig", "DefaultStager"]
@@ -72,17 +72,20 @@ class CheckpointStagerConfig:
     use_async_staging: bool | None = None
     use_non_blocking_copy: bool | None = None
 
-    def __post_init__(self) -> None:
-        if self.use_non_blocking_copy and not _accelerator_available():
+    def resolved(self) -> CheckpointStagerConfig:
+        """This config with every None replaced by what this machine supports.
+
+        Raises:
+            ConfigError: ``use_non_blocking_copy=True`` and no accelerator is available
+                (also an ``AssertionError``, as the reference raised).
+        """
+        accel = _accelerator_available()
+        if self.use_non_blocking_copy and not accel:
             raise ConfigError(
                 "CheckpointStagerConfig.use_non_blocking_copy=True: Non-blocking copy requires that the current "
                 "accelerator is available, and none is (leave it at None to adapt)",
                 field="use_non_blocking_copy",
             )
-
-    def resolved(self) -> CheckpointStagerConfig:
-        """This config with every None replaced by what this machine supports."""
-        accel = _accelerator_available()
         return CheckpointStagerConfig(
             use_pinned_memory=accel if self.use_pinned_memory is None else self.use_pinned_memory,
             use_shared_memory=True if self.use_shared_memory is None else self.use_shared_memory,
@@ -114,30 +117,25 @@ class _StateDictStager:
 
     def _allocate(self, flat: Flattened) -> _Buffers:
         old = self._buffers
-        sizes = [t.numel() * t.element_size() for t in flat.tensors]
         if self.share_memory:
-            offsets, total = tensor_in(sizes)
+            offsets, total = pack([t.numel() * t.element_size() for t in flat.tensors])
             if old is not None and old.arena is not None and old.arena.size_bytes >= total:
-                arena = old.arena  # same or smaller: reuse the arena, re-lay the tensors
+                arena = old.arena  # the same or a smaller state: re-lay the tensors in place
             else:
                 if old is not None and old.arena is not None:
                     old.arena.close()
-                arena = SharedArena(total)
-                if self.pin_memory:
-                    _pin(arena)
+                arena = SharedArena(total, pin=self.pin_memory)
             tensors = [arena.tensor(o, t.dtype, tuple(t.shape)) for o, t in zip(offsets, flat.tensors)]
             return _Buffers(self._signature(flat), tensors, arena)
-        reuse = {}
-        if old is not None:
-            for t in old.tensors:
-                reuse.setdefault((tuple(t.shape), t.dtype), []).append(t)
+        # Private memory: keep every buffer whose shape and dtype still occur.
+        reuse: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        for t in old.tensors if old is not None else []:
+            reuse.setdefault((tuple(t.shape), t.dtype), []).append(t)
+        pin = self.pin_memory and _accelerator_available()
         tensors = []
         for t in flat.tensors:
             pool = reuse.get((tuple(t.shape), t.dtype))
-            if pool:
-                tensors.append(pool.pop())
-            else:
-                tensors.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory))
+            tensors.append(pool.pop() if pool else torch.empty(t.shape, dtype=t.dtype, pin_memory=pin))
         return _Buffers(self._signature(flat), tensors, None)
 
     def stage(self, state_dict: STATE_DICT, *, non_blocking: bool) -> STATE_DICT:
@@ -154,14 +152,6 @@ class _StateDictStager:
         if self._buffers is not None and self._buffers.arena is not None:
             self._buffers.arena.close()
         self._buffers = None
-
-
-def _pin(arena: SharedArena) -> None:
-    """Page-lock an arena for fast device-to-host copies (best effort)."""
-    try:
-        torch.cuda.cudart().cudaHostRegister(arena.address, arena.size_bytes, 0)
-    except Exception as e:  # noqa: BLE001 - pinning is an optimisation
-        logger.debug("could not pin staging memory: %s", e)
 
 
 class DefaultStager(CheckpointStager):

@@ -8,9 +8,11 @@ pickle is explicitly allowed; the digest of the whole file is checked first.
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import pickle
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -51,6 +53,38 @@ class _ChecksumWriter(io.RawIOBase):
         return view.nbytes
 
 
+class _EmptyBytes(bytes):
+    """``b""`` pickled as ``_codecs.encode("", "latin1")``, like every non-empty ``bytes`` at protocol 2.
+
+    Pickle writes an empty ``bytes`` as a call of the global ``builtins.bytes``,
+    which ``torch.load(weights_only=True)`` refuses; ``_codecs.encode`` it accepts.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (codecs.encode, ("", "latin1"))
+
+
+def _has_empty_bytes(obj: Any) -> bool:
+    if type(obj) is bytes:
+        return not obj
+    if type(obj) in (dict, OrderedDict):
+        return any(_has_empty_bytes(k) or _has_empty_bytes(v) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return any(_has_empty_bytes(v) for v in obj)
+    return False
+
+
+def _weights_only_loadable(obj: Any) -> Any:
+    """``obj`` with every ``b""`` replaced by one that weights-only loading accepts (containers rebuilt)."""
+    if type(obj) is bytes and not obj:
+        return _EmptyBytes()
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((_weights_only_loadable(k), _weights_only_loadable(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(_weights_only_loadable(v) for v in obj)
+    return obj
+
+
 def save_torch_save(fd: int, state_dict: Any) -> tuple[int, str]:
     """Write ``state_dict`` with ``torch.save`` to ``fd`` (not fsynced).
 
@@ -58,6 +92,8 @@ def save_torch_save(fd: int, state_dict: Any) -> tuple[int, str]:
         The file size and its digest.
     """
     out = _ChecksumWriter(fd)
+    if _has_empty_bytes(state_dict):
+        state_dict = _weights_only_loadable(state_dict)
     torch.save(state_dict, out)
     return out.size, f"crc32c:{out.crc:08x}"
 
