@@ -43,6 +43,9 @@ HEADER_ALIGN = 4096
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """A zero-copy, flat byte view of a contiguous CPU tensor (writable)."""
+    if t.numel() == 0:
+        # An empty tensor counts as contiguous whatever its strides; its strides may forbid the uint8 view.
+        return memoryview(bytearray())
     flat = t.detach().view(-1) if t.dim() else t.detach().reshape(1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
