@@ -75,6 +75,8 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     if t.numel() == 0:
         return b""
     flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.stride(0) != 1:  # one element: "contiguous" whatever its stride
+        flat = flat.as_strided((flat.numel(),), (1,))
     return flat.view(torch.uint8).numpy().tobytes()
 
 
