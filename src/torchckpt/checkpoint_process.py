@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from .checkpoint_writer import STATS_KWARG, CheckpointWriter
+from .checkpoint_writer import SAVE_NUMBER_KWARG, STATS_KWARG, CheckpointWriter
 from .errors import ConfigError, WriterProcessError
 from .types import STATE_DICT, RankInfo
 
@@ -146,6 +147,7 @@ class CheckpointProcess:
         self._parent_end: Connection | None = None
         self._broken = False
         self._closed = False
+        self._writes = 0
         self.process_creation_future: Future[None] = self._executor.submit(self._create_subprocess, config)
 
     # -- lifecycle -------------------------------------------------------
@@ -278,6 +280,9 @@ class CheckpointProcess:
             A future that completes when the checkpoint is committed, or holds the error.
         """
         self.process_creation_future.result()
+        # Numbered here, in the training process, so a replaced writer keeps counting with the other ranks.
+        kwargs[SAVE_NUMBER_KWARG] = self._writes
+        self._writes += 1
         return self._executor.submit(self._write, state_dict, path, **kwargs)
 
     def _write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> None:
@@ -425,4 +430,39 @@ class _WriterLoop:
         # unpickled (done by now): a reused staging arena is then found in
         # torch's cache of shared storages instead of being mapped again.
         self.keep_alive = state_dict
-        writer.write(path=payload["path"], state_dict=state_dict, **payload["kwargs"])
+        kwargs = payload["kwargs"]
+        if type(writer).write is not CheckpointWriter.write:
+            # A user's writer gets only the user's keyword arguments.
+            kwargs = {k: v for k, v in kwargs.items() if k not in (STATS_KWARG, SAVE_NUMBER_KWARG)}
+        writer.write(path=payload["path"], state_dict=_own_storages(state_dict), **kwargs)
+
+
+def _own_storages(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """``obj`` with every tensor that is a slice of a larger storage (a staging arena) given its own storage.
+
+    Zero-copy: each new storage aliases the tensor's bytes in the arena. Without
+    it, ``torch.save`` would write the whole arena once per checkpoint (padding
+    and stale bytes included) and refuse an arena viewed as several dtypes
+    ("Cannot save multiple tensors or storages that view the same data as
+    different types"). A tensor reached twice (tied) stays one object.
+    """
+    if memo is None:
+        memo = {}
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        out = obj
+        nbytes = obj.numel() * obj.element_size()
+        storage = obj.untyped_storage()
+        if obj.device.type == "cpu" and nbytes and obj.is_contiguous() and storage.nbytes() != nbytes:
+            start = obj.storage_offset() * obj.element_size()
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage[start : start + nbytes], 0, (nbytes,))
+            out = raw.view(obj.dtype).view(obj.shape)
+    elif type(obj) in (dict, OrderedDict):
+        out = type(obj)((k, _own_storages(v, memo)) for k, v in obj.items())
+    elif type(obj) in (list, tuple):
+        out = type(obj)(_own_storages(v, memo) for v in obj)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out

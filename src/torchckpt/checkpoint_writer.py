@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
+
+from .agreement import Agreement, run_collective
 from .barriers import Barrier
 from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError
 from .format.manifest import RankEntry, build_manifest, parse_rank_entry
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: Keyword argument by which the async path hands its figures (stall, staging) to the writer.
 STATS_KWARG = "_torchckpt_stats"
+#: Keyword argument by which the async path numbers its saves (a replaced writer keeps counting).
+SAVE_NUMBER_KWARG = "_torchckpt_save_number"
 
 
 class CheckpointFormat(str, enum.Enum):
@@ -127,6 +132,7 @@ class CheckpointWriter:
         self._rank_info = rank_info
         self._barrier = barrier
         self._commit_hook = commit_hook
+        self._saves = 0
 
     @property
     def config(self) -> CheckpointWriterConfig:
@@ -147,27 +153,37 @@ class CheckpointWriter:
             CheckpointIOError: A system call failed (names rank, operation, path, errno).
         """
         extra_stats = kwargs.pop(STATS_KWARG, None) or {}
+        save_number = kwargs.pop(SAVE_NUMBER_KWARG, None)
+        if save_number is None:
+            save_number = self._saves
+        self._saves = save_number + 1
         rank = self._rank_info.global_rank
         world = self._rank_info.global_world_size
-        coordinator = rank == 0
         started = time.monotonic()
         path = os.fspath(path)
         logger.info("saving checkpoint %s (rank %d of %d)", path, rank, world)
         commit = DirectoryCommit(path, rank=rank, lock_timeout_s=self._config.write_barrier_timeout_secs)
-        commit.prepare(coordinator=coordinator)
+        store = self._store() if world > 1 else None
+        stats: dict[str, Any] = {}
         try:
-            entry, stats = self._write_rank(commit.pending, state_dict)
-            stats.update(extra_stats)
-            if world > 1:
-                _write_entry_sidecar(commit.pending, entry)
-            if self._commit_hook is not None:
-                self._commit_hook.pre_commit(path, **kwargs)
-            if self._barrier is not None:
-                self._barrier.execute_barrier()
-            if coordinator:
+            local_error: BaseException | None = None
+            try:
+                commit.prepare(coordinator=rank == 0)
+                entry, stats = self._write_rank(commit.pending, state_dict)
+                stats.update(extra_stats)
+                if world > 1:
+                    _write_entry_sidecar(commit.pending, entry)
+                if self._commit_hook is not None:
+                    self._commit_hook.pre_commit(path, **kwargs)
+            except Exception as e:
+                if store is None:
+                    raise
+                local_error = e  # the others must hear of it: go on to the agreement
+
+            def do_commit() -> None:
                 entries = [entry] if world == 1 else _read_entry_sidecars(commit.pending, world, path)
                 commit_started = time.monotonic()
-                stats["bytes"] = sum(e.tensor_bytes or e.size_bytes for e in entries)
+                stats["file_bytes"] = sum(e.size_bytes for e in entries)
                 manifest = build_manifest(
                     layout=str(CheckpointFormat(self._config.format).value),
                     ranks=entries,
@@ -177,13 +193,36 @@ class CheckpointWriter:
                 )
                 commit.commit(manifest)
                 stats["commit_s"] = time.monotonic() - commit_started
+
+            barrier = self._barrier.execute_barrier if self._barrier is not None else None
+            if store is not None:
+                agreement = Agreement(
+                    store, rank=rank, world_size=world, path=path, save_number=save_number,
+                    timeout_s=self._config.write_barrier_timeout_secs,
+                )  # fmt: skip
+                run_collective(agreement, local_error=local_error, barrier=barrier, commit=do_commit)
+            else:
+                if barrier is not None:
+                    barrier()
+                if rank == 0:
+                    do_commit()
             if self._commit_hook is not None:
                 self._commit_hook.post_commit(path, **kwargs)
         finally:
             commit.release(remove_pending=world == 1)
         logger.info(
-            "saved checkpoint %s (rank %d): %d bytes in %.3fs", path, rank, stats["bytes"], time.monotonic() - started
-        )
+            "saved checkpoint %s (rank %d): %d bytes in %.3fs",
+            path, rank, stats.get("bytes", 0), time.monotonic() - started,
+        )  # fmt: skip
+
+    def _store(self) -> Any:
+        """The key-value store the ranks agree through: the barrier's, else the process group's."""
+        store = getattr(self._barrier, "store", None)
+        if isinstance(store, dist.Store):
+            return store
+        if dist.is_available() and dist.is_initialized():
+            return dist.distributed_c10d._get_default_store()
+        return None
 
     def _write_rank(self, pending: str, state_dict: STATE_DICT) -> tuple[RankEntry, dict[str, Any]]:
         rank = self._rank_info.global_rank

@@ -47,6 +47,9 @@ def byte_view(t: torch.Tensor) -> memoryview:
         # An empty tensor counts as contiguous whatever its strides; its strides may forbid the uint8 view.
         return memoryview(bytearray())
     flat = t.detach().view(-1) if t.dim() else t.detach().reshape(1)
+    if flat.stride(0) != 1:
+        # One element: contiguous whatever its stride, but the uint8 view needs stride 1.
+        flat = flat.as_strided((flat.numel(),), (1,))
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 

@@ -111,6 +111,20 @@ def file_digest(fd: int) -> tuple[int, str]:
     return size, f"crc32c:{crc:08x}"
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _weights_only_cause(e: Exception) -> str:
+    """The line of torch's weights-only error that says what was refused (e.g. the unsupported global)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if any(word in line for word in ("GLOBAL", "Unsupported", "blocked", "not an allowed")):
+            return line.split(". Please use")[0]
+    return lines[0] if lines else type(e).__name__
+
+
 def load_torch_save(
     fd: int,
     template: Any,
@@ -127,7 +141,8 @@ def load_torch_save(
         CorruptCheckpointError: ``torch.load`` cannot read it.
     """
     proc_path = f"/proc/self/fd/{fd}"
-    use_mmap = template is not None and os.path.exists(proc_path)
+    # mmap works only for the zip format; files of torch.save(_use_new_zipfile_serialization=False) are read whole.
+    use_mmap = template is not None and os.path.exists(proc_path) and os.pread(fd, 4, 0) == _ZIP_MAGIC
     try:
         if use_mmap:
             loaded = torch.load(proc_path, map_location=map_location, weights_only=not allow_pickle, mmap=True)
@@ -138,7 +153,7 @@ def load_torch_save(
         if "weights_only" in str(e) or "Weights only load failed" in str(e):
             raise UnsafeObjectError(
                 f"refusing to load {file} of {where}: it holds objects that need pickle (not executed). "
-                f"Pass allow_pickle=True only for checkpoints you trust. Cause: {str(e).splitlines()[0]}",
+                f"Pass allow_pickle=True only for checkpoints you trust. Cause: {_weights_only_cause(e)}",
                 path=where,
                 key=None,
                 type_name="pickle",

@@ -1,0 +1,159 @@
+"""One outcome for all ranks: who failed, and whether the checkpoint was committed.
+
+After writing its data, every rank publishes a small status (ok, or its
+error) in a key-value store shared by the job (the ``TCPStore`` of the
+barrier, or the default process group's store). The coordinator (rank 0)
+gathers them under a deadline, commits only if every rank succeeded, and
+publishes the outcome; every rank waits for that outcome under a deadline
+and raises the same :class:`~torchckpt.errors.DistributedCheckpointError`,
+carrying ``{rank: cause}``, when anything failed. A rank that never reports
+(killed, stopped) is named as such once the deadline passes.
+
+Keys live under ``torchckpt/<path digest>/<save number>/``; status keys are
+deleted once gathered, so the store does not grow with the number of saves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from .errors import DistributedCheckpointError
+
+__all__ = ["Agreement", "describe_error"]
+
+logger = logging.getLogger(__name__)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line naming an error's type and message."""
+    return f"{type(e).__name__}: {e}"
+
+
+class Agreement:
+    """The status exchange of one save.
+
+    Args:
+        store: A ``torch.distributed.Store`` every rank reaches.
+        rank: This rank.
+        world_size: Number of ranks.
+        path: The checkpoint path (names the keys and the errors).
+        save_number: How many saves this job made before this one (same on every rank).
+        timeout_s: Longest wait for the other ranks, and for the outcome.
+    """
+
+    def __init__(
+        self, store: Any, *, rank: int, world_size: int, path: str, save_number: int, timeout_s: float
+    ) -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.path = path
+        self.timeout_s = timeout_s
+        digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        self.prefix = f"torchckpt/{digest}/{save_number}"
+
+    def _status_key(self, rank: int) -> str:
+        return f"{self.prefix}/status/{rank}"
+
+    def publish(self, error: BaseException | None) -> None:
+        """Report this rank's result."""
+        status = {"ok": True} if error is None else {"ok": False, "error": describe_error(error)}
+        self.store.set(self._status_key(self.rank), json.dumps(status))
+
+    def gather_failures(self, already: dict[int, str] | None = None) -> dict[int, str]:
+        """Coordinator: wait for every rank's status; return ``{rank: cause}`` of those that failed."""
+        failures = dict(already or {})
+        keys = [self._status_key(r) for r in range(self.world_size)]
+        deadline = time.monotonic() + self.timeout_s
+        for r, key in enumerate(keys):
+            if r in failures:
+                continue
+            remaining = max(0.001, deadline - time.monotonic())
+            try:
+                self.store.wait([key], timedelta(seconds=remaining))
+                status = json.loads(self.store.get(key))
+            except Exception:  # noqa: BLE001 - a store timeout: that rank never reported
+                failures[r] = f"did not report within {self.timeout_s:g}s (dead, stopped or hung)"
+                continue
+            if not status.get("ok"):
+                failures[r] = str(status.get("error", "unknown error"))
+        for key in keys:
+            try:
+                self.store.delete_key(key)
+            except Exception:  # noqa: BLE001 - cleanup only
+                pass
+        return failures
+
+    def announce(self, failures: dict[int, str]) -> None:
+        """Coordinator: publish the outcome (committed when ``failures`` is empty)."""
+        outcome = {"committed": not failures, "failures": {str(r): c for r, c in failures.items()}}
+        self.store.set(f"{self.prefix}/outcome", json.dumps(outcome))
+
+    def await_outcome(self) -> dict[int, str]:
+        """Non-coordinators: wait for the outcome; return the failures it names."""
+        key = f"{self.prefix}/outcome"
+        try:
+            self.store.wait([key], timedelta(seconds=self.timeout_s))
+            outcome = json.loads(self.store.get(key))
+        except Exception as e:  # noqa: BLE001 - the coordinator never answered
+            return {
+                0: f"the coordinator did not announce the outcome within {self.timeout_s:g}s "
+                f"({describe_error(e)}); the checkpoint may or may not be committed"
+            }
+        return {int(r): c for r, c in outcome.get("failures", {}).items()}
+
+    def error(self, failures: dict[int, str], operation: str = "save") -> DistributedCheckpointError:
+        """The error every rank raises for ``failures``."""
+        listing = "; ".join(f"rank {r}: {c}" for r, c in sorted(failures.items()))
+        return DistributedCheckpointError(
+            f"{operation} of {self.path} failed on {len(failures)} of {self.world_size} ranks, nothing was "
+            f"committed: {listing}",
+            path=self.path,
+            failures=failures,
+        )
+
+
+def run_collective(
+    agreement: Agreement,
+    *,
+    local_error: BaseException | None,
+    barrier: Callable[[], None] | None,
+    commit: Callable[[], None],
+) -> None:
+    """Barrier, status exchange, commit on the coordinator, one outcome for all.
+
+    Raises:
+        DistributedCheckpointError: On every rank when any rank failed (the
+            local error, if any, is its cause).
+    """
+    failures: dict[int, str] = {}
+    if barrier is not None:
+        try:
+            barrier()
+        except Exception as e:  # noqa: BLE001 - reported as this rank's view of the failure
+            missing = getattr(e, "missing_ranks", None) or []
+            for r in missing:
+                failures[r] = f"did not reach the barrier ({describe_error(e)})"
+            if not missing:
+                failures[agreement.rank] = f"barrier failed: {describe_error(e)}"
+            local_error = local_error or e
+    agreement.publish(local_error)
+    if agreement.rank == 0:
+        failures.update(agreement.gather_failures(failures))
+        if not failures:
+            try:
+                commit()
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it
+                failures[0] = f"commit failed: {describe_error(e)}"
+                local_error = e
+        agreement.announce(failures)
+    else:
+        failures.update(agreement.await_outcome())
+    if failures:
+        raise agreement.error(failures) from local_error
