@@ -28,6 +28,7 @@ __all__ = [
     "Barrier",
     "BarrierConfig",
     "DistBarrier",
+    "StoreBarrier",
     "TCPStoreBarrier",
     "create_barrier_from_config",
     "register_barrier",
@@ -202,35 +203,87 @@ class TCPStoreBarrier(Barrier):
         self._tcp_store.set(f"rank{self._global_rank}", str(seq))
         # Arrive and wait under our own deadline (timeout_secs is enforced here);
         # the elastic barrier after it then completes at once on every rank.
-        key = f"{prefix}{seq}/torchckpt"
-        arrived = self._tcp_store.add(f"{key}/arrived", 1)
-        if arrived == self._global_world_size:
-            self._tcp_store.add(f"{key}/all", 1)
-        try:
-            self._tcp_store.wait([f"{key}/all"], timedelta(seconds=self._timeout_secs))
-        except Exception as e:
-            if not _is_timeout(e):
-                raise
-            missing = self._missing_ranks(seq)
-            raise BarrierTimeoutError(
-                f"rank {self._global_rank}: timed out after {self._timeout_secs}s at barrier {prefix!r} #{seq}; "
-                f"ranks that did not arrive: {missing}",
-                missing_ranks=missing,
-            ) from e
+        _arrive_and_wait(
+            self._tcp_store, f"{prefix}{seq}/torchckpt", rank=self._global_rank,
+            world_size=self._global_world_size, timeout_s=self._timeout_secs, name=f"{prefix!r} #{seq}",
+        )  # fmt: skip
         store_util.barrier(store=self._tcp_store, world_size=self._global_world_size, key_prefix=prefix + str(seq))
         self._tcp_store_barrier_seq[prefix] += 1
 
-    def _missing_ranks(self, seq: int) -> list[int]:
+
+def _arrive_and_wait(store: Any, key: str, *, rank: int, world_size: int, timeout_s: float, name: str) -> None:
+    """Count this rank in under ``key`` and wait for all, at most ``timeout_s``; name who is missing."""
+    store.add(f"{key}/arrived/{rank}", 1)
+    if store.add(f"{key}/count", 1) == world_size:
+        store.add(f"{key}/all", 1)
+    try:
+        store.wait([f"{key}/all"], timedelta(seconds=timeout_s))
+    except Exception as e:
+        if not _is_timeout(e):
+            raise
         missing = []
-        for r in range(self._global_world_size):
-            key = f"rank{r}"
+        for r in range(world_size):
             try:
-                arrived = self._tcp_store.check([key]) and int(self._tcp_store.get(key)) >= seq
+                if not store.check([f"{key}/arrived/{r}"]):
+                    missing.append(r)
             except Exception:  # noqa: BLE001 - the store itself may be gone
-                arrived = False
-            if not arrived:
                 missing.append(r)
-        return missing
+        raise BarrierTimeoutError(
+            f"rank {rank}: timed out after {timeout_s:g}s at barrier {name}; ranks that did not arrive: {missing}",
+            missing_ranks=missing,
+        ) from e
+
+
+@register_barrier
+class StoreBarrier(Barrier):
+    """A barrier through an existing ``TCPStore`` that this process joins as a client.
+
+    Used by the builders for writer subprocesses, which have no process group:
+    they join the store the job already runs (torchrun's, or the process
+    group's), under the key prefix ``torchckpt/``.
+
+    Args:
+        global_rank: This rank.
+        global_world_size: Number of ranks.
+        master_address: Host of the store.
+        port: Its port.
+        timeout_secs: Longest wait for the other ranks (enforced; the error names them).
+        barrier_prefix: Names this barrier's keys.
+    """
+
+    barrier_type = "store"
+
+    def __init__(
+        self,
+        global_rank: int,
+        global_world_size: int,
+        master_address: str,
+        port: int,
+        timeout_secs: float = 600,
+        barrier_prefix: str = "barrier",
+    ) -> None:
+        self._rank = global_rank
+        self._world_size = global_world_size
+        self._timeout_secs = timeout_secs
+        self._prefix = barrier_prefix
+        self._seq = 0
+        client = dist.TCPStore(
+            master_address, int(port), is_master=False, timeout=timedelta(seconds=timeout_secs)
+        )
+        self._store = dist.PrefixStore("torchckpt/", client)
+
+    @property
+    def store(self) -> Any:
+        """The (prefixed) store the ranks agree through."""
+        return self._store
+
+    def execute_barrier(self) -> None:
+        key = f"{self._prefix}/{self._seq}"
+        self._seq += 1
+        _arrive_and_wait(
+            self._store, key, rank=self._rank, world_size=self._world_size,
+            timeout_s=self._timeout_secs, name=repr(key),
+        )  # fmt: skip
 
 
 def _is_timeout(e: BaseException) -> bool:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -26,6 +29,84 @@ def default_rank_info() -> RankInfo:
     return RankInfo(global_rank=0, global_world_size=1)
 
 
+_OWN_STORES: list[Any] = []  # stores this process serves for its writer subprocesses; live as long as it
+
+
+def _job_store_address() -> tuple[str, int]:
+    """Host and port of a TCPStore every rank's writer subprocess can join.
+
+    The store the job already runs (torchrun's agent store, or the process
+    group's) when it is a TCPStore; otherwise rank 0 starts one, listening on
+    ``MASTER_ADDR`` (default 127.0.0.1) only, and tells the others its port.
+    """
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if isinstance(store, dist.TCPStore):
+        return store.host, store.port
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        _OWN_STORES.append(start_store(host, dist.get_world_size()))
+        box[0] = _OWN_STORES[-1].port
+    dist.broadcast_object_list(box, src=0)
+    return host, int(box[0])
+
+
+def start_store(host: str, world_size: int, *, port: int = 0, timeout_s: float = 600) -> dist.TCPStore:
+    """Start a TCPStore server that listens on ``host`` only (not on every interface)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    fd = sock.detach()
+    return dist.TCPStore(
+        host, sock_port(fd), world_size=world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False, master_listen_fd=fd, use_libuv=True,
+    )  # fmt: skip
+
+
+def sock_port(fd: int) -> int:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return int(s.getsockname()[1])
+    finally:
+        s.close()
+
+
+def resolve_barrier_config(config: CheckpointerConfig, rank_info: RankInfo, *, in_subprocess: bool) -> BarrierConfig:
+    """The barrier a checkpointer uses: the configured one (rank fields filled in), or one chosen for the job.
+
+    With no barrier configured and ``torch.distributed`` initialised with more
+    than one rank: a ``DistBarrier`` for saves in the training process, a
+    ``StoreBarrier`` on the job's store for writer subprocesses.
+    """
+    bc = config.barrier_config
+    timeout = config.writer_config.write_barrier_timeout_secs
+    if bc.barrier_type is not None:
+        args = dict(bc.barrier_args)
+        if bc.barrier_type in ("tcp_store", "store"):
+            args.setdefault("global_rank", rank_info.global_rank)
+            args.setdefault("global_world_size", rank_info.global_world_size)
+        return BarrierConfig(barrier_type=bc.barrier_type, barrier_args=args)
+    if rank_info.global_world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return bc
+    if not in_subprocess:
+        return BarrierConfig(barrier_type="dist_barrier", barrier_args={"timeout_secs": timeout})
+    host, port = _job_store_address()
+    return BarrierConfig(
+        barrier_type="store",
+        barrier_args={
+            "global_rank": rank_info.global_rank,
+            "global_world_size": rank_info.global_world_size,
+            "master_address": host,
+            "port": port,
+            "timeout_secs": timeout,
+        },
+    )
+
+
 def make_sync_checkpointer(
     config: CheckpointerConfig | None = None,
     rank_info: RankInfo | None = None,
@@ -40,7 +121,7 @@ def make_sync_checkpointer(
     """
     config = config if config is not None else CheckpointerConfig()
     rank_info = rank_info if rank_info is not None else default_rank_info()
-    barrier = create_barrier_from_config(config.barrier_config)
+    barrier = create_barrier_from_config(resolve_barrier_config(config, rank_info, in_subprocess=False))
     writer = CheckpointWriter(config=config.writer_config, rank_info=rank_info, barrier=barrier, commit_hook=commit_hook)
     reader = CheckpointReader(rank_info=rank_info, allow_pickle=config.writer_config.allow_pickle)
     return SyncCheckpointer(writer=writer, reader=reader)
@@ -88,7 +169,7 @@ def make_async_checkpointer(
     writer_args = dict(checkpoint_writer_init_args or {})
     if checkpoint_writer_init_fn is default_writer_init_fn:
         writer_args.setdefault("config", config.writer_config)
-        writer_args.setdefault("barrier_config", config.barrier_config)
+        writer_args.setdefault("barrier_config", resolve_barrier_config(config, rank_info, in_subprocess=True))
     process = CheckpointProcess(
         rank_info=rank_info,
         config=config.process_config,

@@ -19,6 +19,7 @@ from .dtypes import dtype_from_name
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_FILE_BYTES",
     "MAX_MANIFEST_BYTES",
     "Layout",
     "Manifest",
@@ -34,6 +35,9 @@ __all__ = [
 FORMAT_VERSION = 1
 #: A manifest larger than this is refused before it is parsed.
 MAX_MANIFEST_BYTES = 1 << 30
+#: Largest rank file (and so tensor) a manifest may declare: 1 PiB. Anything larger is corruption
+#: or an attack, refused before a data file is opened or a byte is allocated.
+MAX_FILE_BYTES = 1 << 50
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
 
@@ -145,7 +149,7 @@ def check_file_name(name: Any) -> str:
     Raises:
         ManifestError: Empty, ``.``/``..``, a path (``/``), absolute, NUL bytes, or odd characters.
     """
-    if not isinstance(name, str) or not _NAME_OK.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_OK.fullmatch(name) or name in (".", ".."):
         raise ManifestError(f"unsafe file name {name!r}: only plain names inside the checkpoint directory are allowed")
     return name
 
@@ -166,6 +170,13 @@ def _nonneg(d: Any, key: str, where: str) -> int:
     return int(value)
 
 
+def _size(d: Any, key: str, where: str) -> int:
+    value = _nonneg(d, key, where)
+    if value > MAX_FILE_BYTES:
+        raise ManifestError(f"{where}: field {key!r} declares an absurd size ({value} bytes, limit {MAX_FILE_BYTES})")
+    return value
+
+
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate manifest bytes.
 
@@ -177,6 +188,8 @@ def parse_manifest(data: bytes) -> Manifest:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"not valid JSON: {e}") from e
+    except RecursionError as e:  # nested deeper than the interpreter's recursion limit
+        raise ManifestError("not a manifest: JSON nested too deeply") from e
     if not isinstance(doc, dict):
         raise ManifestError("not a JSON object")
     version = _get(doc, "torchckpt_format", int, "manifest")
@@ -221,7 +234,7 @@ def _parse_rank(doc: Any, index: int, layout: str, chunk_bytes: int) -> RankEntr
     if rank != index:
         raise ManifestError(f"{where}: rank {rank} out of order")
     file = check_file_name(_get(doc, "file", str, where))
-    size = _nonneg(doc, "size_bytes", where)
+    size = _size(doc, "size_bytes", where)
     digest = _get(doc, "digest", str, where)
     if not re.fullmatch(r"crc32c:[0-9a-f]{8}", digest):
         raise ManifestError(f"{where}: malformed digest {digest!r}")
@@ -255,7 +268,7 @@ def _parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_doc):
         raise ManifestError(f"{where}: shape must be a list of non-negative integers")
     shape = tuple(int(d) for d in shape_doc)
-    nbytes = _nonneg(doc, "nbytes", where)
+    nbytes = _size(doc, "nbytes", where)
     if math.prod(shape) * dtype.itemsize != nbytes:
         raise ManifestError(f"{where}: {nbytes} bytes do not match shape {list(shape)} of {dtype_str}")
     crcs = _get(doc, "crc32c", list, where)
