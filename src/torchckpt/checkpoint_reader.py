@@ -10,7 +10,7 @@ import time
 import warnings
 from typing import Any
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateDictMismatchError
 from .format.manifest import MAX_MANIFEST_BYTES, Layout, Manifest, ManifestError, RankEntry, parse_manifest
 from .format.native_read import read_native
 from .format.torch_save import file_digest, load_torch_save, rank_file_name
@@ -191,6 +191,8 @@ class CheckpointReader:
 
     def _entry(self, manifest: Manifest, rank: Any, path: str) -> RankEntry:
         if rank is None:
+            if manifest.world_size != self._rank_info.global_world_size:
+                _check_replicated(manifest, path, self._rank_info.global_world_size)
             rank = self._rank_info.global_rank % manifest.world_size
         if not isinstance(rank, int) or not 0 <= rank < manifest.world_size:
             raise ValueError(f"rank {rank!r} out of range for the checkpoint {path} of {manifest.world_size} ranks")
@@ -227,3 +229,41 @@ class CheckpointReader:
             return load_torch_save(fd, state_dict, map_location=map_location, allow_pickle=allow_pickle, where=path, file=name)
         finally:
             os.close(fd)
+
+
+def _rank_signature(entry: RankEntry) -> dict[str, Any]:
+    return {t.name: (t.dtype, t.shape, t.crc32c) for t in entry.tensors}
+
+
+def _check_replicated(manifest: Manifest, path: str, world_size: int) -> None:
+    """A checkpoint loads on another world size only when every rank saved the same state.
+
+    Raises:
+        StateDictMismatchError: Ranks saved different states (names the keys that differ).
+    """
+    first = manifest.ranks[0]
+    if manifest.layout != Layout.SAFETENSORS:
+        differ = [r.rank for r in manifest.ranks[1:] if r.digest != first.digest]
+        if differ:
+            raise StateDictMismatchError(
+                f"cannot load {path} (saved by {manifest.world_size} ranks) on {world_size} ranks: the rank files "
+                f"of ranks {differ} differ from rank 0's; pass rank= to choose whose state to load",
+                path=path,
+            )
+        return
+    base = _rank_signature(first)
+    differing: set[str] = set()
+    for entry in manifest.ranks[1:]:
+        other = _rank_signature(entry)
+        differing.update(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
+        if entry.tree != first.tree:
+            differing.add("(structure or plain values)")
+    if differing:
+        keys = sorted(differing)
+        raise StateDictMismatchError(
+            f"cannot load {path} (saved by {manifest.world_size} ranks) on {world_size} ranks: the ranks saved "
+            f"different states; keys that differ: {keys[:20]}{' ...' if len(keys) > 20 else ''}; "
+            "pass rank= to choose whose state to load",
+            path=path,
+            key=keys[0],
+        )
