@@ -10,6 +10,8 @@ from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import CheckpointFormat, CheckpointWriter, CheckpointWriterConfig, WriterHook
 from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
 from .config import CheckpointerConfig
+from .manager import CheckpointManager, SaveHandle
+from .retention import KeepBest, KeepEvery, KeepLast
 from .checkpoint_process import CheckpointProcess, CheckpointProcessConfig
 from .staging import CheckpointStager, CheckpointStagerConfig, DefaultStager
 from .types import STATE_DICT, RankInfo
@@ -23,6 +25,7 @@ __all__ = [
     "Barrier",
     "BarrierConfig",
     "CheckpointFormat",
+    "CheckpointManager",
     "CheckpointProcess",
     "CheckpointProcessConfig",
     "CheckpointReader",
@@ -34,7 +37,11 @@ __all__ = [
     "CheckpointerConfig",
     "DefaultStager",
     "DistBarrier",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
     "RankInfo",
+    "SaveHandle",
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "WriterHook",

@@ -176,6 +176,8 @@ class CheckpointReader:
                 else:
                     if verify:
                         self._verify_whole_file(fd, entry, path)
+                    else:
+                        _check_size(fd, entry, path)  # cheap, so done even without checksums
                     result, missing = load_torch_save(
                         fd, state_dict, map_location=map_location, allow_pickle=allow_pickle, where=path, file=entry.file
                     )
@@ -233,6 +235,17 @@ class CheckpointReader:
 
 def _rank_signature(entry: RankEntry) -> dict[str, Any]:
     return {t.name: (t.dtype, t.shape, t.crc32c) for t in entry.tensors}
+
+
+def _check_size(fd: int, entry: RankEntry, path: str) -> None:
+    size = os.fstat(fd).st_size
+    if size != entry.size_bytes:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {path}: rank file {entry.file} is {size} bytes, the manifest says "
+            f"{entry.size_bytes} (truncated or replaced)",
+            path=path,
+            file=entry.file,
+        )
 
 
 def _check_replicated(manifest: Manifest, path: str, world_size: int) -> None:

@@ -58,7 +58,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
         CheckpointError.__init__(self, message, path=path)
-        self.filename = path
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class CorruptCheckpointError(CheckpointError, ValueError):
@@ -167,7 +170,6 @@ class CheckpointIOError(CheckpointError, OSError):
         else:
             OSError.__init__(self, errno, message)
         self.path = path
-        self.filename = path
         self.rank = rank
         self.operation = operation
 

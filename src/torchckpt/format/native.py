@@ -91,7 +91,7 @@ class NativeFile:
         return len(self.header)
 
 
-def plan_rank_file(flat: Flattened, *, rank: int) -> NativeFile:
+def plan_rank_file(flat: Flattened, *, rank: int, metadata: dict[str, str] | None = None) -> NativeFile:
     """Lay out the rank file of ``flat``: header bytes and every tensor's offset."""
     hosts = [host_contiguous(t) for t in flat.tensors]
     nbytes = [t.numel() * t.element_size() for t in hosts]
@@ -101,7 +101,8 @@ def plan_rank_file(flat: Flattened, *, rank: int) -> NativeFile:
     for i in order:
         rel[i] = pos
         pos += nbytes[i]
-    entries: dict[str, Any] = {"__metadata__": {"format": "torchckpt", "torchckpt_format": "1", "rank": str(rank)}}
+    meta = {"format": "torchckpt", "torchckpt_format": "1", "rank": str(rank), **(metadata or {})}
+    entries: dict[str, Any] = {"__metadata__": meta}
     for i in order:
         t = hosts[i]
         st = safetensors_name(t.dtype)

@@ -247,13 +247,24 @@ class _Unflattener:
             for item in _expect_list(body, path):
                 if not isinstance(item, list) or len(item) != 2:
                     raise ValueError(f"malformed dict item at key {path!r}")
-                k = self.node(item[0], path)
+                k = self.key(item[0], path)
                 out[k] = self.node(item[1], join_key(path, k))
             return out
         if tag in ("list", "tuple"):
             items = [self.node(v, _index_path(path, i)) for i, v in enumerate(_expect_list(body, path))]
             return items if tag == "list" else tuple(items)
         return self.leaf(tag, body, path)
+
+    def key(self, n: Any, path: str) -> Any:
+        # flatten never writes a tensor or a container of lists as a key; a manifest that does is corrupt
+        if isinstance(n, dict) and "T" in n:
+            raise ValueError(f"malformed dict key at key {path or '[root]'!r}: a tensor cannot be a key")
+        k = self.node(n, path)
+        try:
+            hash(k)
+        except TypeError as e:
+            raise ValueError(f"malformed dict key at key {path or '[root]'!r}: {e}") from e
+        return k
 
     def leaf(self, tag: str, body: Any, path: str) -> Any:
         try:
@@ -266,7 +277,10 @@ class _Unflattener:
             if tag == "dtype":
                 return dtype_from_name(body)
             if tag == "size":
-                return torch.Size([int(d) for d in _expect_list(body, path)])
+                dims = _expect_list(body, path)
+                if not all(type(d) is int and d >= 0 for d in dims):
+                    raise ValueError(f"dimensions must be non-negative integers: {dims}")
+                return torch.Size(dims)
             if tag == "device":
                 return torch.device(body)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:

@@ -1,0 +1,427 @@
+"""CheckpointManager: numbered steps under one directory, retention, resume from the latest.
+
+::
+
+    mgr = CheckpointManager("/ckpt", keep=[KeepLast(3)])
+    handle = mgr.save(step, {"model": model, "optim": opt, "step": step}, metrics={"loss": loss})
+    ...
+    step, state = mgr.load({"model": model, "optim": opt})   # newest good step, restored in place
+
+Each step is a checkpoint directory ``<root>/step_<step:010d>``. Only
+committed checkpoints (with a valid manifest whose step matches the name)
+count; hidden leftovers of crashed saves are ignored and cleaned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from .builder import make_async_checkpointer, make_sync_checkpointer
+from .checkpoint_reader import read_manifest
+from .checkpoint_writer import CheckpointWriterConfig
+from .checkpointer import Checkpointer
+from .config import CheckpointerConfig
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .retention import CheckpointInfo, RetentionPolicy, preserved
+from .types import RankInfo
+
+__all__ = ["CheckpointManager", "SaveHandle"]
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{1,19})$")
+_LEFTOVER = re.compile(r"^\.step_\d+\.torchckpt-(pending|trash-[0-9a-f]+)$")
+
+
+class SaveHandle:
+    """The outcome of one ``CheckpointManager.save``.
+
+    Args:
+        step: The step saved.
+        path: Its directory.
+        future: Completes when the checkpoint is durable (None: already is).
+    """
+
+    def __init__(self, step: int, path: str, future: Future[Any] | None) -> None:
+        self.step = step
+        self.path = path
+        self._future = future
+
+    def done(self) -> bool:
+        """Whether the save has finished (successfully or not)."""
+        return self._future is None or self._future.done()
+
+    def result(self, timeout: float | None = None) -> None:
+        """Wait until the checkpoint is durable; raise the save's error.
+
+        Raises:
+            TimeoutError: Not finished within ``timeout`` seconds.
+        """
+        if self._future is not None:
+            self._future.result(timeout)
+
+
+def _to_state_dict(state: Any) -> Any:
+    if hasattr(state, "state_dict") and callable(state.state_dict):
+        return state.state_dict()
+    if isinstance(state, dict):
+        return {k: _to_state_dict(v) for k, v in state.items()}
+    return state
+
+
+class CheckpointManager:
+    """Saves numbered steps under ``root``, keeps what the retention policies say, restores the latest.
+
+    Args:
+        root: Directory holding one checkpoint directory per step.
+        keep: Retention policies (a step survives if any keeps it); None keeps everything.
+        async_save: Save in the background (``save`` returns at once).
+        format: ``"safetensors"`` (native, default) or ``"torch_save"``.
+        checkpointer: Use this checkpointer instead of building one.
+        rank_info: This process's rank (default: from the process group, else 0 of 1).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        keep: RetentionPolicy | Sequence[RetentionPolicy] | None = None,
+        async_save: bool = True,
+        format: str = "safetensors",
+        checkpointer: Checkpointer | None = None,
+        rank_info: RankInfo | None = None,
+    ) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self._policies: list[RetentionPolicy] = (
+            [] if keep is None else [keep] if hasattr(keep, "should_preserve") else list(keep)  # type: ignore[arg-type]
+        )
+        self._async = async_save
+        if checkpointer is None:
+            config = CheckpointerConfig(writer_config=CheckpointWriterConfig(format=format))
+            checkpointer = (
+                make_async_checkpointer(config, rank_info) if async_save else make_sync_checkpointer(config, rank_info)
+            )
+        self._ckpt = checkpointer
+        self._rank = rank_info.global_rank if rank_info is not None else _current_rank()
+        self._inflight: SaveHandle | None = None
+        self._saving_sync = False
+        self._exit_requested: int | None = None
+        self._loading: set[int] = set()
+        self._lock = threading.RLock()
+        self._closed = False
+        os.makedirs(self.root, exist_ok=True)
+        if self._rank == 0:
+            self._clean_leftovers()
+
+    # -- naming and listing ---------------------------------------------
+
+    def path(self, step: int) -> str:
+        """The directory of ``step``."""
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ConfigError(f"step must be a non-negative int, got {step!r}", field="step")
+        return os.path.join(self.root, f"step_{step:010d}")
+
+    def _infos(self) -> list[CheckpointInfo]:
+        infos = []
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            m = _STEP_DIR.match(name)
+            if not m:
+                continue
+            path = os.path.join(self.root, name)
+            try:
+                manifest = read_manifest(path)
+            except (CheckpointError, OSError):
+                continue  # not committed (or unreadable): not a checkpoint
+            step = int(m.group(1))
+            if manifest.metadata.get("step", step) != step:
+                continue
+            metrics = manifest.metadata.get("metrics") or {}
+            infos.append(CheckpointInfo(step, path, metrics if isinstance(metrics, dict) else {}, manifest.created_unix_s))
+        return sorted(infos, key=lambda c: c.step)
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        return [c.step for c in self._infos()]
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    # -- saving ---------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        *,
+        metrics: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> SaveHandle:
+        """Save ``state`` as ``step``.
+
+        Values with ``state_dict()`` (modules, optimizers, schedulers...) are
+        saved through it; other values as they are.
+
+        Args:
+            step: The step number (names the directory).
+            state: What to save.
+            metrics: Numbers for ``KeepBest`` and ``torchckpt ls`` (stored in the manifest).
+            metadata: JSON-serialisable user metadata (stored in the manifest).
+
+        Returns:
+            A handle; for an async save it completes when the checkpoint is durable.
+        """
+        if self._closed:
+            raise CheckpointError("CheckpointManager is closed", path=self.root)
+        path = self.path(step)
+        state_dict = _to_state_dict(state)
+        md = {"step": step, "metrics": dict(metrics or {}), "user": metadata or {}}
+        with self._lock:
+            if self._inflight is not None and not self._inflight.done():
+                self._inflight.result()  # one save at a time, in order
+            if not self._async:
+                self._saving_sync = True
+                try:
+                    self._ckpt.save(path, state_dict, metadata=md)
+                finally:
+                    self._saving_sync = False
+                handle = SaveHandle(step, path, None)
+                self._inflight = handle
+                self._after_commit(step)
+                self._exit_if_requested()
+                return handle
+            result = self._ckpt.save(path, state_dict, metadata=md)
+            assert result is not None
+            stage_future, write_future = result
+            stage_future.result()  # the state may change once staged
+            done: Future[None] = Future()
+
+            def on_written(f: Future[Any]) -> None:
+                error = f.exception()
+                if error is None:
+                    try:
+                        self._after_commit(step)
+                    except Exception as e:  # noqa: BLE001 - retention never fails a save
+                        logger.warning("retention after step %d failed: %s", step, e)
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
+
+            write_future.add_done_callback(on_written)
+            handle = SaveHandle(step, path, done)
+            self._inflight = handle
+            return handle
+
+    def wait(self) -> None:
+        """Wait for the in-flight save; raise its error."""
+        handle = self._inflight
+        if handle is not None:
+            handle.result()
+
+    def _after_commit(self, step: int) -> None:
+        if self._rank == 0:
+            self.apply_retention(protect={step})
+
+    def apply_retention(self, *, protect: set[int] | None = None, dry_run: bool = False) -> list[int]:
+        """Delete the committed steps no policy keeps; return them.
+
+        Never deletes the newest committed step, a step being written or loaded,
+        or a step in ``protect``. A failed delete is logged and retried next time.
+        """
+        infos = self._infos()
+        if not infos:
+            return []
+        keep = preserved(self._policies, infos)
+        guarded = set(protect or ()) | set(self._loading) | {infos[-1].step}
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            guarded.add(inflight.step)
+        doomed = [c for c, k in zip(infos, keep) if not k and c.step not in guarded]
+        if dry_run:
+            return [c.step for c in doomed]
+        deleted = []
+        for c in doomed:
+            trash = os.path.join(self.root, f".step_{c.step}.torchckpt-trash-{uuid.uuid4().hex}")
+            try:
+                os.rename(c.path, trash)  # atomic: never a half-deleted checkpoint in view
+            except OSError as e:
+                logger.warning("could not delete step %d (%s): %s; will retry", c.step, c.path, e)
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+            deleted.append(c.step)
+        if deleted:
+            logger.info("retention deleted steps %s under %s", deleted, self.root)
+        return deleted
+
+    def _clean_leftovers(self) -> None:
+        for name in os.listdir(self.root):
+            if _LEFTOVER.match(name) and not name.endswith("-pending"):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    # -- loading --------------------------------------------------------
+
+    def load(
+        self,
+        state: dict[str, Any] | None = None,
+        *,
+        step: int | None = None,
+        strict: bool = False,
+        fallback: bool = True,
+        map_location: Any = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """Load a step (default: the newest committed one) and restore ``state`` from it.
+
+        Modules are filled in place; other values with ``load_state_dict``
+        (optimizers, schedulers...) get it called with their saved state.
+
+        Args:
+            state: Objects to restore, by key (None: just return what was saved).
+            step: The step to load (None: the newest).
+            strict: Raise when keys of ``state`` are missing from the checkpoint.
+            fallback: When the newest step fails verification, warn and try the next older one.
+            map_location: Device of tensors the load creates.
+
+        Returns:
+            The step loaded and the loaded state dict.
+
+        Raises:
+            CheckpointNotFoundError: No committed step (or not the one asked for).
+        """
+        candidates = [step] if step is not None else list(reversed(self.steps()))
+        if not candidates:
+            raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}", path=self.root)
+        last_error: Exception | None = None
+        for s in candidates:
+            with self._lock:
+                self._loading.add(s)
+            try:
+                return s, self._load_step(s, state, strict=strict, map_location=map_location)
+            except CheckpointNotFoundError:
+                if step is not None:
+                    raise
+                continue
+            except CheckpointError as e:
+                if step is not None or not fallback:
+                    raise
+                warnings.warn(f"skipping step {s} at {self.path(s)}: {e}", stacklevel=2)
+                logger.warning("skipping step %d at %s: %s", s, self.path(s), e)
+                last_error = e
+            finally:
+                with self._lock:
+                    self._loading.discard(s)
+        raise CheckpointNotFoundError(
+            f"no loadable checkpoint under {self.root}; the last error: {last_error}", path=self.root
+        ) from last_error
+
+    def _load_step(self, step: int, state: dict[str, Any] | None, *, strict: bool, map_location: Any) -> dict[str, Any]:
+        path = self.path(step)
+        template: dict[str, Any] | None = None
+        if state is not None:
+            template = {}
+            for k, v in state.items():
+                template[k] = v.state_dict() if isinstance(v, torch.nn.Module) else None
+        loaded = self._ckpt.load(path, template, default_map_location=map_location, strict=strict)
+        if state is not None:
+            for k, v in state.items():
+                if k in loaded and not isinstance(v, torch.nn.Module) and hasattr(v, "load_state_dict"):
+                    v.load_state_dict(loaded[k])
+        return loaded
+
+    # -- preemption -----------------------------------------------------
+
+    def install_signal_handler(self, deadline_s: float = 60.0, signum: int = signal.SIGTERM) -> None:
+        """On ``signum``: finish the in-flight save (or, past ``deadline_s``, abandon it cleanly), then exit.
+
+        The process exits with ``128 + signum`` after the previous handler, if
+        any, has run. Abandoning leaves the previous checkpoints intact.
+        """
+        previous = signal.getsignal(signum)
+
+        def handler(sig: int, frame: Any) -> None:
+            if self._saving_sync:
+                logger.warning("signal %d during a save: exiting once it is committed", sig)
+                self._exit_requested = sig
+                return
+            self._finish_or_abandon(deadline_s)
+            self._exit(sig, previous)
+
+        signal.signal(signum, handler)
+        self._previous_handler = previous
+
+    def _finish_or_abandon(self, deadline_s: float) -> None:
+        handle = self._inflight
+        if handle is None or handle.done():
+            logger.warning("termination signal: no save in flight")
+            return
+        try:
+            handle.result(timeout=deadline_s)
+            logger.warning("termination signal: finished the in-flight save of step %d", handle.step)
+        except TimeoutError:
+            logger.warning(
+                "termination signal: abandoned the in-flight save of step %d after %.1fs (not committed)",
+                handle.step, deadline_s,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - it failed on its own
+            logger.warning("termination signal: the in-flight save of step %d failed: %s", handle.step, e)
+
+    def _exit_if_requested(self) -> None:
+        if self._exit_requested is not None:
+            logger.warning("termination signal: the save is committed; exiting")
+            self._exit(self._exit_requested, getattr(self, "_previous_handler", None))
+
+    def _exit(self, sig: int, previous: Any) -> None:
+        if callable(previous):
+            previous(sig, None)
+        self._abandon()
+        os._exit(128 + sig)
+
+    def _abandon(self) -> None:
+        try:
+            close = getattr(self._ckpt, "_checkpoint_process", None)
+            if close is not None:
+                close.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+    # -- lifetime -------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for the in-flight save, then release the checkpointer."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            self._ckpt.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _current_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
