@@ -1,13 +1,22 @@
-"""Demo: save and restore a model's and optimizer's training state with torchckpt.
+"""torchckpt demo: train with background saves, survive a SIGKILL in the middle of a save, resume.
 
-Trains a small model for a few steps, saves model + optimizer state in both
-layouts, restores them into fresh objects, checks that training continues
-bit-identically, and compares the save time with torch.save of the same state.
+1. Trains a small model on the CPU with asynchronous saves through a
+   CheckpointManager, and measures how long each save stalls training against
+   torch.save (+ fsync) of the same state.
+2. Runs the same training in a child process, kills it with SIGKILL while a
+   save is being written, restarts it: it resumes from the newest committed
+   step and finishes. The final weights must be bit-identical to those of the
+   uninterrupted run.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -15,68 +24,122 @@ import torch
 
 import torchckpt as tc
 
+STEPS = 200
+SAVE_EVERY = 20
+KILL_AT = 100
 
-def make(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+
+def build(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.LayerNorm(2048), torch.nn.Linear(2048, 512)
-    )
+        torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.LayerNorm(1024),
+        torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256),
+    )  # fmt: skip
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
-def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(32, 512, generator=g)
-        loss = (model(x) - x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> float:
+    g = torch.Generator().manual_seed(step)  # the data depends on the step only: resumable
+    x = torch.randn(32, 256, generator=g)
+    loss = (model(x) - x.flip(1)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.detach().item()
+
+
+def run(root: str, *, announce: bool = False) -> list[float]:
+    """Train to STEPS, resuming from the newest committed step under root; return the save stalls."""
+    torch.set_num_threads(1)
+    model, opt = build()
+    stalls = []
+    with tc.CheckpointManager(root, keep=[tc.KeepLast(3)], async_save=True) as mgr:
+        start = 0
+        if mgr.latest_step() is not None:
+            start, _ = mgr.load({"model": model, "optim": opt})
+            print(f"resumed from step {start}", flush=True)
+        for step in range(start + 1, STEPS + 1):
+            loss = train_step(model, opt, step)
+            if step % SAVE_EVERY == 0:
+                t0 = time.perf_counter()
+                mgr.save(step, {"model": model, "optim": opt, "step": step}, metrics={"loss": loss})
+                stalls.append(time.perf_counter() - t0)
+                if announce:
+                    print(f"saving step {step}", flush=True)
+    return stalls
+
+
+def torch_save_stall(root: str) -> float:
+    model, opt = build()
+    train_step(model, opt, 1)
+    path = os.path.join(root, "torch_save.pt")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with open(path, "wb") as f:
+            torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        times.append(time.perf_counter() - t0)
+    os.unlink(path)
+    return statistics.median(times)
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    model, opt = make(0)
-    train(model, opt, 5, seed=1)
-    state = {"model": model.state_dict(), "optim": opt.state_dict(), "step": 5}
-    nbytes = sum(t.numel() * t.element_size() for sd in (state["model"],) for t in sd.values())
-    nbytes += sum(t.numel() * t.element_size() for s in state["optim"]["state"].values() for t in s.values())
-    root = tempfile.mkdtemp(prefix="torchckpt-demo-")
-    print(f"state: {nbytes / 2**20:.1f} MiB of tensors; checkpoints under {root}")
-    rows = []
-    t0 = time.perf_counter()
-    with open(os.path.join(root, "torch_save.pt"), "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    rows.append(("torch.save + fsync", time.perf_counter() - t0))
-    for fmt in ("safetensors", "torch_save"):
-        config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format=fmt))
-        ckpt = tc.make_sync_checkpointer(config)
-        path = os.path.join(root, f"step5-{fmt}")
-        t0 = time.perf_counter()
-        ckpt.save(path, state, metadata={"step": 5})
-        rows.append((f"torchckpt save ({fmt})", time.perf_counter() - t0))
-        fresh_model, fresh_opt = make(123)
-        t0 = time.perf_counter()
-        loaded = ckpt.load(path, {"model": fresh_model.state_dict(), "optim": None, "step": None}, strict=True)
-        rows.append((f"torchckpt load ({fmt})", time.perf_counter() - t0))
-        fresh_opt.load_state_dict(loaded["optim"])
-        train(model_copy := fresh_model, fresh_opt, 3, seed=2)
-        ref_model, ref_opt = make(0)
-        ref_model.load_state_dict(state["model"])
-        ref_opt.load_state_dict(state["optim"])
-        train(ref_model, ref_opt, 3, seed=2)
-        same = all(torch.equal(a, b) for a, b in zip(ref_model.parameters(), model_copy.parameters()))
-        print(f"{fmt:12s}: files {sorted(os.listdir(path))}; training continues bit-identically: {same}")
-        if not same:
-            raise SystemExit("restored training diverged")
-        ckpt.close()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", metavar="ROOT", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", default=None, help="where to put the checkpoints (default: a temporary directory)")
+    args = parser.parse_args()
+    if args.child:
+        run(args.child, announce=True)
+        return
+    t_start = time.perf_counter()
+    base = args.dir or tempfile.mkdtemp(prefix="torchckpt-demo-")
+    ref_root, crash_root = os.path.join(base, "uninterrupted"), os.path.join(base, "crashed")
+
+    print(f"1. training {STEPS} steps with a background save every {SAVE_EVERY} steps")
+    stalls = run(ref_root)
+    model, opt = build()
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3  # weights + 2 moments
+    ts = torch_save_stall(base)
+
+    print(f"2. the same training in a child process, killed with SIGKILL while step {KILL_AT} is being saved")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", crash_root]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.strip() == f"saving step {KILL_AT}":
+            child.send_signal(signal.SIGKILL)  # the write of this step is in flight now
+            break
+    child.wait(timeout=60)
+    killed = tc.CheckpointManager(crash_root, async_save=False)
+    print(f"   killed (exit {child.returncode}); committed steps left: {killed.steps()}")
+    killed.close()
+    print("3. restarting it")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    print("   " + out.stdout.splitlines()[0])
+
+    ref_model, _ = build(1)
+    crash_model, _ = build(2)
+    with tc.CheckpointManager(ref_root, async_save=False) as a, tc.CheckpointManager(crash_root, async_save=False) as b:
+        a.load({"model": ref_model}, step=STEPS)
+        b.load({"model": crash_model}, step=STEPS)
+    same = all(torch.equal(x, y) for x, y in zip(ref_model.state_dict().values(), crash_model.state_dict().values()))
+    print(f"   final weights bit-identical to the uninterrupted run: {same}")
+
+    med = statistics.median(stalls[1:]) if len(stalls) > 1 else stalls[0]
     print()
-    print("| operation | seconds | MB/s |")
-    print("|---|---|---|")
-    for name, s in rows:
-        print(f"| {name} | {s:.3f} | {nbytes / s / 1e6:.0f} |")
+    print("| figure | value |")
+    print("|---|---|")
+    print(f"| state saved (weights + AdamW moments) | {nbytes / 2**20:.1f} MiB |")
+    print(f"| torchckpt async save: training stall, median of saves 2..{len(stalls)} | {med * 1e3:.1f} ms |")
+    print(f"| torchckpt async save: first save (allocates staging memory) | {stalls[0] * 1e3:.1f} ms |")
+    print(f"| torch.save + fsync of the same state (stall) | {ts * 1e3:.1f} ms |")
+    print(f"| stall ratio torchckpt / torch.save | {med / ts:.2f} |")
+    print(f"| checkpoints | {ref_root}, {crash_root} |")
+    print(f"| demo time | {time.perf_counter() - t_start:.1f} s |")
+    if not same:
+        raise SystemExit("the resumed run diverged")
 
 
 if __name__ == "__main__":
