@@ -26,7 +26,12 @@ What is timed (seconds; throughput is tensor bytes / time, GB = 1e9 bytes):
 
 Checkpoint directories and files are removed between repetitions outside the
 timed regions; before every timed save the page cache is flushed
-(``os.sync``) so that no earlier write is paid for inside it. The first
+(``os.sync``) so that no earlier write is paid for inside it. Before every
+timed operation that needs fresh pages, as much memory as it needs is touched
+and freed (``prefault``; ``--no-prefault`` turns it off): on this kind of VM
+free memory is handed back to the host, and re-faulting it costs 2-4 s/GiB,
+which would otherwise be charged to whichever method comes after an idle
+spell or a cache drop. The first
 repetition checks that every load returned the saved bytes.
 
 Usage::
@@ -53,6 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -148,6 +154,23 @@ def drop_caches(method: str, root: str) -> None:
                 os.close(fd)
 
 
+def prefault(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh anonymous memory and free it again.
+
+    On a VM whose balloon reports free pages to the host (virtio-balloon free
+    page reporting, DAMON reclaim), memory freed a few seconds ago is no longer
+    backed, and the first touch of each page costs a host fault: measured here,
+    2-4 s per GiB after an idle spell against 0.1 s right after a free. A
+    timed operation that needs fresh pages (page cache for a write or a cold
+    read, tensors for a fresh load) would pay that, depending on what ran just
+    before it. Touching and freeing that much memory right before the timer
+    starts gives every method the same, backed, free memory.
+    """
+    a = np.empty(nbytes, np.uint8)
+    a[::4096] = 1
+    del a
+
+
 # --------------------------------------------------------------------------- raw I/O
 
 
@@ -225,26 +248,38 @@ def raw_read(path: str, views: list[memoryview]) -> None:
 class Bench:
     """Runs timed operations and collects their times and checks."""
 
-    def __init__(self, scratch: str, cold: str, nbytes: int) -> None:
+    def __init__(self, scratch: str, cold: str, nbytes: int, prefault: bool = True) -> None:
+        self.prefault = prefault
         self.scratch = scratch
         self.cold = cold
         self.nbytes = nbytes
         self.times: dict[str, list[float]] = {k: [] for k, _ in ROWS}
+        # CPU seconds (user + system, all threads) this process spent in each operation:
+        # steadier than wall time on a busy machine, and where the overhead is.
+        self.cpu: dict[str, list[float]] = {k: [] for k, _ in ROWS}
         self.native_stats: list[dict[str, float]] = []
         self.checks: dict[str, bool] = {}
 
-    def time(self, key: str, fn: Callable[[], Any], *, before: Callable[[], None] | None = None) -> Any:
+    def time(
+        self, key: str, fn: Callable[[], Any], *, before: Callable[[], None] | None = None, fresh_pages: float = 0.0
+    ) -> Any:
+        """Time ``fn()`` after ``before()`` and after backing ``fresh_pages`` x the state size of free memory."""
         gc.collect()
         if before is not None:
             before()
+        if self.prefault and fresh_pages:
+            prefault(int(fresh_pages * self.nbytes) + 64 * 2**20)
         gc.disable()
         try:
+            c0 = time.process_time()
             t0 = time.perf_counter()
             out = fn()
             elapsed = time.perf_counter() - t0
+            c1 = time.process_time()
         finally:
             gc.enable()
         self.times[key].append(elapsed)
+        self.cpu[key].append(c1 - c0)
         return out
 
     def check(self, key: str, ok: bool) -> None:
@@ -299,15 +334,15 @@ def block_raw(b: Bench, sd: Any, dst: Any, verify: bool) -> None:
     dst_views = [byte_view(t) for t in dst_ts]
     f1 = os.path.join(b.scratch, "raw.bin")
     f2 = os.path.join(b.scratch, "raw_sfr.bin")
-    b.time("raw_write", lambda: raw_write(f1, src_views), before=b.sync)
-    b.time("raw_pwrite_sfr", lambda: raw_pwrite_sfr(f2, src_views), before=b.sync)
-    os.unlink(f2)
-    for key, before in (("raw_read_warm", None), ("raw_read_cold", b.drop)):
+    b.time("raw_write", lambda: raw_write(f1, src_views), before=b.sync, fresh_pages=1)
+    for key, before, pages in (("raw_read_warm", None, 0), ("raw_read_cold", b.drop, 1)):
         _zero(dst_ts)
-        b.time(key, lambda: raw_read(f1, dst_views), before=before)
+        b.time(key, lambda: raw_read(f1, dst_views), before=before, fresh_pages=pages)
         if verify:
             b.check(key, state_equal(dst, sd))
     os.unlink(f1)
+    b.time("raw_pwrite_sfr", lambda: raw_pwrite_sfr(f2, src_views), before=b.sync, fresh_pages=1)
+    os.unlink(f2)
 
 
 def block_torch(b: Bench, sd: Any, dst: Any, verify: bool) -> None:
@@ -319,8 +354,8 @@ def block_torch(b: Bench, sd: Any, dst: Any, verify: bool) -> None:
             fh.flush()
             os.fsync(fh.fileno())
 
-    b.time("torch_save", save, before=b.sync)
-    out = b.time("torch_load_warm", lambda: torch.load(f, weights_only=True))
+    b.time("torch_save", save, before=b.sync, fresh_pages=1)
+    out = b.time("torch_load_warm", lambda: torch.load(f, weights_only=True), fresh_pages=1)
     if verify:
         b.check("torch_load_warm", state_equal(out, sd))
     del out
@@ -333,14 +368,14 @@ def block_native(b: Bench, sd: Any, dst: Any, verify: bool) -> None:
     )
     path = os.path.join(b.scratch, "ckpt_native")
     shutil.rmtree(path, ignore_errors=True)
-    b.time("tc_native_save", lambda: ck.save(path, sd), before=b.sync)
+    b.time("tc_native_save", lambda: ck.save(path, sd), before=b.sync, fresh_pages=1)
     with open(os.path.join(path, "manifest.json")) as fh:
         stats = dict(json.load(fh).get("stats", {}))
     stats["total_s"] = b.times["tc_native_save"][-1]
     b.native_stats.append(stats)
     dst_ts = tensors(dst)
 
-    out = b.time("tc_native_load_fresh_warm", lambda: ck.load(path))
+    out = b.time("tc_native_load_fresh_warm", lambda: ck.load(path), fresh_pages=1)
     if verify:
         b.check("tc_native_load_fresh_warm", state_equal(out, sd))
     del out
@@ -350,15 +385,15 @@ def block_native(b: Bench, sd: Any, dst: Any, verify: bool) -> None:
         b.check("tc_native_load_inplace_warm", out is dst and state_equal(dst, sd))
     del out
     _zero(dst_ts)
-    out = b.time("tc_native_load_inplace_cold", lambda: ck.load(path, dst), before=b.drop)
+    out = b.time("tc_native_load_inplace_cold", lambda: ck.load(path, dst), before=b.drop, fresh_pages=1)
     if verify:
         b.check("tc_native_load_inplace_cold", out is dst and state_equal(dst, sd))
     del out
-    out = b.time("tc_native_load_fresh_cold", lambda: ck.load(path), before=b.drop)
+    out = b.time("tc_native_load_fresh_cold", lambda: ck.load(path), before=b.drop, fresh_pages=2)
     if verify:
         b.check("tc_native_load_fresh_cold", state_equal(out, sd))
     del out
-    b.time("tc_native_save_overwrite", lambda: ck.save(path, sd), before=b.sync)
+    b.time("tc_native_save_overwrite", lambda: ck.save(path, sd), before=b.sync, fresh_pages=1)
     if verify:
         b.check("tc_native_save_overwrite", state_equal(ck.load(path), sd))
     ck.close()
@@ -369,8 +404,8 @@ def block_tsave(b: Bench, sd: Any, dst: Any, verify: bool) -> None:
     ck = tc.make_sync_checkpointer(tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format="torch_save")))
     path = os.path.join(b.scratch, "ckpt_tsave")
     shutil.rmtree(path, ignore_errors=True)
-    b.time("tc_tsave_save", lambda: ck.save(path, sd), before=b.sync)
-    out = b.time("tc_tsave_load_fresh_warm", lambda: ck.load(path))
+    b.time("tc_tsave_save", lambda: ck.save(path, sd), before=b.sync, fresh_pages=1)
+    out = b.time("tc_tsave_load_fresh_warm", lambda: ck.load(path), fresh_pages=1)
     if verify:
         b.check("tc_tsave_load_fresh_warm", state_equal(out, sd))
     del out
@@ -386,7 +421,7 @@ BLOCKS: list[tuple[str, Callable[[Bench, Any, Any, bool], None]]] = [
 ]
 
 
-def warm_up(scratch: str, cold: str) -> None:
+def warm_up(scratch: str, cold: str) -> None:  # noqa: D401
     """One untimed pass over every method on a small state (imports, thread pools, first calls)."""
     small = make_state(32 * 2**20, seed=1)
     b = Bench(scratch, cold, tensor_bytes(small))
@@ -399,12 +434,20 @@ def warm_up(scratch: str, cold: str) -> None:
 # --------------------------------------------------------------------------- report
 
 
-def summarize(times: dict[str, list[float]], nbytes: int) -> dict[str, dict[str, float]]:
+def summarize(
+    times: dict[str, list[float]], cpu: dict[str, list[float]], nbytes: int
+) -> dict[str, dict[str, float]]:
     out = {}
     for key, ts in times.items():
         if ts:
             med = statistics.median(ts)
-            out[key] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "gb_per_s": nbytes / med / 1e9}
+            out[key] = {
+                "median_s": med,
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "gb_per_s": nbytes / med / 1e9,
+                "cpu_median_s": statistics.median(cpu[key]),
+            }
     return out
 
 
@@ -435,14 +478,15 @@ def ratios(times: dict[str, list[float]], summary: dict[str, dict[str, float]]) 
 
 def render(summary: dict[str, dict[str, float]], rats: list[dict[str, Any]], reps: int) -> str:
     lines = [
-        f"| operation | median s | min–max s | GB/s (median) |",
-        "|---|---:|---:|---:|",
+        "| operation | median s | min–max s | GB/s (median) | CPU s (median) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for key, label in ROWS:
         s = summary.get(key)
         if s:
             lines.append(
-                f"| {label} | {s['median_s']:.3f} | {s['min_s']:.3f}–{s['max_s']:.3f} | {s['gb_per_s']:.2f} |"
+                f"| {label} | {s['median_s']:.3f} | {s['min_s']:.3f}–{s['max_s']:.3f} | {s['gb_per_s']:.2f} "
+                f"| {s['cpu_median_s']:.2f} |"
             )
     lines += ["", "| ratio | of medians | median of per-rep | target | met |", "|---|---:|---:|---:|---|"]
     for r in rats:
@@ -480,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="repetitions, interleaved (default 3)")
     p.add_argument("--dir", default="/work/bench-scratch", help="scratch directory (same disk as the checkpoints)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-prefault", action="store_true",
+                   help="do not touch and free fresh memory before each timed operation (see prefault())")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/bench_sync-<time>.json)")
     args = p.parse_args(argv)
 
@@ -490,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"torch.set_num_threads(1); cold reads via {cold}"
               f"{' (echo 3 > /proc/sys/vm/drop_caches, as root)' if cold == 'drop_caches' else ' (posix_fadvise DONTNEED)'}; "
-              f"scratch {scratch}", flush=True)
+              f"scratch {scratch}; prefault {'off' if args.no_prefault else 'on'}", flush=True)
         env_load = os.getloadavg()
         t0 = time.perf_counter()
         sd = make_state(int(args.size_gib * 2**30), seed=args.seed)
@@ -499,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"state: {describe(sd)} (built in {time.perf_counter() - t0:.1f}s)", flush=True)
         warm_up(scratch, cold)
 
-        bench = Bench(scratch, cold, nbytes)
+        bench = Bench(scratch, cold, nbytes, prefault=not args.no_prefault)
         orders = []
         foreign: list[float] = []
         meter = CpuMeter()
@@ -517,23 +563,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", flush=True)
             print(f"  other processes kept {foreign[-1]:.2f} of {os.cpu_count()} cores busy during this rep", flush=True)
 
-        summary = summarize(bench.times, nbytes)
+        summary = summarize(bench.times, bench.cpu, nbytes)
         rats = ratios(bench.times, summary)
         table = render(summary, rats, args.reps)
         st = bench.native_stats
+        for s in st:
+            s["commit_and_rest_s"] = s["total_s"] - sum(s.get(k, 0.0) for k in ("plan_s", "write_s", "fsync_s"))
         breakdown = {
-            k: statistics.median(s.get(k, 0.0) for s in st) for k in ("plan_s", "write_s", "fsync_s", "total_s")
+            k: statistics.median(s.get(k, 0.0) for s in st)
+            for k in ("plan_s", "write_s", "fsync_s", "commit_and_rest_s", "total_s")
         }
-        breakdown["commit_and_rest_s"] = breakdown["total_s"] - breakdown["plan_s"] - breakdown["write_s"] - breakdown[
-            "fsync_s"
-        ]
         print()
         print(f"### torchckpt sync save/load, {nbytes / 2**30:.3f} GiB ({nbytes:,} tensor bytes), "
-              f"{args.reps} reps interleaved, torch.set_num_threads(1), cold = {cold}")
+              f"{args.reps} reps interleaved, torch.set_num_threads(1), cold = {cold}, "
+              f"prefault {'off' if args.no_prefault else 'on'}")
         print()
         print(table)
         print()
-        print("native save breakdown (medians, from the manifest's stats): " +
+        print("native save breakdown (medians over reps, seconds, from the manifest's stats): " +
               ", ".join(f"{k} {v:.3f}" for k, v in breakdown.items()))
         print("noise: other processes kept " + ", ".join(f"{x:.2f}" for x in foreign) +
               f" of {os.cpu_count()} cores busy during reps 1..{args.reps}; loadavg at start {env_load[0]:.2f}")
@@ -554,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             "orders": orders,
             "foreign_cores_per_rep": foreign,
             "times_s": bench.times,
+            "cpu_s": bench.cpu,
             "summary": summary,
             "ratios": rats,
             "native_save_stats": st,

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # complex32 tensors warn that ComplexHalf is experimental; the tests use them on purpose.
 warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
 
-import ckpt_testutil  # noqa: E402
+import ckpt_testutil
 
 
 @pytest.fixture(params=ckpt_testutil.FORMATS)
@@ -26,3 +26,19 @@ def fmt(request: pytest.FixtureRequest) -> str:
 def ckpt_path(tmp_path) -> str:
     """A checkpoint path (not yet existing) inside a fresh temporary directory."""
     return str(tmp_path / "ckpt")
+
+
+# -- @pytest.mark.slow: skipped unless --runslow ------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)

@@ -57,6 +57,8 @@ class Agreement:
         self.timeout_s = timeout_s
         digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         self.prefix = f"torchckpt/{digest}/{save_number}"
+        #: False once :meth:`await_outcome` gave up waiting for the coordinator.
+        self.outcome_known = True
 
     def _status_key(self, rank: int) -> str:
         return f"{self.prefix}/status/{rank}"
@@ -96,24 +98,30 @@ class Agreement:
         self.store.set(f"{self.prefix}/outcome", json.dumps(outcome))
 
     def await_outcome(self) -> dict[int, str]:
-        """Non-coordinators: wait for the outcome; return the failures it names."""
+        """Non-coordinators: wait for the outcome; return the failures it names.
+
+        Sets :attr:`outcome_known` to False when the coordinator announced
+        nothing in time (the failures then name the coordinator).
+        """
         key = f"{self.prefix}/outcome"
         try:
             self.store.wait([key], timedelta(seconds=self.timeout_s))
             outcome = json.loads(self.store.get(key))
         except Exception as e:  # noqa: BLE001 - the coordinator never answered
+            self.outcome_known = False
             return {
                 0: f"the coordinator did not announce the outcome within {self.timeout_s:g}s "
                 f"({describe_error(e)}); the checkpoint may or may not be committed"
             }
+        self.outcome_known = True
         return {int(r): c for r, c in outcome.get("failures", {}).items()}
 
     def error(self, failures: dict[int, str], operation: str = "save") -> DistributedCheckpointError:
         """The error every rank raises for ``failures``."""
         listing = "; ".join(f"rank {r}: {c}" for r, c in sorted(failures.items()))
+        outcome = "nothing was committed" if self.outcome_known else "whether it was committed is unknown"
         return DistributedCheckpointError(
-            f"{operation} of {self.path} failed on {len(failures)} of {self.world_size} ranks, nothing was "
-            f"committed: {listing}",
+            f"{operation} of {self.path} failed on {len(failures)} of {self.world_size} ranks, {outcome}: {listing}",
             path=self.path,
             failures=failures,
         )
@@ -133,17 +141,23 @@ def run_collective(
             local error, if any, is its cause).
     """
     failures: dict[int, str] = {}
+    cause = local_error
     if barrier is not None:
         try:
             barrier()
         except Exception as e:  # noqa: BLE001 - reported as this rank's view of the failure
-            missing = getattr(e, "missing_ranks", None) or []
+            cause = cause or e
+            # A barrier names who did not arrive; this rank did arrive, whatever a parsed message says.
+            missing = [r for r in getattr(e, "missing_ranks", None) or [] if r != agreement.rank]
             for r in missing:
                 failures[r] = f"did not reach the barrier ({describe_error(e)})"
-            if not missing:
-                failures[agreement.rank] = f"barrier failed: {describe_error(e)}"
-            local_error = local_error or e
-    agreement.publish(local_error)
+            if not missing:  # nobody else to blame: count it as this rank's failure
+                local_error = local_error or e
+    try:
+        agreement.publish(local_error)
+    except Exception as e:  # noqa: BLE001 - the store is gone (its host died): say so, do not hang
+        failures[agreement.rank] = f"could not report its result: {describe_error(e)}"
+        cause = cause or e
     if agreement.rank == 0:
         failures.update(agreement.gather_failures(failures))
         if not failures:
@@ -151,9 +165,17 @@ def run_collective(
                 commit()
             except Exception as e:  # noqa: BLE001 - every rank must hear of it
                 failures[0] = f"commit failed: {describe_error(e)}"
-                local_error = e
-        agreement.announce(failures)
+                cause = cause or e
+        try:
+            agreement.announce(failures)
+        except Exception as e:  # noqa: BLE001 - the others then time out naming the coordinator
+            logger.warning("could not announce the outcome of the save of %s: %s", agreement.path, describe_error(e))
     else:
-        failures.update(agreement.await_outcome())
+        announced = agreement.await_outcome()
+        if agreement.outcome_known:
+            # The coordinator's outcome merges every rank's report: the same error on every rank.
+            failures = announced
+        else:
+            failures.update(announced)
     if failures:
-        raise agreement.error(failures) from local_error
+        raise agreement.error(failures) from cause

@@ -36,6 +36,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The real store class (``dist.TCPStore`` may be patched by the time a barrier is built).
+_TCPSTORE: type = dist.TCPStore
+
 #: Barrier classes by their ``barrier_type`` name.
 BARRIER_REGISTRY: dict[str, type] = {}
 
@@ -129,10 +132,22 @@ class DistBarrier(Barrier):
 
 
 def _ranks_in(message: str) -> list[int]:
+    """The ranks a gloo ``monitored_barrier`` error blames.
+
+    Rank 0 says ``"[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 5000 ms"``
+    (the ranks that did not arrive); another rank says ``"Rank 2 successfully
+    reached monitoredBarrier, but received errors while waiting for send/recv
+    from rank 0"`` (it arrived; rank 0 did not answer).
+    """
     import re
 
-    m = re.search(r"[Rr]anks? ([\d, ]+)", message)
-    return [int(x) for x in re.findall(r"\d+", m.group(1))] if m else []
+    m = re.search(r"Ranks? ([\d, ]+?) failed to pass monitoredBarrier", message)
+    if m:
+        return [int(x) for x in re.findall(r"\d+", m.group(1))]
+    m = re.search(r"waiting for send/recv from rank (\d+)", message)
+    if m:
+        return [int(m.group(1))]
+    return []
 
 
 @register_barrier
@@ -182,13 +197,23 @@ class TCPStoreBarrier(Barrier):
         self._global_world_size = global_world_size
         self._timeout_secs = timeout_secs
         # Looked up at call time (dist.TCPStore), so tests and users can patch it.
-        self._tcp_store = dist.TCPStore(
-            master_address,
-            int(tcpstore_port),
-            world_size=global_world_size,
-            timeout=timedelta(seconds=timeout_barrier_init_secs),
-            is_master=(global_rank == 0),
-        )
+        store_cls = dist.TCPStore
+        if global_rank == 0 and isinstance(store_cls, type) and issubclass(store_cls, _TCPSTORE):
+            # A plain TCPStore server listens on every interface, whatever its host
+            # argument: hand it a socket bound to master_address instead.
+            from .builder import start_store
+
+            self._tcp_store = start_store(
+                master_address, global_world_size, port=int(tcpstore_port), timeout_s=timeout_barrier_init_secs
+            )
+        else:
+            self._tcp_store = store_cls(
+                master_address,
+                int(tcpstore_port),
+                world_size=global_world_size,
+                timeout=timedelta(seconds=timeout_barrier_init_secs),
+                is_master=(global_rank == 0),
+            )
 
     @property
     def store(self) -> Any:

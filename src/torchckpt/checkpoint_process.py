@@ -184,7 +184,7 @@ class CheckpointProcess:
             msg = f"Timed out after {timeout}s waiting for checkpoint subprocess (pid {proc.pid}) to initialize"
             logger.error(msg)
             raise TimeoutError(msg)
-        self._recv()
+        self._recv(during="start")
 
     def _alive(self) -> bool:
         return (
@@ -230,7 +230,7 @@ class CheckpointProcess:
     def _pid(self) -> int | None:
         return self.process.processes[0].pid if self.process is not None else None
 
-    def _await_response(self, timeout: float | None, *, during: str) -> bool:
+    def _await_response(self, timeout: float | None, *, during: str, path: str | None = None) -> bool:
         """Wait for a response or the death of the subprocess; False on timeout."""
         assert self._parent_end is not None and self.process is not None
         proc = self.process.processes[0]
@@ -244,20 +244,27 @@ class CheckpointProcess:
                 proc.join(timeout=1)
                 self._broken = True
                 raise WriterProcessError(
-                    f"{_DIED}: {_describe_exit(proc)} during {during}", pid=proc.pid, exitcode=proc.exitcode
+                    f"{_DIED}: {_describe_exit(proc)} during {during}", path=path, pid=proc.pid, exitcode=proc.exitcode
                 )
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
-    def _recv(self) -> dict[str, Any] | None:
+    def _recv(self, *, during: str, path: str | None = None) -> dict[str, Any] | None:
         assert self._parent_end is not None
         try:
             response: WorkerResponse = self._parent_end.recv()
         except (EOFError, OSError) as e:
+            # The pipe closed: the subprocess died (the same death as in _await_response, seen first from the pipe).
             self._broken = True
             proc = self.process.processes[0]
             proc.join(timeout=1)
-            raise WriterProcessError(f"{_DIED}: {_describe_exit(proc)}: {e}", pid=proc.pid, exitcode=proc.exitcode) from e
+            cause = f" ({type(e).__name__}: {e})" if str(e) else ""
+            raise WriterProcessError(
+                f"{_DIED}: {_describe_exit(proc)} during {during}{cause}",
+                path=path,
+                pid=proc.pid,
+                exitcode=proc.exitcode,
+            ) from e
         if not response.success:
             error = (response.payload or {}).get("error")
             remote = _RemoteTraceback(response.error_msg or "")
@@ -294,12 +301,13 @@ class CheckpointProcess:
             self._respawn()
         self._send(RequestType.WRITE_CHECKPOINT, {"state_dict": sd, "path": os.fspath(path), "kwargs": kwargs})
         timeout = self._config.write_timeout_secs
-        if not self._await_response(timeout, during=f"the write of {path}"):
+        during = f"the write of {path}"
+        if not self._await_response(timeout, during=during, path=os.fspath(path)):
             pid = self._pid()
             self._kill()
             self._broken = True
             raise TimeoutError(f"checkpoint writer subprocess (pid {pid}) did not finish writing {path} in {timeout}s")
-        self._recv()
+        self._recv(during=during, path=os.fspath(path))
 
     def close(self) -> None:
         """Stop the subprocess: ask it to exit, wait up to the shutdown timeout, then kill it."""

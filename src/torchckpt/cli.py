@@ -183,17 +183,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # -- diff ----------------------------------------------------------------
 
 
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b|, counting positions where both are nan as equal (nan where only one is)."""
+    try:
+        x, y = (a, b) if a.is_complex() else (a.double(), b.double())
+        d = (x - y).abs()
+        d = torch.where(torch.isnan(x) & torch.isnan(y), torch.zeros((), dtype=d.dtype), d)
+        return d.max().item()
+    except (RuntimeError, TypeError):
+        return math.nan
+
+
 def _compare(a: Any, b: Any) -> dict[str, Any] | None:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.dtype != b.dtype or a.shape != b.shape:
             return {"change": "type", "a": _describe(a), "b": _describe(b)}
-        if a.numel() == 0 or torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a, b.view(torch.uint8) if b.element_size() == 1 else b):
-            return None
-        try:
-            diff = (a.double() - b.double()).abs().max().item() if not a.is_complex() else (a - b).abs().max().item()
-        except (RuntimeError, TypeError):
-            diff = math.nan
-        return {"change": "values", "max_abs_diff": diff}
+        if a.numel() == 0 or torch.equal(_raw_bytes(a), _raw_bytes(b)):
+            return None  # bit-identical (nan == nan here; -0.0 != 0.0)
+        return {"change": "values", "max_abs_diff": _max_abs_diff(a, b)}
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return {"change": "type", "a": _describe(a), "b": _describe(b)}
     same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
@@ -247,6 +258,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from .manager import CheckpointManager
     from .retention import KeepLast
 
+    if not os.path.isdir(args.root):
+        raise _UsageError(f"{args.root}: not a directory")  # and not one to create
     mgr = CheckpointManager(args.root, keep=[KeepLast(args.keep_last)], async_save=False)
     try:
         steps = mgr.apply_retention(dry_run=args.dry_run)

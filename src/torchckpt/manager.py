@@ -25,6 +25,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any
 
 import torch
@@ -142,8 +143,8 @@ class CheckpointManager:
             return []
         for name in names:
             m = _STEP_DIR.match(name)
-            if not m:
-                continue
+            if not m or name != f"step_{int(m.group(1)):010d}":
+                continue  # not a step directory, or not where path(step) points (step_12, step_00000000012)
             path = os.path.join(self.root, name)
             try:
                 manifest = read_manifest(path)
@@ -374,11 +375,18 @@ class CheckpointManager:
         try:
             handle.result(timeout=deadline_s)
             logger.warning("termination signal: finished the in-flight save of step %d", handle.step)
-        except TimeoutError:
-            logger.warning(
-                "termination signal: abandoned the in-flight save of step %d after %.1fs (not committed)",
-                handle.step, deadline_s,
-            )  # fmt: skip
+        except (TimeoutError, FutureTimeoutError):
+            # Stop the writer now: nothing of this save may commit after we say it did not.
+            self._kill_writer()
+            try:
+                handle.result(timeout=5.0)  # it may have committed just before the kill
+            except Exception:  # noqa: BLE001 - killed (or failed): not committed
+                logger.warning(
+                    "termination signal: abandoned the in-flight save of step %d after %.1fs (not committed)",
+                    handle.step, deadline_s,
+                )  # fmt: skip
+            else:
+                logger.warning("termination signal: finished the in-flight save of step %d", handle.step)
         except Exception as e:  # noqa: BLE001 - it failed on its own
             logger.warning("termination signal: the in-flight save of step %d failed: %s", handle.step, e)
 
@@ -394,10 +402,14 @@ class CheckpointManager:
         os._exit(128 + sig)
 
     def _abandon(self) -> None:
+        # Not a graceful close: that waits for an in-flight write (which could then still commit).
+        self._kill_writer()
+
+    def _kill_writer(self) -> None:
         try:
-            close = getattr(self._ckpt, "_checkpoint_process", None)
-            if close is not None:
-                close.close()
+            process = getattr(self._ckpt, "_checkpoint_process", None)
+            if process is not None:
+                process._kill()  # SIGKILL the writer subprocess and reap it
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..storage.io import checksum as crc32c_of
 from .dtypes import dtype_from_name
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "check_file_name",
     "parse_manifest",
     "parse_rank_entry",
+    "seal_manifest",
 ]
 
 FORMAT_VERSION = 1
@@ -136,7 +138,24 @@ def build_manifest(
         "metadata": metadata or {},
         "stats": stats or {},
     }
-    return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return seal_manifest(doc)
+
+
+_SEAL = re.compile(rb'\{"manifest_crc32c":"([0-9a-f]{8})",')
+
+
+def seal_manifest(doc: dict[str, Any]) -> bytes:
+    """Serialise ``doc`` with its own checksum as the first member.
+
+    The bytes are ``{"manifest_crc32c":"<crc>",`` followed by the compact JSON
+    of ``doc`` without its opening brace; ``<crc>`` is the crc32c (8 hex
+    digits) of exactly those following bytes, so any changed byte is found.
+    """
+    body = json.dumps(
+        {k: v for k, v in doc.items() if k != "manifest_crc32c"}, allow_nan=False, separators=(",", ":")
+    ).encode("utf-8")
+    rest = body[1:]
+    return b'{"manifest_crc32c":"%08x",' % crc32c_of(rest) + rest
 
 
 class ManifestError(ValueError):
@@ -184,6 +203,11 @@ def parse_manifest(data: bytes) -> Manifest:
         ManifestError: Not JSON, unknown version, missing or ill-typed fields,
             unsafe names, or sizes that do not add up.
     """
+    seal = _SEAL.match(data)
+    if seal is None:
+        raise ManifestError("not a sealed manifest: it does not start with its own checksum (truncated or not a manifest)")
+    if crc32c_of(memoryview(data)[seal.end() :]) != int(seal.group(1), 16):
+        raise ManifestError("checksum mismatch: the manifest's bytes have changed since it was written")
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

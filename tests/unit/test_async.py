@@ -1,0 +1,446 @@
+"""Async saves: DefaultStager, AsyncCheckpointer, make_async_checkpointer.
+
+Kills of the writer subprocess and the leak soak are in ``tests/faults/test_writer_process.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+
+import async_testutil as at
+import ckpt_testutil as cu
+import pytest
+import torch
+
+import torchckpt as tc
+from torchckpt.errors import CheckpointError, ConfigError
+from torchckpt.staging import _accelerator_available
+
+#: Longest wait for one small async save in these tests.
+WAIT_S = 60
+
+needs_no_accelerator = pytest.mark.skipif(_accelerator_available(), reason="checks the CPU-only defaults")
+
+
+def mixed_state(seed: int = 0, scale: int = 1) -> dict:
+    """A state dict of several dtypes, nested containers and plain values."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": OrderedDict(
+            [
+                ("w", torch.randn(64 * scale, 32, generator=g)),
+                ("b", torch.randn(32, generator=g, dtype=torch.float64)),
+                ("emb", torch.randn(16, 8, generator=g).to(torch.bfloat16)),
+            ]
+        ),
+        "opt": {
+            "state": {0: {"step": torch.tensor(float(seed)), "exp_avg": torch.randn(64 * scale, 32, generator=g)}},
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}],
+        },
+        "mask": torch.rand(33, generator=g) > 0.5,
+        "ids": torch.randint(-1000, 1000, (7, 3), generator=g, dtype=torch.int64),
+        "half": torch.randn(5, generator=g).to(torch.float16),
+        "scalar": torch.tensor(3, dtype=torch.int32),
+        "empty": torch.empty(0, 4),
+        "step": seed,
+        "name": "run-a",
+    }
+
+
+def mutate_all(state: dict) -> None:
+    """Change every tensor of ``state`` in place."""
+    with torch.no_grad():
+        for t in cu.iter_tensors(state):
+            if t.dtype == torch.bool:
+                t.logical_not_()
+            else:
+                t.add_(1)
+
+
+def clone_state(state: dict) -> dict:
+    return cu.map_tensors(state, lambda t: t.clone())
+
+
+def manifest(path: str) -> dict:
+    with open(os.path.join(path, "manifest.json")) as f:
+        return json.load(f)
+
+
+def async_ckpt(fmt: str | None = None, **kw) -> tc.AsyncCheckpointer:
+    if fmt is None:
+        return tc.make_async_checkpointer(**kw)
+    config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format=fmt))
+    return tc.make_async_checkpointer(config, rank_info=tc.RankInfo(0, 1), **kw)
+
+
+def writer_pid(ckpt: tc.AsyncCheckpointer) -> int:
+    return ckpt._checkpoint_process.process.processes[0].pid
+
+
+@pytest.fixture(scope="module", params=cu.FORMATS)
+def shared_async(request: pytest.FixtureRequest):
+    """One async checkpointer per format, shared by the tests that only save successfully."""
+    ckpt = async_ckpt(request.param)
+    yield request.param, ckpt
+    ckpt.close()
+
+
+# -- DefaultStager -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shm", "private"])
+def test_sync_and_async_staging_give_equal_state(shared: bool) -> None:
+    state = mixed_state(1)
+    state["model"]["t"] = torch.randn(6, 4).t()  # non-contiguous source
+    expected = clone_state(state)
+    with tc.DefaultStager(tc.CheckpointStagerConfig(use_async_staging=False, use_shared_memory=shared)) as sync:
+        staged_sync = sync.stage(state)
+        assert isinstance(staged_sync, dict)
+        cu.assert_state_equal(staged_sync, expected)
+        with tc.DefaultStager(tc.CheckpointStagerConfig(use_async_staging=True, use_shared_memory=shared)) as asy:
+            future = asy.stage(state)
+            assert isinstance(future, Future)
+            staged_async = future.result(timeout=WAIT_S)
+            cu.assert_state_equal(staged_async, expected)
+            cu.assert_state_equal(staged_async, staged_sync)
+            # Copies, not the source tensors.
+            assert staged_async["model"]["w"].data_ptr() != state["model"]["w"].data_ptr()
+            assert staged_sync["model"]["w"].data_ptr() != state["model"]["w"].data_ptr()
+            assert staged_async["model"]["w"].data_ptr() != staged_sync["model"]["w"].data_ptr()
+            assert staged_async["model"]["w"].is_shared() is shared
+
+
+@needs_no_accelerator
+def test_default_stager_config_adapts_to_cpu_only_machine() -> None:
+    stager = tc.DefaultStager()
+    try:
+        assert stager.config == tc.CheckpointStagerConfig(
+            use_pinned_memory=False, use_shared_memory=True, use_async_staging=True, use_non_blocking_copy=False
+        )
+        state = {"x": torch.arange(10.0)}
+        staged = stager.stage(state).result(timeout=WAIT_S)
+        assert torch.equal(staged["x"], torch.arange(10.0))
+        assert stager.last_stage_s is not None and stager.last_stage_s >= 0
+    finally:
+        stager.close()
+
+
+@needs_no_accelerator
+def test_non_blocking_copy_without_accelerator_is_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        tc.DefaultStager(tc.CheckpointStagerConfig(use_non_blocking_copy=True))
+    assert isinstance(info.value, AssertionError)
+    assert isinstance(info.value, CheckpointError)
+    assert info.value.field == "use_non_blocking_copy"
+    assert "use_non_blocking_copy=True" in str(info.value)
+    assert "accelerator" in str(info.value)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shm", "private"])
+def test_stager_reuses_buffers_for_the_same_structure(shared: bool) -> None:
+    cfg = tc.CheckpointStagerConfig(use_async_staging=False, use_shared_memory=shared)
+    with tc.DefaultStager(cfg) as stager:
+        first_state = mixed_state(1)
+        first = stager.stage(first_state)
+        ptrs = [t.data_ptr() for t in cu.iter_tensors(first) if t.numel()]
+        second_state = mixed_state(2)  # same keys, shapes and dtypes; other values
+        second = stager.stage(second_state)
+        assert [t.data_ptr() for t in cu.iter_tensors(second) if t.numel()] == ptrs
+        cu.assert_state_equal(second, second_state)
+        # Values refreshed: not the first save's bytes.
+        assert not torch.equal(second["model"]["w"], first_state["model"]["w"])
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shm", "private"])
+def test_stager_restages_a_changed_structure(shared: bool) -> None:
+    cfg = tc.CheckpointStagerConfig(use_async_staging=False, use_shared_memory=shared)
+    with tc.DefaultStager(cfg) as stager:
+        base = {"a": torch.arange(100, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int64)}
+        cu.assert_state_equal(stager.stage(base), base)
+        variants = [
+            {**base, "c": torch.full((1000,), 7, dtype=torch.int16)},  # a new, bigger tensor
+            {"a": torch.arange(10, dtype=torch.float32), "b": base["b"]},  # a smaller shape
+            {"a": torch.arange(100, dtype=torch.float64), "b": base["b"]},  # another dtype
+            {"b": base["b"], "a": base["a"]},  # another order
+            {"only": torch.tensor([True, False, True])},
+            base,
+        ]
+        for v in variants:
+            staged = stager.stage(v)
+            cu.assert_state_equal(staged, v)
+
+
+def test_staged_tensors_are_snapshots() -> None:
+    with tc.DefaultStager() as stager:
+        state = mixed_state(3)
+        expected = clone_state(state)
+        staged = stager.stage(state).result(timeout=WAIT_S)
+        mutate_all(state)
+        assert not torch.equal(state["model"]["w"], expected["model"]["w"])
+        cu.assert_state_equal(staged, expected)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shm", "private"])
+def test_staging_keeps_tied_tensors_tied(shared: bool) -> None:
+    w = torch.randn(8, 4)
+    state = {"enc": {"w": w}, "dec": {"w": w.detach()}, "same": w, "other": torch.randn(8, 4)}
+    cfg = tc.CheckpointStagerConfig(use_async_staging=False, use_shared_memory=shared)
+    with tc.DefaultStager(cfg) as stager:
+        staged = stager.stage(state)
+        cu.assert_state_equal(staged, state)
+        ptr = staged["enc"]["w"].data_ptr()
+        assert staged["dec"]["w"].data_ptr() == ptr
+        assert staged["same"].data_ptr() == ptr
+        assert staged["other"].data_ptr() != ptr
+        assert ptr != w.data_ptr()
+        staged["enc"]["w"].zero_()
+        assert torch.count_nonzero(staged["dec"]["w"]) == 0
+        assert torch.count_nonzero(w) > 0
+
+
+# -- AsyncCheckpointer ---------------------------------------------------------
+
+
+def test_make_async_checkpointer_without_arguments(tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    state = mixed_state(4)
+    expected = clone_state(state)
+    ckpt = tc.make_async_checkpointer()
+    try:
+        assert isinstance(ckpt, tc.AsyncCheckpointer)
+        stage_future, write_future = ckpt.save(path, state)
+        assert isinstance(stage_future, Future) and isinstance(write_future, Future)
+        assert stage_future.result(timeout=WAIT_S) is None
+        mutate_all(state)  # right after staging, most likely while the write is in flight
+        assert write_future.result(timeout=WAIT_S) is None
+        assert manifest(path)["layout"] == "torch_save"
+        cu.assert_state_equal(ckpt.load(path), expected)
+        # The default layout is what plain torch.load reads, without pickle.
+        plain = torch.load(os.path.join(path, cu.TORCH_SAVE_FILE), weights_only=True)
+        cu.assert_state_equal(plain, expected)
+        for t in cu.iter_tensors(plain):  # each tensor its own storage, not a view of the staging arena
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    finally:
+        ckpt.close()
+
+
+def test_async_save_with_safetensors_format(tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    state = mixed_state(5)
+    expected = clone_state(state)
+    with async_ckpt("safetensors") as ckpt:
+        stage_future, write_future = ckpt.save(path, state)
+        assert stage_future.result(timeout=WAIT_S) is None
+        assert write_future.result(timeout=WAIT_S) is None
+        assert manifest(path)["layout"] == "safetensors"
+        assert cu.NATIVE_FILE in os.listdir(path)
+        cu.assert_state_equal(ckpt.load(path), expected)
+
+
+@pytest.mark.parametrize("fmt", cu.FORMATS)
+def test_mutation_after_staging_does_not_reach_the_checkpoint(tmp_path, fmt: str) -> None:
+    """The writer is held back until the source has been mutated: the checkpoint must hold the staged values."""
+    path = str(tmp_path / "ckpt")
+    arm, reached = str(tmp_path / "arm"), str(tmp_path / "reached")
+    config = tc.CheckpointWriterConfig(format=fmt)
+    ckpt = tc.make_async_checkpointer(
+        rank_info=tc.RankInfo(0, 1),
+        checkpoint_writer_init_fn=at.slow_writer_init,
+        checkpoint_writer_init_args={"arm_file": arm, "reached_file": reached, "config": config},
+    )
+    try:
+        state = mixed_state(6)
+        expected = clone_state(state)
+        open(arm, "w").close()
+        stage_future, write_future = ckpt.save(path, state)
+        assert stage_future.result(timeout=WAIT_S) is None
+        mutate_all(state)
+        at.wait_for_file(reached, WAIT_S)  # the writer holds the staged dict and waits
+        assert not write_future.done()
+        os.unlink(arm)
+        assert write_future.result(timeout=WAIT_S) is None
+        loaded = ckpt.load(path)
+        cu.assert_state_equal(loaded, expected)
+        assert not torch.equal(loaded["model"]["w"], state["model"]["w"])
+    finally:
+        if os.path.exists(arm):
+            os.unlink(arm)
+        ckpt.close()
+
+
+def step_state(step: int) -> dict:
+    return {
+        "w": torch.full((256, 64), float(step)),
+        "i": torch.full((100,), step, dtype=torch.int64),
+        "step": step,
+    }
+
+
+def test_quick_saves_to_three_paths_land_in_order(tmp_path, shared_async) -> None:
+    fmt, ckpt = shared_async
+    paths = [str(tmp_path / f"ckpt{i}") for i in range(3)]
+    order: list[int] = []
+    lock = threading.Lock()
+    futures = []
+    state = step_state(0)
+    for i, p in enumerate(paths):
+        with torch.no_grad():  # the training loop moves on: the same tensors, new values
+            state["w"].fill_(float(i + 1))
+            state["i"].fill_(i + 1)
+        state["step"] = i + 1
+        stage_future, write_future = ckpt.save(p, state)
+        stage_future.result(timeout=WAIT_S)
+
+        def record(_f, i=i):
+            with lock:
+                order.append(i)
+
+        write_future.add_done_callback(record)
+        futures.append(write_future)
+    for f in futures:
+        assert f.result(timeout=WAIT_S) is None
+    assert order == [0, 1, 2]
+    for i, p in enumerate(paths):
+        cu.assert_state_equal(ckpt.load(p), step_state(i + 1))
+        assert manifest(p)["layout"] == fmt
+
+
+def test_quick_saves_to_the_same_path_end_with_the_last(tmp_path, shared_async) -> None:
+    _, ckpt = shared_async
+    path = str(tmp_path / "ckpt")
+    futures = []
+    for step in (1, 2, 3):
+        futures.append(ckpt.save(path, step_state(step))[1])
+    for f in futures:
+        assert f.result(timeout=WAIT_S) is None
+    cu.assert_state_equal(ckpt.load(path), step_state(3))
+    leftovers = [n for n in os.listdir(tmp_path) if "pending" in n or "trash" in n]
+    assert leftovers == []
+
+
+# -- errors of writes whose futures were dropped ------------------------------------
+
+
+@pytest.fixture
+def failing_ckpt():
+    ckpt = tc.make_async_checkpointer(rank_info=tc.RankInfo(0, 1), checkpoint_writer_init_fn=at.failing_writer_init)
+    yield ckpt
+    try:
+        ckpt.close()
+    except at.InjectedFailure:
+        pass
+
+
+def test_dropped_failed_write_raises_at_next_save(tmp_path, failing_ckpt) -> None:
+    bad = str(tmp_path / f"ckpt_{at.FAIL_MARKER}")
+    good = str(tmp_path / "good")
+    failing_ckpt.save(bad, step_state(1))  # futures dropped, never looked at
+    with pytest.raises(at.InjectedFailure, match=f"injected pre_commit failure for {bad}$"):
+        failing_ckpt.save(good, step_state(2))
+    assert not os.path.exists(os.path.join(bad, "manifest.json"))
+    # The save that raised did not start: nothing at its path.
+    assert not os.path.exists(good)
+    # Raised once: the next save goes ahead and commits.
+    _, write_future = failing_ckpt.save(good, step_state(3))
+    assert write_future.result(timeout=WAIT_S) is None
+    cu.assert_state_equal(failing_ckpt.load(good), step_state(3))
+
+
+@pytest.mark.parametrize("look", ["result", "exception"])
+def test_failed_write_that_was_looked_at_is_not_raised_again(tmp_path, failing_ckpt, look: str) -> None:
+    bad = str(tmp_path / f"ckpt_{at.FAIL_MARKER}")
+    good = str(tmp_path / "good")
+    _, write_future = failing_ckpt.save(bad, step_state(1))
+    if look == "result":
+        with pytest.raises(at.InjectedFailure, match="injected pre_commit failure"):
+            write_future.result(timeout=WAIT_S)
+    else:
+        error = write_future.exception(timeout=WAIT_S)
+        assert isinstance(error, at.InjectedFailure)
+        assert str(error) == f"injected pre_commit failure for {bad}"
+    _, write_future = failing_ckpt.save(good, step_state(2))
+    assert write_future.result(timeout=WAIT_S) is None
+    cu.assert_state_equal(failing_ckpt.load(good), step_state(2))
+    failing_ckpt.close()  # nothing unseen left: no error
+
+
+def test_dropped_failed_write_raises_at_close_and_still_stops_the_writer(tmp_path) -> None:
+    bad = str(tmp_path / f"ckpt_{at.FAIL_MARKER}")
+    ckpt = tc.make_async_checkpointer(rank_info=tc.RankInfo(0, 1), checkpoint_writer_init_fn=at.failing_writer_init)
+    ckpt.save(bad, step_state(1))
+    pid = writer_pid(ckpt)
+    with pytest.raises(at.InjectedFailure, match=f"injected pre_commit failure for {bad}$"):
+        ckpt.close()
+    assert at.process_state(pid) is None
+    ckpt.close()  # raised once; a second close is quiet
+
+
+# -- close ---------------------------------------------------------------------
+
+
+def test_close_stops_the_writer_and_is_idempotent(tmp_path) -> None:
+    ckpt = tc.make_async_checkpointer()
+    path = str(tmp_path / "ckpt")
+    assert ckpt.save(path, step_state(1))[1].result(timeout=WAIT_S) is None
+    pid = writer_pid(ckpt)
+    assert at.process_state(pid) not in (None, "Z")
+    assert pid in at.children()
+    ckpt.close()
+    assert at.process_state(pid) is None  # exited and reaped: no zombie
+    assert not ckpt._checkpoint_process.process.processes[0].is_alive()
+    ckpt.close()
+    ckpt.close()
+    # The checkpoint it wrote is still there and loads after close.
+    cu.assert_state_equal(ckpt.load(path), step_state(1))
+
+
+def test_close_without_any_save() -> None:
+    ckpt = tc.make_async_checkpointer()
+    ckpt._checkpoint_process.process_creation_future.result(timeout=WAIT_S)
+    pid = writer_pid(ckpt)
+    assert at.process_state(pid) not in (None, "Z")
+    t0 = time.monotonic()
+    ckpt.close()
+    assert time.monotonic() - t0 < 10
+    assert at.process_state(pid) is None
+
+
+def test_with_block_closes_the_writer(tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    with tc.make_async_checkpointer() as ckpt:
+        _, write_future = ckpt.save(path, step_state(5))
+        pid = writer_pid(ckpt)
+        # Leaving the block waits for the write, then stops the writer.
+    assert write_future.done() and write_future.exception() is None
+    assert at.process_state(pid) is None
+    cu.assert_state_equal(tc.CheckpointReader(tc.RankInfo(0, 1)).read(path)[0], step_state(5))
+
+
+def test_with_block_closes_the_writer_when_the_body_raises(tmp_path) -> None:
+    with pytest.raises(KeyError, match="boom"), tc.make_async_checkpointer() as ckpt:
+        ckpt._checkpoint_process.process_creation_future.result(timeout=WAIT_S)
+        pid = writer_pid(ckpt)
+        raise KeyError("boom")
+    assert at.process_state(pid) is None
+
+
+# -- stats -----------------------------------------------------------------------
+
+
+def test_async_save_records_stats_in_the_manifest(tmp_path, shared_async) -> None:
+    fmt, ckpt = shared_async
+    path = str(tmp_path / "ckpt")
+    state = mixed_state(7)
+    expected_bytes = sum(t.numel() * t.element_size() for t in cu.iter_tensors(state))
+    assert ckpt.save(path, state)[1].result(timeout=WAIT_S) is None
+    stats = manifest(path)["stats"]
+    for key in ("stall_s", "write_s", "fsync_s"):
+        assert isinstance(stats[key], (int, float)) and not isinstance(stats[key], bool), (key, stats)
+        assert 0 <= stats[key] < WAIT_S, (key, stats)
+    assert isinstance(stats["bytes"], int)
+    assert stats["bytes"] == expected_bytes, f"{fmt}: stats.bytes {stats['bytes']} != tensor bytes {expected_bytes}"
