@@ -151,8 +151,14 @@ def run_collective(
             missing = [r for r in getattr(e, "missing_ranks", None) or [] if r != agreement.rank]
             for r in missing:
                 failures[r] = f"did not reach the barrier ({describe_error(e)})"
-            if not missing:  # nobody else to blame: count it as this rank's failure
-                local_error = local_error or e
+            if not missing:
+                # E.g. gloo's "Connection closed by peer", which names no rank. This rank's
+                # own part is fine: the status exchange below (itself bounded) names whoever
+                # did not report, and commits only if every rank did, successfully.
+                logger.warning(
+                    "rank %d: the barrier before the commit of %s failed (%s); waiting for the other ranks' status",
+                    agreement.rank, agreement.path, describe_error(e),
+                )  # fmt: skip
     try:
         agreement.publish(local_error)
     except Exception as e:  # noqa: BLE001 - the store is gone (its host died): say so, do not hang

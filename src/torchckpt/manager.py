@@ -202,12 +202,12 @@ class CheckpointManager:
                 self._saving_sync = True
                 try:
                     self._ckpt.save(path, state_dict, metadata=md)
+                    handle = SaveHandle(step, path, None)
+                    self._inflight = handle
+                    self._after_commit(step)
                 finally:
                     self._saving_sync = False
-                handle = SaveHandle(step, path, None)
-                self._inflight = handle
-                self._after_commit(step)
-                self._exit_if_requested()
+                    self._exit_if_requested()  # a signal during the save: exit now, committed or not
                 return handle
             result = self._ckpt.save(path, state_dict, metadata=md)
             assert result is not None

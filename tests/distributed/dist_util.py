@@ -202,7 +202,11 @@ def launch(
             with open(file, "rb") as f:
                 status, payload = pickle.load(f)
             outcome = RankOutcome(
-                rank, p.exitcode, status == "ok", payload if status == "ok" else None, None if status == "ok" else payload
+                rank,
+                p.exitcode,
+                status == "ok",
+                payload if status == "ok" else None,
+                None if status == "ok" else payload,
             )
         else:
             outcome = RankOutcome(rank, p.exitcode, False)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import torch.distributed as dist
-
 from dist_util import free_port, tcp_listeners
+
 from torchckpt.barriers import StoreBarrier, TCPStoreBarrier, _ranks_in
 from torchckpt.builder import start_store
 from torchckpt.errors import BarrierTimeoutError
@@ -186,9 +186,11 @@ def test_store_barrier_to_a_store_nobody_runs_fails_in_bounded_time() -> None:
         ("[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 5000 ms", [1, 3]),
         ("[Rank 0]: Rank 2 failed to pass monitoredBarrier in 5000 ms", [2]),
         (
-            "Rank 2 successfully reached monitoredBarrier, but received errors while waiting for send/recv "
-            "from rank 0. Please check rank 0 logs for faulty rank.\n Original exception: \n[pair.cc:553] "
-            "Connection closed by peer [127.0.0.1]:21936.",
+            (
+                "Rank 2 successfully reached monitoredBarrier, but received errors while waiting for send/recv "
+                "from rank 0. Please check rank 0 logs for faulty rank.\n Original exception: \n[pair.cc:553] "
+                "Connection closed by peer [127.0.0.1]:21936."
+            ),
             [0],
         ),
         ("something else happened on rank 3", []),

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-
-import torchckpt as tc
 from ckpt_testutil import assert_state_equal
 from dist_hooks import make_checkpointer, save
 from dist_util import error_summary, launch, values
+
+import torchckpt as tc
 from torchckpt.errors import CheckpointNotFoundError, DistributedCheckpointError
 
 TIMEOUT_S = 30
@@ -118,7 +118,7 @@ def test_one_rank_failing_fails_the_save_on_every_rank(failure_reports: tuple[st
     world = 2
     root, all_reports = failure_reports
     reports = {rank: r[mode] for rank, r in all_reports.items()}
-    for rank, report in reports.items():
+    for report in reports.values():
         _check_error(report["unsafe"], {1}, world, "UnsafeObjectError")
         assert "'obj'" in report["unsafe"]["failures"][1]
         _check_error(report["unsafe_fresh"], {1}, world, "UnsafeObjectError")

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-
-import torchckpt as tc
 from ckpt_testutil import assert_state_equal
 from dist_hooks import make_checkpointer, save
 from dist_util import error_summary, launch
+
+import torchckpt as tc
 from torchckpt.checkpoint_reader import read_manifest
 
 #: The configured barrier timeout; survivors must give up within a small multiple of it.
@@ -105,6 +105,10 @@ def test_survivors_fail_in_bounded_time_naming_the_lost_rank(
         assert set(report["failures"]) == {victim}, report["failures"]
         assert f"rank {victim}" in report["message"], report["message"]
         assert report["elapsed"] < 3 * TIMEOUT_S, report
+        if victim == 0:  # nobody but the coordinator can know whether it committed
+            assert "whether it was committed is unknown" in report["message"], report["message"]
+        else:
+            assert "nothing was committed" in report["message"], report["message"]
         if rank == 0 and victim != 0:
             assert report["unchanged"], "the committed checkpoint changed"
     ckpt = tmp_path / "ckpt"

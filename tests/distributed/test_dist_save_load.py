@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-
-import torchckpt as tc
 from ckpt_testutil import FORMATS, assert_state_equal, random_tensor
 from dist_util import launch, tcp_listeners, values
+
+import torchckpt as tc
 from torchckpt.checkpoint_reader import read_manifest
 
 TIMEOUT_S = 60

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 _PENDING = ".{name}.torchckpt-pending"
 _TRASH_PREFIX = ".{name}.torchckpt-trash-"
-_LOCK = ".{name}.torchckpt-lock"
+_LOCK = ".torchckpt-lock"  # one per parent directory: saves into one directory take turns
 _OWNED = re.compile(r"^(manifest\.json(\.tmp)?|checkpoint_\d+\.pt|rank_\d+\.safetensors)$")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -191,7 +191,7 @@ class DirectoryCommit:
                     pass
 
     def _lock(self) -> None:
-        lock_path = os.path.join(self.parent, _LOCK.format(name=self.name))
+        lock_path = os.path.join(self.parent, _LOCK)
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
