@@ -29,6 +29,11 @@ __all__ = ["Agreement", "describe_error"]
 
 logger = logging.getLogger(__name__)
 
+#: How many timeouts the coordinator may take to answer: a rank whose barrier failed
+#: early waits for ranks still in theirs (up to one timeout) and then for their
+#: status (up to another).
+OUTCOME_WAIT_FACTOR = 2
+
 
 def describe_error(e: BaseException) -> str:
     """One line naming an error's type and message."""
@@ -68,11 +73,20 @@ class Agreement:
         status = {"ok": True} if error is None else {"ok": False, "error": describe_error(error)}
         self.store.set(self._status_key(self.rank), json.dumps(status))
 
-    def gather_failures(self, already: dict[int, str] | None = None) -> dict[int, str]:
-        """Coordinator: wait for every rank's status; return ``{rank: cause}`` of those that failed."""
+    def gather_failures(
+        self, already: dict[int, str] | None = None, *, deadline: float | None = None
+    ) -> dict[int, str]:
+        """Coordinator: wait for every rank's status; return ``{rank: cause}`` of those that failed.
+
+        Args:
+            already: Failures known beforehand (those ranks are not waited for).
+            deadline: ``time.monotonic()`` value to wait until (default: ``timeout_s`` from now).
+        """
         failures = dict(already or {})
         keys = [self._status_key(r) for r in range(self.world_size)]
-        deadline = time.monotonic() + self.timeout_s
+        started = time.monotonic()
+        deadline = started + self.timeout_s if deadline is None else max(deadline, started)
+        waited = deadline - started
         for r, key in enumerate(keys):
             if r in failures:
                 continue
@@ -81,7 +95,7 @@ class Agreement:
                 self.store.wait([key], timedelta(seconds=remaining))
                 status = json.loads(self.store.get(key))
             except Exception:  # noqa: BLE001 - a store timeout: that rank never reported
-                failures[r] = f"did not report within {self.timeout_s:g}s (dead, stopped or hung)"
+                failures[r] = f"did not report within {waited:.3g}s (dead, stopped or hung)"
                 continue
             if not status.get("ok"):
                 failures[r] = str(status.get("error", "unknown error"))
@@ -104,13 +118,14 @@ class Agreement:
         nothing in time (the failures then name the coordinator).
         """
         key = f"{self.prefix}/outcome"
+        wait_s = OUTCOME_WAIT_FACTOR * self.timeout_s
         try:
-            self.store.wait([key], timedelta(seconds=self.timeout_s))
+            self.store.wait([key], timedelta(seconds=wait_s))
             outcome = json.loads(self.store.get(key))
         except Exception as e:  # noqa: BLE001 - the coordinator never answered
             self.outcome_known = False
             return {
-                0: f"the coordinator did not announce the outcome within {self.timeout_s:g}s "
+                0: f"the coordinator did not announce the outcome within {wait_s:g}s "
                 f"({describe_error(e)}); the checkpoint may or may not be committed"
             }
         self.outcome_known = True
@@ -142,11 +157,14 @@ def run_collective(
     """
     failures: dict[int, str] = {}
     cause = local_error
+    started = time.monotonic()
+    barrier_failed = False
     if barrier is not None:
         try:
             barrier()
         except Exception as e:  # noqa: BLE001 - reported as this rank's view of the failure
             cause = cause or e
+            barrier_failed = True
             # A barrier names who did not arrive; this rank did arrive, whatever a parsed message says.
             missing = [r for r in getattr(e, "missing_ranks", None) or [] if r != agreement.rank]
             for r in missing:
@@ -165,7 +183,10 @@ def run_collective(
         failures[agreement.rank] = f"could not report its result: {describe_error(e)}"
         cause = cause or e
     if agreement.rank == 0:
-        failures.update(agreement.gather_failures(failures))
+        # When the barrier failed early here (a peer's connection closed), the others may
+        # still be inside theirs until it times out: give them that long to report too.
+        deadline = started + OUTCOME_WAIT_FACTOR * agreement.timeout_s if barrier_failed else None
+        failures.update(agreement.gather_failures(failures, deadline=deadline))
         if not failures:
             try:
                 commit()

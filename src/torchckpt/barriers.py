@@ -292,9 +292,7 @@ class StoreBarrier(Barrier):
         self._timeout_secs = timeout_secs
         self._prefix = barrier_prefix
         self._seq = 0
-        client = dist.TCPStore(
-            master_address, int(port), is_master=False, timeout=timedelta(seconds=timeout_secs)
-        )
+        client = dist.TCPStore(master_address, int(port), is_master=False, timeout=timedelta(seconds=timeout_secs))
         self._store = dist.PrefixStore("torchckpt/", client)
 
     @property

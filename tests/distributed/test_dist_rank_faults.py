@@ -72,22 +72,24 @@ def faulty_rank(rank: int, world: int, mode: str, fmt: str, victim: int, how: st
 
 
 SCENARIOS = [
-    # (mode, format, victim, how)
-    ("sync", "torch_save", 1, "kill_before_save"),
-    ("sync", "safetensors", 0, "kill_in_pre_commit"),  # the coordinator dies after writing its data
-    ("async", "safetensors", 1, "kill_before_save"),
-    ("async", "torch_save", 1, "kill_in_pre_commit"),  # the writer subprocess of rank 1 dies
-    ("sync", "safetensors", 1, "stop_before_save"),
+    # (mode, format, world, victim, how)
+    # 3 ranks: rank 2 only hears from gloo that rank 0 did not answer; it must still blame rank 1 alone.
+    ("sync", "torch_save", 3, 1, "kill_before_save"),
+    ("sync", "safetensors", 2, 0, "kill_in_pre_commit"),  # the coordinator dies after writing its data
+    ("async", "safetensors", 2, 1, "kill_before_save"),
+    ("async", "torch_save", 2, 1, "kill_in_pre_commit"),  # the writer subprocess of rank 1 dies
+    ("sync", "safetensors", 2, 1, "stop_before_save"),
     # (An async rank stopped before its save looks, to the others' writers, like one killed before it.)
 ]
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(("mode", "fmt", "victim", "how"), SCENARIOS, ids=["-".join(map(str, s)) for s in SCENARIOS])
+@pytest.mark.parametrize(
+    ("mode", "fmt", "world", "victim", "how"), SCENARIOS, ids=["-".join(map(str, s)) for s in SCENARIOS]
+)
 def test_survivors_fail_in_bounded_time_naming_the_lost_rank(
-    tmp_path, mode: str, fmt: str, victim: int, how: str
+    tmp_path, mode: str, fmt: str, world: int, victim: int, how: str
 ) -> None:
-    world = 2
     # The victim's own writer subprocess dies, not the victim: the victim reports too.
     may_die = set() if (mode == "async" and how == "kill_in_pre_commit") else {victim}
     outcomes = launch(faulty_rank, world, mode, fmt, victim, how, str(tmp_path), may_die=may_die)
@@ -111,6 +113,9 @@ def test_survivors_fail_in_bounded_time_naming_the_lost_rank(
             assert "nothing was committed" in report["message"], report["message"]
         if rank == 0 and victim != 0:
             assert report["unchanged"], "the committed checkpoint changed"
+    # Every survivor raised the same error.
+    messages = {outcomes[r].value["message"] for r in survivors if r != victim}
+    assert len(messages) == 1, messages
     ckpt = tmp_path / "ckpt"
     manifest = read_manifest(str(ckpt))
     assert manifest.world_size == world
