@@ -587,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
             f"scratch {scratch}; prefault {'off' if args.no_prefault else 'on'}",
             flush=True,
         )
-        env_load = os.getloadavg()
+        env = environment()
+        env_load = env["loadavg_start"]
         t0 = time.perf_counter()
         sd = make_state(int(args.size_gib * 2**30), seed=args.seed)
         dst = template_like(sd)
@@ -647,7 +648,6 @@ def main(argv: list[str] | None = None) -> int:
             f"correctness (rep 1): {'all loads returned the saved bytes' if all(bench.checks.values()) else bench.checks}"
         )
 
-        env = environment()
         env["loadavg_end"] = os.getloadavg()
         env["scratch"] = scratch
         env["scratch_on_repo_device"] = os.stat(scratch).st_dev == os.stat(Path(__file__).resolve().parent).st_dev

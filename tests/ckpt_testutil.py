@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections import OrderedDict
 from typing import Any
@@ -149,3 +150,15 @@ def flip_bit(file: str, offset: int, bit: int = 0) -> None:
 def truncate(file: str, size: int) -> None:
     with open(file, "r+b") as f:
         f.truncate(size)
+
+
+def hidden_leftovers(parent: str, timeout_s: float = 10.0) -> list[str]:
+    """torchckpt's hidden entries under ``parent`` (pending, trash) once background deletions settle."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = sorted(n for n in os.listdir(parent) if "pending" in n or "trash" in n)
+        if not any("trash" in n for n in found) or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)

@@ -179,9 +179,14 @@ def run_collective(
                 )  # fmt: skip
     try:
         agreement.publish(local_error)
-    except Exception as e:  # noqa: BLE001 - the store is gone (its host died): say so, do not hang
-        failures[agreement.rank] = f"could not report its result: {describe_error(e)}"
-        cause = cause or e
+    except Exception as e:  # noqa: BLE001 - the store is gone or hung (its host died or stopped)
+        # Not this rank's failure, and no outcome can be heard through that store either.
+        agreement.outcome_known = False
+        failures[0] = (
+            "the store the ranks agree through (hosted by the coordinator or the launcher) did not answer "
+            f"({describe_error(e)}); the checkpoint may or may not be committed"
+        )
+        raise agreement.error(failures) from (cause or e)
     if agreement.rank == 0:
         # When the barrier failed early here (a peer's connection closed), the others may
         # still be inside theirs until it times out: give them that long to report too.

@@ -13,6 +13,7 @@ Barrier types are found by name through a registry, so a
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -101,53 +102,46 @@ class Barrier(abc.ABC):
 class DistBarrier(Barrier):
     """A barrier over the default ``torch.distributed`` process group.
 
-    On gloo it uses ``monitored_barrier``, whose timeout error names the ranks
-    that did not arrive; on other backends ``barrier``.
+    It counts the ranks in through the process group's key-value store, under
+    a deadline that holds on every rank, and names the ranks that did not
+    arrive. (gloo's ``monitored_barrier`` names them on rank 0 only, and the
+    other ranks wait for rank 0's answer past any timeout when rank 0 gives up
+    early; ``barrier`` has no timeout on the CPU.) Like any collective of the
+    default group, its calls must come in the same order on every rank: the
+    n-th call on one rank meets the n-th call on the others.
 
     Args:
-        timeout_secs: Longest wait in seconds (None: the process group's timeout).
+        timeout_secs: Longest wait in seconds (None: the process group's default timeout).
 
     Raises:
         ConfigError: No process group is initialised (also an ``AssertionError``).
     """
 
     barrier_type = "dist_barrier"
+    _calls = itertools.count()  # per process, over every DistBarrier: the same sequence on every rank
 
     def __init__(self, timeout_secs: float | None = None) -> None:
         if not dist.is_initialized():
             raise ConfigError("DistBarrier requires an initialized process group.")
         self._timeout_secs = timeout_secs
+        self._timeout = timeout_secs or dist.default_pg_timeout.total_seconds()
+        self._store = _bounded_job_store(self._timeout)
+
+    @property
+    def store(self) -> Any:
+        """The job's store, through a connection whose every operation gives up after the timeout."""
+        return self._store
 
     def execute_barrier(self) -> None:
-        if dist.get_backend() == "gloo":
-            timeout = timedelta(seconds=self._timeout_secs) if self._timeout_secs else None
-            try:
-                dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
-            except RuntimeError as e:
-                raise BarrierTimeoutError(
-                    f"rank {dist.get_rank()}: barrier failed: {e}", missing_ranks=_ranks_in(str(e))
-                ) from e
-        else:
-            dist.barrier()
-
-
-def _ranks_in(message: str) -> list[int]:
-    """The ranks a gloo ``monitored_barrier`` error blames.
-
-    Rank 0 says ``"[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 5000 ms"``
-    (the ranks that did not arrive); another rank says ``"Rank 2 successfully
-    reached monitoredBarrier, but received errors while waiting for send/recv
-    from rank 0"`` (it arrived; rank 0 did not answer).
-    """
-    import re
-
-    m = re.search(r"Ranks? ([\d, ]+?) failed to pass monitoredBarrier", message)
-    if m:
-        return [int(x) for x in re.findall(r"\d+", m.group(1))]
-    m = re.search(r"waiting for send/recv from rank (\d+)", message)
-    if m:
-        return [int(m.group(1))]
-    return []
+        seq = next(DistBarrier._calls)
+        store, timeout = self._store, self._timeout
+        rank, world = dist.get_rank(), dist.get_world_size()
+        _arrive_and_wait(
+            store, f"torchckpt/dist_barrier/{seq}", rank=rank, world_size=world, timeout_s=timeout,
+            name=f"dist_barrier #{seq}",
+        )  # fmt: skip
+        if seq >= 2:
+            _forget(store, f"torchckpt/dist_barrier/{seq - 2}", rank=rank)
 
 
 @register_barrier
@@ -259,6 +253,34 @@ def _arrive_and_wait(store: Any, key: str, *, rank: int, world_size: int, timeou
         ) from e
 
 
+def _bounded_job_store(timeout_s: float) -> Any:
+    """The default process group's store, joined again with ``timeout_s`` on every operation when it is a TCPStore.
+
+    The process group's own connection waits as long as the group's timeout
+    (30 minutes by default) when the store's host stops answering (a stopped
+    rank 0): a save must give up after its own timeout instead.
+    """
+    store = dist.distributed_c10d._get_default_store()
+    inner = store
+    while isinstance(inner, dist.PrefixStore):
+        inner = inner.underlying_store
+    if not isinstance(inner, _TCPSTORE):
+        return store
+    host, port = inner.host, inner.port  # type: ignore[attr-defined]
+    client = _TCPSTORE(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore("torchckpt", client)
+
+
+def _forget(store: Any, key: str, *, rank: int) -> None:
+    """Delete this rank's keys of a past barrier (every rank is done with it), so the store does not grow."""
+    names = [f"{key}/arrived/{rank}"] + ([f"{key}/count", f"{key}/all"] if rank == 0 else [])
+    for name in names:
+        try:
+            store.delete_key(name)
+        except Exception:  # noqa: BLE001 - cleanup only; a store without delete_key keeps them
+            logger.debug("could not delete barrier key %s", name)
+
+
 @register_barrier
 class StoreBarrier(Barrier):
     """A barrier through an existing ``TCPStore`` that this process joins as a client.
@@ -301,12 +323,15 @@ class StoreBarrier(Barrier):
         return self._store
 
     def execute_barrier(self) -> None:
-        key = f"{self._prefix}/{self._seq}"
+        seq = self._seq
         self._seq += 1
+        key = f"{self._prefix}/{seq}"
         _arrive_and_wait(
             self._store, key, rank=self._rank, world_size=self._world_size,
             timeout_s=self._timeout_secs, name=repr(key),
         )  # fmt: skip
+        if seq >= 2:
+            _forget(self._store, f"{self._prefix}/{seq - 2}", rank=self._rank)
 
 
 def _is_timeout(e: BaseException) -> bool:

@@ -286,13 +286,13 @@ class CheckpointProcess:
         Returns:
             A future that completes when the checkpoint is committed, or holds the error.
         """
+        self.process_creation_future.result()
         # Numbered here, in the training process, so a replaced writer keeps counting with the other ranks.
         kwargs[SAVE_NUMBER_KWARG] = self._writes
         self._writes += 1
         return self._executor.submit(self._write, state_dict, path, **kwargs)
 
     def _write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> None:
-        self.process_creation_future.result()  # here, not in write(): the first save does not wait for the start
         sd = state_dict.result() if isinstance(state_dict, Future) else state_dict
         stats = kwargs.get(STATS_KWARG)
         if isinstance(stats, dict) and "called_at" in stats:

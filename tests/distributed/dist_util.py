@@ -91,8 +91,11 @@ def _child(
     hard_exit: bool,
 ) -> None:
     """Body of one rank's process (module level: spawn pickles it by name)."""
+    import faulthandler
+
     import torch.distributed as dist
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the launcher asks a hung rank for its stacks
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ["RANK"] = str(rank)
@@ -185,6 +188,11 @@ def launch(
             time.sleep(0.05)
     finally:
         late = [p.name for r, p in enumerate(procs) if p.is_alive() and r not in may_die]
+        for r, p in enumerate(procs):
+            if p.is_alive() and r not in may_die and not reported(r):
+                os.kill(p.pid, signal.SIGUSR1)  # its Python stacks go to stderr, then it is killed
+        if late:
+            time.sleep(1)
         for p in procs:
             if p.is_alive():
                 try:

@@ -53,7 +53,7 @@ def assert_no_new_children(before: set[int]) -> None:
 
 
 def hidden_leftovers(parent: str) -> list[str]:
-    return sorted(n for n in os.listdir(parent) if "pending" in n or "trash" in n)
+    return cu.hidden_leftovers(parent)
 
 
 def manifests_under(parent: str) -> list[str]:

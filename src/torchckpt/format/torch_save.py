@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, UnsafeObjectError
-from ..storage.io import checksum
+from ..storage.io import BATCH_BYTES as WRITEBACK_BYTES
+from ..storage.io import checksum, start_writeback
 from .select import merge
 
 __all__ = ["file_digest", "load_torch_save", "rank_file_name", "save_torch_save"]
@@ -39,6 +40,7 @@ class _ChecksumWriter(io.RawIOBase):
         self.fd = fd
         self.crc = 0
         self.size = 0
+        self.flushed = 0
 
     def writable(self) -> bool:
         return True
@@ -50,6 +52,10 @@ class _ChecksumWriter(io.RawIOBase):
             done += os.write(self.fd, view[done:])
         self.crc = checksum(view, self.crc)
         self.size += view.nbytes
+        if self.size - self.flushed >= WRITEBACK_BYTES:
+            # Start writeback as we go, so the final fsync has little left to do.
+            start_writeback(self.fd, self.flushed, self.size - self.flushed)
+            self.flushed = self.size
         return view.nbytes
 
 

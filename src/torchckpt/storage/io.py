@@ -32,6 +32,7 @@ __all__ = [
     "checksum",
     "chunk_count",
     "read_extents",
+    "start_writeback",
     "write_extents",
 ]
 
@@ -62,6 +63,12 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 
 
 _start_writeback = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a range back now (no-op where unsupported)."""
+    if _start_writeback is not None and nbytes > 0:
+        _start_writeback(fd, offset, nbytes)
 
 
 def checksum(data: memoryview | bytes, value: int = 0) -> int:
@@ -150,8 +157,11 @@ def _write_batch(fd: int, offset: int, pieces: list[_Piece], crcs: list[list[int
     return total
 
 
-def _read_batch(fd: int, offset: int, pieces: list[_Piece], expected: Sequence[list[int] | None]) -> int:
-    views = [p.view for p in pieces if p.view.nbytes]
+#: Size of one read: small enough that its checksum runs while the bytes are still in cache.
+READ_BYTES = 2 * 1024 * 1024
+
+
+def _read_exact(fd: int, views: list[memoryview], offset: int) -> None:
     total = sum(v.nbytes for v in views)
     done = 0
     while done < total:
@@ -159,11 +169,41 @@ def _read_batch(fd: int, offset: int, pieces: list[_Piece], expected: Sequence[l
         if got <= 0:
             raise EOFError(f"file ends at byte {offset + done}, expected {offset + total}")
         done += got
+
+
+def _read_batch(fd: int, offset: int, pieces: list[_Piece], expected: Sequence[list[int] | None]) -> int:
+    pos = offset
     for p in pieces:
         want = expected[p.extent]
-        if want is not None and checksum(p.view) != want[p.chunk]:
-            raise ChecksumError(p.extent, p.chunk)
-    return total
+        n = p.view.nbytes
+        if want is None or n <= READ_BYTES:
+            if n:
+                _read_exact(fd, [p.view], pos)
+            if want is not None and checksum(p.view) != want[p.chunk]:
+                raise ChecksumError(p.extent, p.chunk)
+        else:
+            crc = 0
+            for lo in range(0, n, READ_BYTES):
+                sub = p.view[lo : lo + READ_BYTES]
+                _read_exact(fd, [sub], pos + lo)
+                crc = checksum(sub, crc)
+            if crc != want[p.chunk]:
+                raise ChecksumError(p.extent, p.chunk)
+        pos += n
+    return pos - offset
+
+
+def _split_in_order(batches: list[tuple[int, list[_Piece]]], parts: int) -> list[list[tuple[int, list[_Piece]]]]:
+    """Cut the batches (in file order) into ``parts`` contiguous runs of about equal bytes."""
+    sizes = [sum(p.view.nbytes for p in pieces) for _, pieces in batches]
+    total = sum(sizes)
+    runs: list[list[tuple[int, list[_Piece]]]] = [[] for _ in range(parts)]
+    acc = 0
+    for batch, size in zip(batches, sizes):
+        index = min(parts - 1, acc * parts // total) if total else 0
+        runs[index].append(batch)
+        acc += size
+    return [r for r in runs if r]
 
 
 def _advance(views: list[memoryview], skip: int) -> list[memoryview]:
@@ -225,5 +265,26 @@ def read_extents(fd: int, extents: Sequence[Extent], *, threads: int = 2) -> int
         OSError: A read failed.
     """
     expected = [e.crcs for e in extents]
-    jobs = [lambda o=o, p=p: _read_batch(fd, o, p, expected) for o, p in _batches(extents)]
+    runs = _split_in_order(_batches(extents), max(1, threads))
+    # Each thread reads one contiguous part of the file in order, through its
+    # own open file (its own readahead state): interleaved reads of one file
+    # description defeat the kernel's readahead on cold reads.
+    jobs = [lambda run=run: _read_run(fd, run, expected, own_fd=len(runs) > 1) for run in runs]
     return _run(jobs, threads)
+
+
+def _read_run(fd: int, run: list[tuple[int, list[_Piece]]], expected: Sequence[list[int] | None], *, own_fd: bool) -> int:
+    rfd = _reopen(fd) if own_fd else fd
+    try:
+        return sum(_read_batch(rfd, offset, pieces, expected) for offset, pieces in run)
+    finally:
+        if rfd != fd:
+            os.close(rfd)
+
+
+def _reopen(fd: int) -> int:
+    """A new open file description of the file behind ``fd`` (falls back to ``fd``)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return fd

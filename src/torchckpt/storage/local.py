@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -277,7 +278,9 @@ class DirectoryCommit:
         except OSError as e:
             logger.warning("could not move the old checkpoint %s aside: %s", self.pending, e)
             return
-        shutil.rmtree(trash, ignore_errors=True)
+        # Deleting gigabytes takes a while (and discards blocks): not on the save's time.
+        # What a process exit interrupts is removed by the next save to this path.
+        threading.Thread(target=shutil.rmtree, args=(trash, True), name="torchckpt-discard", daemon=True).start()
 
     def release(self, *, remove_pending: bool) -> None:
         """Drop the lock; on failure, optionally remove the pending directory."""
