@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import itertools
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,6 +29,7 @@ __all__ = [
     "BARRIER_REGISTRY",
     "Barrier",
     "BarrierConfig",
+    "BoundedStore",
     "DistBarrier",
     "StoreBarrier",
     "TCPStoreBarrier",
@@ -129,7 +131,7 @@ class DistBarrier(Barrier):
 
     @property
     def store(self) -> Any:
-        """The job's store, through a connection whose every operation gives up after the timeout."""
+        """The job's store (every operation gives up after the timeout)."""
         return self._store
 
     def execute_barrier(self) -> None:
@@ -137,11 +139,11 @@ class DistBarrier(Barrier):
         store, timeout = self._store, self._timeout
         rank, world = dist.get_rank(), dist.get_world_size()
         _arrive_and_wait(
-            store, f"torchckpt/dist_barrier/{seq}", rank=rank, world_size=world, timeout_s=timeout,
+            store, f"dist_barrier/{seq}", rank=rank, world_size=world, timeout_s=timeout,
             name=f"dist_barrier #{seq}",
         )  # fmt: skip
         if seq >= 2:
-            _forget(store, f"torchckpt/dist_barrier/{seq - 2}", rank=rank)
+            _forget(store, f"dist_barrier/{seq - 2}", rank=rank)
 
 
 @register_barrier
@@ -240,35 +242,82 @@ def _arrive_and_wait(store: Any, key: str, *, rank: int, world_size: int, timeou
     except Exception as e:
         if not _is_timeout(e):
             raise
-        missing = []
-        for r in range(world_size):
-            try:
+        missing: list[int] = []
+        try:
+            for r in range(world_size):
                 if not store.check([f"{key}/arrived/{r}"]):
                     missing.append(r)
-            except Exception:  # noqa: BLE001 - the store itself may be gone
-                missing.append(r)
+        except Exception:  # noqa: BLE001 - the store itself is gone or hung: who is missing is unknown
+            missing = []
         raise BarrierTimeoutError(
             f"rank {rank}: timed out after {timeout_s:g}s at barrier {name}; ranks that did not arrive: {missing}",
             missing_ranks=missing,
         ) from e
 
 
-def _bounded_job_store(timeout_s: float) -> Any:
-    """The default process group's store, joined again with ``timeout_s`` on every operation when it is a TCPStore.
+class BoundedStore(dist.Store):
+    """A store whose every operation gives up after ``timeout_s`` seconds.
 
-    The process group's own connection waits as long as the group's timeout
-    (30 minutes by default) when the store's host stops answering (a stopped
-    rank 0): a save must give up after its own timeout instead.
+    A ``TCPStore`` client waits without limit for an answer to ``add``,
+    ``set`` or ``get`` when the process serving the store hangs (a stopped
+    rank 0); so each operation runs in a daemon thread the caller waits for
+    at most ``timeout_s`` (a hung one is abandoned, and the operations queued
+    behind it time out too). Raises ``TimeoutError`` on expiry.
     """
-    store = dist.distributed_c10d._get_default_store()
-    inner = store
-    while isinstance(inner, dist.PrefixStore):
-        inner = inner.underlying_store
-    if not isinstance(inner, _TCPSTORE):
-        return store
-    host, port = inner.host, inner.port  # type: ignore[attr-defined]
-    client = _TCPSTORE(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
-    return dist.PrefixStore("torchckpt", client)
+
+    def __init__(self, inner: Any, timeout_s: float) -> None:
+        super().__init__()
+        self._inner = inner
+        self._timeout_s = timeout_s
+
+    def _call(self, name: str, *args: Any) -> Any:
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, getattr(self._inner, name)(*args)))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box.append((False, e))
+
+        thread = threading.Thread(target=run, name=f"torchckpt-store-{name}", daemon=True)
+        thread.start()
+        thread.join(self._timeout_s + (_wait_seconds(args) if name == "wait" else 0))
+        if not box:
+            raise TimeoutError(f"the store did not answer {name}() within {self._timeout_s:g}s (its host hung?)")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def set(self, key: str, value: Any) -> None:
+        self._call("set", key, value)
+
+    def get(self, key: str) -> bytes:
+        return self._call("get", key)  # type: ignore[no-any-return]
+
+    def add(self, key: str, value: int) -> int:
+        return self._call("add", key, value)  # type: ignore[no-any-return]
+
+    def check(self, keys: list[str]) -> bool:
+        return self._call("check", keys)  # type: ignore[no-any-return]
+
+    def delete_key(self, key: str) -> bool:
+        return self._call("delete_key", key)  # type: ignore[no-any-return]
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:  # type: ignore[override]
+        self._call("wait", keys, timeout if timeout is not None else timedelta(seconds=self._timeout_s))
+
+    def num_keys(self) -> int:
+        return self._call("num_keys")  # type: ignore[no-any-return]
+
+
+def _wait_seconds(args: tuple[Any, ...]) -> float:
+    return args[1].total_seconds() if len(args) > 1 and isinstance(args[1], timedelta) else 0.0
+
+
+def _bounded_job_store(timeout_s: float) -> BoundedStore:
+    """The default process group's store, under ``torchckpt/``, with every operation bounded by ``timeout_s``."""
+    return BoundedStore(dist.PrefixStore("torchckpt", dist.distributed_c10d._get_default_store()), timeout_s)
 
 
 def _forget(store: Any, key: str, *, rank: int) -> None:
@@ -315,7 +364,7 @@ class StoreBarrier(Barrier):
         self._prefix = barrier_prefix
         self._seq = 0
         client = dist.TCPStore(master_address, int(port), is_master=False, timeout=timedelta(seconds=timeout_secs))
-        self._store = dist.PrefixStore("torchckpt/", client)
+        self._store = BoundedStore(dist.PrefixStore("torchckpt", client), timeout_secs)
 
     @property
     def store(self) -> Any:

@@ -464,7 +464,7 @@ def _own_storages(obj: Any, memo: dict[int, Any] | None = None) -> Any:
         storage = obj.untyped_storage()
         if obj.device.type == "cpu" and nbytes and obj.is_contiguous() and storage.nbytes() != nbytes:
             start = obj.storage_offset() * obj.element_size()
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage[start : start + nbytes], 0, (nbytes,))
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage[start : start + nbytes], 0, (nbytes,), (1,))
             out = raw.view(obj.dtype).view(obj.shape)
     elif type(obj) in (dict, OrderedDict):
         out = type(obj)((k, _own_storages(v, memo)) for k, v in obj.items())

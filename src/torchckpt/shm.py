@@ -50,7 +50,7 @@ class SharedArena:
             return torch.empty(shape, dtype=dtype)
         if offset < 0 or offset % ALIGN or offset + nbytes > self.size_bytes:
             raise ValueError(f"tensor of {nbytes} bytes at offset {offset} does not fit the arena of {self.size_bytes}")
-        raw = torch.empty(0, dtype=torch.uint8).set_(self.storage, offset, (nbytes,))
+        raw = torch.empty(0, dtype=torch.uint8).set_(self.storage, offset, (nbytes,), (1,))
         return raw.view(dtype).view(shape)
 
     def close(self) -> None:

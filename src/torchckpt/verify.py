@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint_reader import _open_checkpoint_dir, _open_in, _read_manifest_fd
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format.manifest import Layout, Manifest, RankEntry
 from .format.native import byte_view, digest_of
 from .format.torch_save import file_digest
@@ -54,10 +54,10 @@ def verify_checkpoint(
     try:
         try:
             manifest = _read_manifest_fd(dir_fd, path)
-        except FileNotFoundError:
-            from .errors import CheckpointNotFoundError
-
-            raise CheckpointNotFoundError(f"no committed checkpoint at {path}: manifest.json is missing", path=path)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint at {path}: manifest.json is missing", path=path
+            ) from e
         except CorruptCheckpointError as e:
             return None, [Problem("manifest.json", None, str(e))]
         problems: list[Problem] = []

@@ -20,6 +20,7 @@ import datetime
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import signal
 import socket
 import tempfile
@@ -230,6 +231,7 @@ def launch(
             )
         elif p.name in late:
             problems.append(f"--- rank {rank} reported but did not exit within {exit_grace_s:g}s (killed)")
+    shutil.rmtree(result_dir, ignore_errors=True)
     elapsed = time.monotonic() - start
     if problems:
         raise AssertionError(

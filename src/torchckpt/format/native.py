@@ -50,7 +50,7 @@ def byte_view(t: torch.Tensor) -> memoryview:
     if flat.stride(0) != 1:
         # One element: contiguous whatever its stride, but the uint8 view needs stride 1.
         flat = flat.as_strided((flat.numel(),), (1,))
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def host_contiguous(t: torch.Tensor) -> torch.Tensor:

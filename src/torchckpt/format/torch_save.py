@@ -13,7 +13,7 @@ import io
 import os
 import pickle
 from collections import OrderedDict
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -100,7 +100,7 @@ def save_torch_save(fd: int, state_dict: Any) -> tuple[int, str]:
     out = _ChecksumWriter(fd)
     if _has_empty_bytes(state_dict):
         state_dict = _weights_only_loadable(state_dict)
-    torch.save(state_dict, out)
+    torch.save(state_dict, cast(IO[bytes], out))
     return out.size, f"crc32c:{out.crc:08x}"
 
 

@@ -219,7 +219,7 @@ def _advance(views: list[memoryview], skip: int) -> list[memoryview]:
     return out
 
 
-def _run(jobs: list[Callable[[], int]], threads: int) -> int:
+def _run(jobs: Sequence[Callable[[], int]], threads: int) -> int:
     if threads <= 1 or len(jobs) <= 1:
         return sum(job() for job in jobs)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="torchckpt-io") as pool:
