@@ -27,7 +27,7 @@ setup
 case $cmd in
   demo) exec $PY examples/demo.py "$@" ;;
   test) exec $PY -m pytest tests -q "$@" ;;
-  bench) exec $PY benchmarks/run.py "$@" ;;
+  bench) exec $PY benchmarks/bench_sync.py "$@" ;;
   setup) ;;
   *) echo "usage: bash run.sh {demo|test|bench|setup}" >&2; exit 2 ;;
 esac

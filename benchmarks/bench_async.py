@@ -90,7 +90,25 @@ class WriteLimit(Method):
         return t, t
 
 
-class Torchckpt(Method):
+class _Checkpointer(Method):
+    """A checkpointer with the reference API: save -> (stage_future, write_future)."""
+
+    ckpt: Any
+    sd: Any
+
+    def save(self, path: str) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        stage, write = self.ckpt.save(path, self.sd)
+        stage.result()
+        t1 = time.perf_counter() - t0
+        write.result()
+        return t1, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+class Torchckpt(_Checkpointer):
     def __init__(self, fmt: str) -> None:
         self.fmt = fmt
         self.name = f"torchckpt async ({fmt})"
@@ -100,19 +118,8 @@ class Torchckpt(Method):
         config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format=self.fmt))
         self.ckpt = tc.make_async_checkpointer(config)
 
-    def save(self, path: str) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        stage, write = self.ckpt.save(path, self.sd)
-        stage.result()
-        t1 = time.perf_counter() - t0
-        write.result()
-        return t1, time.perf_counter() - t0
 
-    def close(self) -> None:
-        self.ckpt.close()
-
-
-class Reference(Method):
+class Reference(_Checkpointer):
     name = "reference _experimental async (CPU config)"
 
     def setup(self, sd: Any, scratch: str) -> None:
@@ -122,17 +129,6 @@ class Reference(Method):
         config = ref.CheckpointerConfig()
         config.staging_config = ref.CheckpointStagerConfig(use_pinned_memory=False, use_non_blocking_copy=False)
         self.ckpt = ref.make_async_checkpointer(config)
-
-    def save(self, path: str) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        stage, write = self.ckpt.save(path, self.sd)
-        stage.result()
-        t1 = time.perf_counter() - t0
-        write.result()
-        return t1, time.perf_counter() - t0
-
-    def close(self) -> None:
-        self.ckpt.close()
 
 
 class DCP(Method):

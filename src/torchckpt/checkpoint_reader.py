@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateDictMismatchError
 from .format.manifest import MAX_MANIFEST_BYTES, Layout, Manifest, ManifestError, RankEntry, parse_manifest
-from .format.native_read import read_native
+from .format.native_read import check_file_size, read_native
 from .format.torch_save import file_digest, load_torch_save, rank_file_name
 from .storage.local import MANIFEST_NAME, open_dir
 from .types import STATE_DICT, RankInfo
@@ -177,7 +177,7 @@ class CheckpointReader:
                     if verify:
                         self._verify_whole_file(fd, entry, path)
                     else:
-                        _check_size(fd, entry, path)  # cheap, so done even without checksums
+                        check_file_size(fd, entry, path)  # cheap, so done even without checksums
                     result, missing = load_torch_save(
                         fd, state_dict, map_location=map_location, allow_pickle=allow_pickle, where=path, file=entry.file
                     )
@@ -235,17 +235,6 @@ class CheckpointReader:
 
 def _rank_signature(entry: RankEntry) -> dict[str, Any]:
     return {t.name: (t.dtype, t.shape, t.crc32c) for t in entry.tensors}
-
-
-def _check_size(fd: int, entry: RankEntry, path: str) -> None:
-    size = os.fstat(fd).st_size
-    if size != entry.size_bytes:
-        raise CorruptCheckpointError(
-            f"corrupt checkpoint {path}: rank file {entry.file} is {size} bytes, the manifest says "
-            f"{entry.size_bytes} (truncated or replaced)",
-            path=path,
-            file=entry.file,
-        )
 
 
 def _check_replicated(manifest: Manifest, path: str, world_size: int) -> None:

@@ -16,7 +16,7 @@ from .native import byte_view, digest_of
 from .select import merge
 from .tree import TensorRef, unflatten
 
-__all__ = ["read_native", "resolve_device"]
+__all__ = ["check_file_size", "read_native", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class _Loads:
         return target
 
 
-def _check_header(fd: int, entry: RankEntry, where: str) -> None:
+def check_file_size(fd: int, entry: RankEntry, where: str) -> None:
+    """Raise when the open rank file's size is not the manifest's."""
     size = os.fstat(fd).st_size
     if size != entry.size_bytes:
         raise CorruptCheckpointError(
@@ -95,6 +96,10 @@ def _check_header(fd: int, entry: RankEntry, where: str) -> None:
             path=where,
             file=entry.file,
         )
+
+
+def _check_header(fd: int, entry: RankEntry, where: str) -> None:
+    check_file_size(fd, entry, where)
     header = os.pread(fd, entry.data_offset, 0)
     if len(header) != entry.data_offset or digest_of(checksum(header), list(entry.tensors)) != entry.digest:
         raise CorruptCheckpointError(
