@@ -211,8 +211,9 @@ class CheckpointWriter:
         finally:
             commit.release(remove_pending=world == 1)
         logger.info(
-            "saved checkpoint %s (rank %d): %d bytes in %.3fs",
-            path, rank, stats.get("bytes", 0), time.monotonic() - started,
+            "saved checkpoint %s (rank %d): %d bytes in %.3fs (stall %s, write %.3fs, fsync %.3fs, commit %s)",
+            path, rank, stats.get("bytes", 0), time.monotonic() - started, _secs(stats.get("stall_s")),
+            stats.get("write_s", 0.0), stats.get("fsync_s", 0.0), _secs(stats.get("commit_s")),
         )  # fmt: skip
 
     def _store(self) -> Any:
@@ -268,6 +269,10 @@ class CheckpointWriter:
     def close(self) -> None:
         """Release resources (none are held between writes)."""
         logger.debug("closing checkpoint writer")
+
+
+def _secs(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}s"
 
 
 def _metadata(metadata: Any, path: str) -> dict[str, Any]:
