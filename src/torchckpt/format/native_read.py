@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError, StateDictMismatchError
+from ..errors import CorruptCheckpointError
 from ..storage.io import ChecksumError, Extent, checksum, read_extents
 from .dtypes import dtype_from_name
 from .manifest import RankEntry, TensorEntry
 from .native import byte_view, digest_of
-from .select import merge
+from .select import check_fits, merge
 from .tree import TensorRef, unflatten
 
 __all__ = ["check_file_size", "read_native", "resolve_device"]
@@ -72,13 +72,7 @@ class _Loads:
                 self.fresh[ref.index] = torch.empty(e.shape, dtype=dtype, device=device)
                 self.targets.append((ref.index, self.fresh[ref.index]))
             return self.fresh[ref.index]
-        if target.dtype != dtype or tuple(target.shape) != e.shape:
-            raise StateDictMismatchError(
-                f"key {key!r}: the template tensor is {target.dtype} {list(target.shape)} but the checkpoint at "
-                f"{self.where} holds {dtype} {list(e.shape)}",
-                path=self.where,
-                key=key,
-            )
+        check_fits(target, dtype, e.shape, key, self.where)
         mark = (ref.index, target.data_ptr() if target.numel() else id(target))
         if mark not in self._seen:
             self._seen.add(mark)

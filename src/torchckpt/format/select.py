@@ -18,11 +18,22 @@ import torch
 from ..errors import StateDictMismatchError
 from .tree import join_key
 
-__all__ = ["merge"]
+__all__ = ["check_fits", "merge"]
 
 
 def _index_path(prefix: str, i: int) -> str:
     return f"{prefix}[{i}]" if prefix else f"[{i}]"
+
+
+def check_fits(target: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], key: str, where: str) -> None:
+    """Raise unless the template tensor ``target`` has the checkpoint's dtype and shape."""
+    if target.dtype != dtype or tuple(target.shape) != tuple(shape):
+        raise StateDictMismatchError(
+            f"key {key!r}: the template tensor is {target.dtype} {list(target.shape)} but the checkpoint at "
+            f"{where} holds {dtype} {list(shape)}",
+            path=where,
+            key=key,
+        )
 
 
 def merge(

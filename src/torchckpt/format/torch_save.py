@@ -20,7 +20,7 @@ import torch
 from ..errors import CorruptCheckpointError, UnsafeObjectError
 from ..storage.io import BATCH_BYTES as WRITEBACK_BYTES
 from ..storage.io import checksum, start_writeback
-from .select import merge
+from .select import check_fits, merge
 
 __all__ = ["file_digest", "load_torch_save", "rank_file_name", "save_torch_save"]
 
@@ -176,15 +176,7 @@ def load_torch_save(
             if id(src) not in clones:
                 clones[id(src)] = src.clone()
             return clones[id(src)]
-        if target.dtype != src.dtype or target.shape != src.shape:
-            from ..errors import StateDictMismatchError
-
-            raise StateDictMismatchError(
-                f"key {key!r}: the template tensor is {target.dtype} {list(target.shape)} but the checkpoint at "
-                f"{where} holds {src.dtype} {list(src.shape)}",
-                path=where,
-                key=key,
-            )
+        check_fits(target, src.dtype, tuple(src.shape), key, where)
         with torch.no_grad():
             target.copy_(src)
         return target
