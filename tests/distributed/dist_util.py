@@ -37,6 +37,15 @@ warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
 DEFAULT_DEADLINE_S = 120.0
 
 
+def tree_bytes(path: str) -> dict[str, bytes]:
+    """Every file of a checkpoint directory, by name: to assert it is byte-identical later."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        with open(os.path.join(path, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

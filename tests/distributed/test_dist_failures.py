@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from ckpt_testutil import assert_state_equal
 from dist_hooks import make_checkpointer, save
-from dist_util import error_summary, launch, values
+from dist_util import error_summary, launch, tree_bytes, values
 
 import torchckpt as tc
 from torchckpt.errors import CheckpointNotFoundError, DistributedCheckpointError
@@ -21,14 +21,6 @@ TIMEOUT_S = 30
 def _state(rank: int, step: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(100 * step + rank)
     return {"w": torch.randn(257, 3, generator=g), "step": step, "rank": rank}
-
-
-def _tree_bytes(path: str) -> dict[str, bytes]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        with open(os.path.join(path, name), "rb") as f:
-            out[name] = f.read()
-    return out
 
 
 def _expect_failure(ck: Any, path: str, sd: Any, **kwargs: Any) -> dict[str, Any]:
@@ -52,7 +44,7 @@ def _failing_saves(rank: int, world: int, mode: str, fmt: str, root: str) -> dic
         good = _state(rank, 0)
         save(ck, path, good)
         dist.barrier()
-        before = _tree_bytes(path) if rank == 0 else None
+        before = tree_bytes(path) if rank == 0 else None
 
         # An object with no safe form, on rank 1 only (overwriting a committed checkpoint).
         bad = dict(_state(rank, 1))
@@ -72,7 +64,7 @@ def _failing_saves(rank: int, world: int, mode: str, fmt: str, root: str) -> dic
             ck.load(fresh)
         # The committed checkpoint is untouched, byte for byte, and loads on every rank.
         if rank == 0:
-            assert _tree_bytes(path) == before
+            assert tree_bytes(path) == before
         assert_state_equal(ck.load(path), good)
         if mode == "sync":
             report["post_commits"] = list(ck._writer._commit_hook.post_commits)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from ckpt_testutil import assert_state_equal
 from dist_hooks import make_checkpointer, save
-from dist_util import error_summary, launch
+from dist_util import error_summary, launch, tree_bytes
 
 import torchckpt as tc
 from torchckpt.checkpoint_reader import read_manifest
@@ -26,14 +26,6 @@ def _state(rank: int, step: int) -> dict[str, Any]:
     return {"w": torch.randn(1000, generator=g), "step": step}
 
 
-def _tree_bytes(path: str) -> dict[str, bytes]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        with open(os.path.join(path, name), "rb") as f:
-            out[name] = f.read()
-    return out
-
-
 def faulty_rank(rank: int, world: int, mode: str, fmt: str, victim: int, how: str, root: str) -> dict[str, Any]:
     """Commit a checkpoint, then save over it while ``victim`` dies or stops ``how``."""
     config = tc.CheckpointerConfig(
@@ -45,7 +37,7 @@ def faulty_rank(rank: int, world: int, mode: str, fmt: str, victim: int, how: st
     save(ck, path, good)
     dist.barrier()
     checker = 1 if victim == 0 else 0  # a survivor compares the committed checkpoint's bytes
-    before = _tree_bytes(path) if rank == checker else None
+    before = tree_bytes(path) if rank == checker else None
     dist.barrier()
 
     kwargs: dict[str, Any] = {}
@@ -65,7 +57,7 @@ def faulty_rank(rank: int, world: int, mode: str, fmt: str, victim: int, how: st
     # The checkpoint committed before is still there, byte for byte, and loads.
     assert read_manifest(path).world_size == world
     if rank == checker:
-        report["unchanged"] = _tree_bytes(path) == before
+        report["unchanged"] = tree_bytes(path) == before
     assert_state_equal(ck.load(path), good)
     # No close(): a collective teardown with a dead or stopped peer is not what is tested here;
     # the launcher exits the process and its writer subprocess follows.
