@@ -31,6 +31,7 @@ from .format.manifest import RankEntry, build_manifest, parse_rank_entry
 from .format.native import plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
 from .format.tree import flatten
+from .storage import fs
 from .storage.io import CHUNK_BYTES
 from .storage.local import DirectoryCommit, write_file_durably
 from .types import STATE_DICT, RankInfo
@@ -236,7 +237,7 @@ class CheckpointWriter:
         t1 = time.monotonic()
         op = "open"
         try:
-            fd = os.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = fs.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 op = "write"
                 if plan is not None:
@@ -245,9 +246,9 @@ class CheckpointWriter:
                     size, digest = save_torch_save(fd, state_dict)
                 t2 = time.monotonic()
                 op = "fsync"
-                os.fsync(fd)
+                fs.fsync(fd)
             finally:
-                os.close(fd)
+                fs.close(fd)
         except OSError as e:
             raise CheckpointIOError(
                 f"rank {rank}: {op} failed for {file_path}: {e.strerror or e}",
@@ -307,6 +308,6 @@ def _read_entry_sidecars(pending: str, world: int, path: str) -> list[RankEntry]
             raise CorruptCheckpointError(
                 f"rank {r} reported no result for the checkpoint {path}: {e}", path=path, file=file
             ) from e
-        os.unlink(file)
+        fs.unlink(file)
     return entries
 

@@ -154,7 +154,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     bar = None
     if not args.json and sys.stderr.isatty():
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
 
         try:
             total = _size(read_manifest(args.path))

@@ -36,6 +36,7 @@ from .checkpointer import Checkpointer
 from .config import CheckpointerConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .retention import CheckpointInfo, RetentionPolicy, preserved
+from .storage import fs
 from .types import RankInfo
 
 __all__ = ["CheckpointManager", "SaveHandle"]
@@ -261,7 +262,7 @@ class CheckpointManager:
         for c in doomed:
             trash = os.path.join(self.root, f".step_{c.step}.torchckpt-trash-{uuid.uuid4().hex}")
             try:
-                os.rename(c.path, trash)  # atomic: never a half-deleted checkpoint in view
+                fs.rename(c.path, trash)  # atomic: never a half-deleted checkpoint in view
             except OSError as e:
                 logger.warning("could not delete step %d (%s): %s; will retry", c.step, c.path, e)
                 continue

@@ -15,13 +15,13 @@ shape ``[nbytes]``; the manifest keeps the real dtype and shape.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..storage import fs
 from ..storage.io import Extent, checksum, write_extents
 from .dtypes import dtype_name, safetensors_name
 from .manifest import RankEntry, TensorEntry
@@ -129,7 +129,7 @@ def write_rank_file(fd: int, plan: NativeFile, *, threads: int) -> tuple[list[Te
     """Write the planned file to ``fd`` (not fsynced) and return its tensor entries and header crc."""
     written = 0
     while written < len(plan.header):
-        written += os.pwrite(fd, memoryview(plan.header)[written:], written)
+        written += fs.pwrite(fd, memoryview(plan.header)[written:], written)
     extents = [Extent(off, byte_view(t)) for off, t in zip(plan.offsets, plan.tensors)]
     write_extents(fd, extents, threads=threads)
     entries = [

@@ -18,6 +18,7 @@ from typing import IO, Any, cast
 import torch
 
 from ..errors import CorruptCheckpointError, UnsafeObjectError
+from ..storage import fs
 from ..storage.io import BATCH_BYTES as WRITEBACK_BYTES
 from ..storage.io import checksum, start_writeback
 from .select import check_fits, merge
@@ -49,7 +50,7 @@ class _ChecksumWriter(io.RawIOBase):
         view = memoryview(data).cast("B")
         done = 0
         while done < view.nbytes:
-            done += os.write(self.fd, view[done:])
+            done += fs.write(self.fd, view[done:])
         self.crc = checksum(view, self.crc)
         self.size += view.nbytes
         if self.size - self.flushed >= WRITEBACK_BYTES:

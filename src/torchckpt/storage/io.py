@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import crc32c as _crc32c
 
+from . import fs
+
 __all__ = [
     "BATCH_BYTES",
     "CHUNK_BYTES",
@@ -146,7 +148,7 @@ def _write_batch(fd: int, offset: int, pieces: list[_Piece], crcs: list[list[int
     total = sum(v.nbytes for v in views)
     done = 0
     while done < total:
-        written = os.pwritev(fd, _advance(views, done), offset + done)
+        written = fs.pwritev(fd, _advance(views, done), offset + done)
         if written <= 0:
             raise OSError(errno_mod.EIO, "pwritev wrote no bytes")
         done += written

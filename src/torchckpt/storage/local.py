@@ -20,8 +20,6 @@ never mistaken for checkpoints, and cleaned by the next save to the path.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -34,6 +32,8 @@ import uuid
 from collections.abc import Iterable
 
 from ..errors import CheckpointIOError
+from . import fs
+from .fs import fsync_dir
 
 __all__ = [
     "MANIFEST_NAME",
@@ -51,56 +51,11 @@ _PENDING = ".{name}.torchckpt-pending"
 _TRASH_PREFIX = ".{name}.torchckpt-trash-"
 _LOCK = ".torchckpt-lock"  # one per parent directory: saves into one directory take turns
 _OWNED = re.compile(r"^(manifest\.json(\.tmp)?|checkpoint_\d+\.pt|rank_\d+\.safetensors)$")
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 def is_owned_name(name: str) -> bool:
     """Whether a file name in a checkpoint directory belongs to torchckpt."""
     return bool(_OWNED.match(name))
-
-
-def _renameat2_fn() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_renameat2 = _renameat2_fn()
-
-
-def exchange(a: str, b: str) -> bool:
-    """Atomically swap the directory entries ``a`` and ``b``.
-
-    Returns:
-        False when the filesystem or platform cannot exchange (caller falls back).
-
-    Raises:
-        OSError: The exchange failed for another reason.
-    """
-    if _renameat2 is None:
-        return False
-    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), a, None, b)
-
-
-def fsync_dir(path: str) -> None:
-    """Make the entries of directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_dir(path: str) -> int:
@@ -111,15 +66,15 @@ def open_dir(path: str) -> int:
 def write_file_durably(directory: str, name: str, data: bytes) -> None:
     """Write ``directory/name`` atomically and durably (temp file, fsync, rename, fsync dir)."""
     tmp = os.path.join(directory, name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+            view = view[fs.write(fd, view) :]
+        fs.fsync(fd)
     finally:
-        os.close(fd)
-    os.rename(tmp, os.path.join(directory, name))
+        fs.close(fd)
+    fs.rename(tmp, os.path.join(directory, name))
     fsync_dir(directory)
 
 
@@ -166,7 +121,7 @@ class DirectoryCommit:
     def prepare(self, *, coordinator: bool) -> None:
         """Create the pending directory (and, on the coordinator, lock and clean it)."""
         try:
-            os.makedirs(self.parent, exist_ok=True)
+            fs.makedirs(self.parent)
         except OSError as e:
             raise self._io_error("mkdir", self.parent, e) from e
         if os.path.exists(self.path) and not os.path.isdir(self.path):
@@ -181,20 +136,20 @@ class DirectoryCommit:
             self._lock()
             self._clean_leftovers()
         try:
-            os.makedirs(self.pending, exist_ok=True)
+            fs.makedirs(self.pending)
         except OSError as e:
             raise self._io_error("mkdir", self.pending, e) from e
         if coordinator:
             for name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
                 try:
-                    os.unlink(os.path.join(self.pending, name))
+                    fs.unlink(os.path.join(self.pending, name))
                 except FileNotFoundError:
                     pass
 
     def _lock(self) -> None:
         lock_path = os.path.join(self.parent, _LOCK)
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = fs.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise self._io_error("lock", lock_path, e) from e
         deadline = time.monotonic() + self.lock_timeout_s
@@ -205,7 +160,7 @@ class DirectoryCommit:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    os.close(fd)
+                    fs.close(fd)
                     raise CheckpointIOError(
                         f"rank {self.rank}: another save to {self.path} held its lock for more than "
                         f"{self.lock_timeout_s:g}s",
@@ -247,25 +202,25 @@ class DirectoryCommit:
 
     def _swap(self) -> None:
         if not os.path.isdir(self.path):
-            os.rename(self.pending, self.path)
+            fs.rename(self.pending, self.path)
             fsync_dir(self.parent)
             return
         self._carry_foreign_files()
-        if exchange(self.pending, self.path):
+        if fs.exchange(self.pending, self.path):
             fsync_dir(self.parent)
             return
         # No RENAME_EXCHANGE here: move the old one aside, then the new one in.
         # A crash between the two renames leaves no directory at path (never a mix).
         aside = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
-        os.rename(self.path, aside)
-        os.rename(self.pending, self.path)
+        fs.rename(self.path, aside)
+        fs.rename(self.pending, self.path)
         fsync_dir(self.parent)
-        os.rename(aside, self.pending)
+        fs.rename(aside, self.pending)
 
     def _carry_foreign_files(self) -> None:
         for name in _listdir(self.path):
             if not is_owned_name(name) and not os.path.exists(os.path.join(self.pending, name)):
-                os.rename(os.path.join(self.path, name), os.path.join(self.pending, name))
+                fs.rename(os.path.join(self.path, name), os.path.join(self.pending, name))
 
     def _discard_old(self) -> None:
         # After the swap the old generation sits at the pending name. Move it out
@@ -274,7 +229,7 @@ class DirectoryCommit:
             return
         trash = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
         try:
-            os.rename(self.pending, trash)
+            fs.rename(self.pending, trash)
         except OSError as e:
             logger.warning("could not move the old checkpoint %s aside: %s", self.pending, e)
             return
@@ -287,7 +242,7 @@ class DirectoryCommit:
         if remove_pending and not self.committed:
             shutil.rmtree(self.pending, ignore_errors=True)
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            fs.close(self._lock_fd)
             self._lock_fd = None
 
 
