@@ -42,15 +42,23 @@ class _ChecksumWriter(io.RawIOBase):
         self.crc = 0
         self.size = 0
         self.flushed = 0
+        #: The first failed write's error; later writes fail with it too.
+        self.error: OSError | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
+        if self.error is not None:
+            raise self.error
         view = memoryview(data).cast("B")
         done = 0
-        while done < view.nbytes:
-            done += fs.write(self.fd, view[done:])
+        try:
+            while done < view.nbytes:
+                done += fs.write(self.fd, view[done:])
+        except OSError as e:
+            self.error = e
+            raise
         self.crc = checksum(view, self.crc)
         self.size += view.nbytes
         if self.size - self.flushed >= WRITEBACK_BYTES:
@@ -101,7 +109,16 @@ def save_torch_save(fd: int, state_dict: Any) -> tuple[int, str]:
     out = _ChecksumWriter(fd)
     if _has_empty_bytes(state_dict):
         state_dict = _weights_only_loadable(state_dict)
-    torch.save(state_dict, cast(IO[bytes], out))
+    try:
+        torch.save(state_dict, cast(IO[bytes], out))
+    except Exception:
+        if out.error is None:
+            raise
+        # torch's zip writer, closing the archive after the failed write, replaces the
+        # OSError with a RuntimeError of its own ("unexpected pos"): the errno is the cause.
+        raise out.error from None
+    if out.error is not None:  # a failed write that torch did not pass on
+        raise out.error
     return out.size, f"crc32c:{out.crc:08x}"
 
 
