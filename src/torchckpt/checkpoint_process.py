@@ -34,7 +34,7 @@ import torch
 import torch.multiprocessing as mp
 
 from .checkpoint_writer import SAVE_NUMBER_KWARG, STATS_KWARG, CheckpointWriter
-from .errors import ConfigError, WriterProcessError
+from .errors import CheckpointError, ConfigError, WriterProcessError
 from .types import STATE_DICT, RankInfo
 
 __all__ = ["CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse"]
@@ -98,7 +98,7 @@ class _RemoteTraceback(Exception):
         self.tb = tb
 
     def __str__(self) -> str:
-        return f"\n\"\"\"\n{self.tb}\"\"\""
+        return f'\n"""\n{self.tb}"""'
 
 
 def _describe_exit(proc: Any) -> str:
@@ -423,7 +423,12 @@ class _WriterLoop:
 
     def _fail(self, request: WorkerRequest, e: Exception) -> bool:
         text = traceback.format_exc()
-        logger.error("checkpoint writer subprocess: %s failed: %s", request.request_type.value, text)
+        if isinstance(e, CheckpointError):
+            # Expected and self-explaining (it names rank, operation, path): the caller raises it.
+            logger.warning("checkpoint writer subprocess: %s failed: %s", request.request_type.value, e)
+            logger.debug("%s", text)
+        else:
+            logger.error("checkpoint writer subprocess: %s failed: %s", request.request_type.value, text)
         for payload in ({"error": e}, None):
             try:
                 self.pipe.send(WorkerResponse(request.request_type, success=False, error_msg=text, payload=payload))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..errors import CheckpointIOError
 from . import fs
@@ -141,10 +142,13 @@ class DirectoryCommit:
             raise self._io_error("mkdir", self.pending, e) from e
         if coordinator:
             for name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
+                stale = os.path.join(self.pending, name)
                 try:
-                    fs.unlink(os.path.join(self.pending, name))
+                    fs.unlink(stale)
                 except FileNotFoundError:
                     pass
+                except OSError as e:
+                    raise self._io_error("unlink", stale, e) from e
 
     def _lock(self) -> None:
         lock_path = os.path.join(self.parent, _LOCK)
@@ -194,45 +198,68 @@ class DirectoryCommit:
         except OSError as e:
             raise self._io_error("write manifest", os.path.join(self.pending, MANIFEST_NAME), e) from e
         try:
-            self._swap()
+            old = self._swap()
         except OSError as e:
             raise self._io_error("rename", self.path, e) from e
         self.committed = True
-        self._discard_old()
+        if old is not None:
+            self._discard_old(old)
 
-    def _swap(self) -> None:
-        if not os.path.isdir(self.path):
-            fs.rename(self.pending, self.path)
-            fsync_dir(self.parent)
-            return
-        self._carry_foreign_files()
-        if fs.exchange(self.pending, self.path):
-            fsync_dir(self.parent)
-            return
-        # No RENAME_EXCHANGE here: move the old one aside, then the new one in.
-        # A crash between the two renames leaves no directory at path (never a mix).
-        aside = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
-        fs.rename(self.path, aside)
-        fs.rename(self.pending, self.path)
-        fsync_dir(self.parent)
-        fs.rename(aside, self.pending)
+    def _swap(self) -> str | None:
+        """Put the pending directory at ``path`` durably; return where the old one went.
 
-    def _carry_foreign_files(self) -> None:
-        for name in _listdir(self.path):
-            if not is_owned_name(name) and not os.path.exists(os.path.join(self.pending, name)):
-                fs.rename(os.path.join(self.path, name), os.path.join(self.pending, name))
-
-    def _discard_old(self) -> None:
-        # After the swap the old generation sits at the pending name. Move it out
-        # of the way first (instant), so the next save can start at once.
-        if not os.path.exists(self.pending):
-            return
-        trash = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
+        On failure every step taken is undone (in reverse), so ``path`` holds
+        the old checkpoint, with any foreign files it had, and the error is raised.
+        """
+        undo: list[Callable[[], object]] = []
+        old: str | None = None
         try:
-            fs.rename(self.pending, trash)
-        except OSError as e:
-            logger.warning("could not move the old checkpoint %s aside: %s", self.pending, e)
-            return
+            if not os.path.isdir(self.path):
+                fs.rename(self.pending, self.path)
+                undo.append(lambda: fs.rename(self.path, self.pending))
+            else:
+                self._carry_foreign_files(undo)
+                if fs.exchange(self.pending, self.path):
+                    undo.append(lambda: fs.exchange(self.pending, self.path))
+                    old = self.pending
+                else:
+                    # No RENAME_EXCHANGE here: move the old one aside, then the new one in.
+                    # A crash between the two renames leaves no directory at path (never a mix).
+                    aside = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
+                    fs.rename(self.path, aside)
+                    undo.append(lambda: fs.rename(aside, self.path))
+                    fs.rename(self.pending, self.path)
+                    undo.append(lambda: fs.rename(self.path, self.pending))
+                    old = aside
+            fsync_dir(self.parent)
+        except OSError:
+            for action in reversed(undo):
+                try:
+                    action()
+                except OSError as e:
+                    logger.error("could not undo a step of the failed commit of %s: %s", self.path, e)
+            raise
+        return old
+
+    def _carry_foreign_files(self, undo: list[Callable[[], object]]) -> None:
+        for name in _listdir(self.path):
+            src, dst = os.path.join(self.path, name), os.path.join(self.pending, name)
+            if not is_owned_name(name) and not os.path.exists(dst):
+                fs.rename(src, dst)
+                undo.append(functools.partial(fs.rename, dst, src))
+
+    def _discard_old(self, old: str) -> None:
+        # Move the old generation out of the way first (instant), so the next save can start at once.
+        trash = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
+        if os.path.basename(old).startswith(_TRASH_PREFIX.format(name=self.name)):
+            trash = old
+        else:
+            try:
+                fs.rename(old, trash)
+            except OSError as e:
+                logger.warning("could not move the old checkpoint %s aside (%s): deleting it in place", old, e)
+                shutil.rmtree(old, ignore_errors=True)
+                return
         # Deleting gigabytes takes a while (and discards blocks): not on the save's time.
         # What a process exit interrupts is removed by the next save to this path.
         threading.Thread(target=shutil.rmtree, args=(trash, True), name="torchckpt-discard", daemon=True).start()
