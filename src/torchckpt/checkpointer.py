@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import STATS_KWARG, CheckpointWriter
 from .errors import MissingKeysError
+from .storage.writable import check_writable
 from .types import STATE_DICT
 from .utils import wrap_future
 
@@ -90,6 +92,14 @@ class SyncCheckpointer(Checkpointer):
         self._reader = reader
 
     def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future] | None:
+        """Save ``state_dict`` to ``path``; returns once it is committed.
+
+        Raises:
+            CheckpointIOError: The location is read-only or not writable (operation
+                ``"prepare"``, before anything is written), or a write failed.
+        """
+        if isinstance(path, (str, os.PathLike)):
+            check_writable(path, rank=_rank_of(self._writer))
         self._writer.write(path, state_dict, **kwargs)
         return None
 
@@ -147,8 +157,14 @@ class AsyncCheckpointer(Checkpointer):
 
         Returns:
             ``(stage_future, write_future)``, both resolving to None.
+
+        Raises:
+            CheckpointIOError: The location is read-only or not writable: raised
+                here, before anything is staged (operation ``"prepare"``).
         """
         self._raise_unseen_error()
+        if isinstance(path, (str, os.PathLike)):
+            check_writable(path, rank=_rank_of(self._checkpoint_process))
         called = time.perf_counter()
         staged = self._checkpoint_stager.stage(state_dict, **kwargs)
         stage_future = wrap_future(staged)
@@ -175,3 +191,9 @@ class AsyncCheckpointer(Checkpointer):
         finally:
             self._checkpoint_stager.close()
             self._checkpoint_process.close()
+
+
+def _rank_of(component: Any) -> int:
+    """The rank a writer or writer process works for (0 when it does not say)."""
+    rank = getattr(getattr(component, "_rank_info", None), "global_rank", 0)
+    return rank if isinstance(rank, int) else 0
