@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -11,15 +12,28 @@ import warnings
 from typing import Any
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateDictMismatchError
-from .format.manifest import MAX_MANIFEST_BYTES, Layout, Manifest, ManifestError, RankEntry, parse_manifest
+from .format.manifest import (
+    MAX_MANIFEST_BYTES,
+    SEAL_BYTES,
+    Layout,
+    Manifest,
+    ManifestError,
+    RankEntry,
+    check_seal_prefix,
+    parse_manifest,
+)
 from .format.native_read import check_file_size, read_native
 from .format.torch_save import file_digest, load_torch_save, rank_file_name
+from .storage.io import checksum
 from .storage.local import MANIFEST_NAME, open_dir
 from .types import STATE_DICT, RankInfo
 
 __all__ = ["CheckpointReader", "LegacyCheckpointWarning", "read_manifest"]
 
 logger = logging.getLogger(__name__)
+
+#: Block size of the manifest's checksum pass (memory stays bounded whatever the file holds).
+_MANIFEST_BLOCK = 4 << 20
 
 
 class LegacyCheckpointWarning(UserWarning):
@@ -28,7 +42,8 @@ class LegacyCheckpointWarning(UserWarning):
 
 def _open_in(dir_fd: int, name: str, where: str) -> int:
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        # O_NONBLOCK: opening a FIFO put in place of a file must not wait for a writer (cleared below).
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -40,6 +55,7 @@ def _open_in(dir_fd: int, name: str, where: str) -> int:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CorruptCheckpointError(f"corrupt checkpoint {where}: {name} is not a regular file", path=where, file=name)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return fd
 
 
@@ -49,7 +65,9 @@ def _open_checkpoint_dir(path: str) -> int:
     except FileNotFoundError as e:
         raise CheckpointNotFoundError(f"no checkpoint at {path}: the directory does not exist", path=path) from e
     except NotADirectoryError as e:
-        raise CheckpointNotFoundError(f"no checkpoint at {path}: not a directory", path=path) from e
+        # O_DIRECTORY | O_NOFOLLOW on a symbolic link fails with ENOTDIR, even when it points to a directory.
+        why = "it is a symbolic link" if os.path.islink(path) else "not a directory"
+        raise CheckpointNotFoundError(f"no checkpoint at {path}: {why}", path=path) from e
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise CheckpointNotFoundError(f"no checkpoint at {path}: it is a symbolic link", path=path) from e
@@ -66,15 +84,33 @@ def _read_manifest_fd(dir_fd: int, where: str) -> Manifest:
                 path=where,
                 file=MANIFEST_NAME,
             )
-        data = os.pread(fd, size, 0)
-    finally:
-        os.close(fd)
-    try:
+        data = _read_sealed(fd, size)
         return parse_manifest(data)
     except ManifestError as e:
         raise CorruptCheckpointError(
             f"corrupt checkpoint {where}: manifest.json: {e}", path=where, file=MANIFEST_NAME
         ) from e
+    finally:
+        os.close(fd)
+
+
+def _read_sealed(fd: int, size: int) -> bytes:
+    """The manifest's bytes, read whole only once its seal is checked block by block (bounded memory).
+
+    Raises:
+        ManifestError: Not sealed, or the seal does not match.
+    """
+    expected = check_seal_prefix(os.pread(fd, SEAL_BYTES, 0))
+    crc, offset = 0, SEAL_BYTES
+    while offset < size:
+        block = os.pread(fd, min(_MANIFEST_BLOCK, size - offset), offset)
+        if not block:
+            break
+        crc = checksum(block, crc)
+        offset += len(block)
+    if crc != expected:
+        raise ManifestError("checksum mismatch: the manifest's bytes have changed since it was written")
+    return os.pread(fd, size, 0)
 
 
 def read_manifest(path: str) -> Manifest:

@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from ..storage.io import CHUNK_BYTES
 from ..storage.io import checksum as crc32c_of
 from .dtypes import dtype_from_name
 
@@ -22,6 +25,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAX_FILE_BYTES",
     "MAX_MANIFEST_BYTES",
+    "SEAL_BYTES",
     "Layout",
     "Manifest",
     "ManifestError",
@@ -29,6 +33,7 @@ __all__ = [
     "TensorEntry",
     "build_manifest",
     "check_file_name",
+    "check_seal_prefix",
     "parse_manifest",
     "parse_rank_entry",
     "seal_manifest",
@@ -142,6 +147,8 @@ def build_manifest(
 
 
 _SEAL = re.compile(rb'\{"manifest_crc32c":"([0-9a-f]{8})",')
+#: Length of the seal prefix ``{"manifest_crc32c":"<8 hex digits>",``.
+SEAL_BYTES = 30
 
 
 def seal_manifest(doc: dict[str, Any]) -> bytes:
@@ -160,6 +167,24 @@ def seal_manifest(doc: dict[str, Any]) -> bytes:
 
 class ManifestError(ValueError):
     """Raised by :func:`parse_manifest`; the caller adds the path."""
+
+
+def check_seal_prefix(head: bytes) -> int:
+    """Return the checksum a manifest starting with ``head`` (its first :data:`SEAL_BYTES` bytes) declares.
+
+    Lets a reader refuse a large file that is not a manifest after reading a few bytes of it.
+
+    Raises:
+        ManifestError: ``head`` is not the seal prefix.
+    """
+    seal = _SEAL.match(head)
+    if seal is None:
+        raise ManifestError("not a sealed manifest: it does not start with its own checksum (truncated or not a manifest)")
+    return int(seal.group(1), 16)
+
+
+def _no_constant(name: str) -> Any:
+    raise ManifestError(f"not valid JSON: {name} is not a JSON number")
 
 
 def check_file_name(name: Any) -> str:
@@ -203,14 +228,13 @@ def parse_manifest(data: bytes) -> Manifest:
         ManifestError: Not JSON, unknown version, missing or ill-typed fields,
             unsafe names, or sizes that do not add up.
     """
-    seal = _SEAL.match(data)
-    if seal is None:
-        raise ManifestError("not a sealed manifest: it does not start with its own checksum (truncated or not a manifest)")
-    if crc32c_of(memoryview(data)[seal.end() :]) != int(seal.group(1), 16):
+    if crc32c_of(memoryview(data)[SEAL_BYTES:]) != check_seal_prefix(data[:SEAL_BYTES]):
         raise ManifestError("checksum mismatch: the manifest's bytes have changed since it was written")
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except ManifestError:
+        raise
+    except ValueError as e:  # not UTF-8, not JSON, or an integer too long to convert
         raise ManifestError(f"not valid JSON: {e}") from e
     except RecursionError as e:  # nested deeper than the interpreter's recursion limit
         raise ManifestError("not a manifest: JSON nested too deeply") from e
@@ -230,8 +254,8 @@ def parse_manifest(data: bytes) -> Manifest:
     if _get(checksum, "algorithm", str, "checksum") != "crc32c":
         raise ManifestError(f"unknown checksum algorithm {checksum.get('algorithm')!r}")
     chunk_bytes = _nonneg(checksum, "chunk_bytes", "checksum")
-    if chunk_bytes == 0:
-        raise ManifestError("checksum chunk_bytes is 0")
+    if chunk_bytes != CHUNK_BYTES:
+        raise ManifestError(f"checksum chunk_bytes {chunk_bytes} is not {CHUNK_BYTES} (the one size of version 1)")
     ranks = tuple(_parse_rank(r, i, layout, chunk_bytes) for i, r in enumerate(ranks_doc))
     files = [r.file for r in ranks]
     if len(set(files)) != len(files):
@@ -292,6 +316,9 @@ def _parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_doc):
         raise ManifestError(f"{where}: shape must be a list of non-negative integers")
     shape = tuple(int(d) for d in shape_doc)
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > MAX_FILE_BYTES:
+        # Even an empty tensor (a 0 in its shape) gets strides from the other dimensions: bound them too.
+        raise ManifestError(f"{where}: absurd shape {list(shape)} (more than {MAX_FILE_BYTES} bytes without its zeros)")
     nbytes = _size(doc, "nbytes", where)
     if math.prod(shape) * dtype.itemsize != nbytes:
         raise ManifestError(f"{where}: {nbytes} bytes do not match shape {list(shape)} of {dtype_str}")
@@ -303,4 +330,8 @@ def _parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
     device = doc.get("device", "cpu")
     if not isinstance(device, str):
         raise ManifestError(f"{where}: device must be a string")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ManifestError(f"{where}: malformed device {device!r}: {e}") from e
     return TensorEntry(name, dtype_str, shape, _nonneg(doc, "offset", where), nbytes, tuple(crcs), device)
