@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import pickle
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,10 +13,11 @@ from typing import Any
 import torch
 
 from .checkpoint_reader import _open_checkpoint_dir, _open_in, _read_manifest_fd
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeObjectError
 from .format.dtypes import dtype_from_name
 from .format.manifest import Layout, Manifest, RankEntry
 from .format.native import plan_rank_file, write_rank_file
+from .format.torch_save import file_digest
 from .format.tree import flatten, join_key, unflatten
 from .storage.io import CHUNK_BYTES, checksum
 
@@ -27,7 +29,13 @@ def open_lazy(path: str, rank: int = 0) -> Iterator[tuple[Manifest, Any]]:
     """The state saved by ``rank``, its tensors backed by the file (read only when touched).
 
     Native tensors are verified against their checksums as they are mapped;
-    ``torch_save`` files are read with ``weights_only=True``.
+    ``torch_save`` files are checked against their digest, then read with
+    ``weights_only=True``.
+
+    Raises:
+        CheckpointNotFoundError: No committed checkpoint at ``path``.
+        CorruptCheckpointError: The manifest, a size or a checksum is wrong.
+        UnsafeObjectError: The rank file needs pickle (never unpickled here).
     """
     dir_fd = _open_checkpoint_dir(path)
     try:
@@ -45,7 +53,7 @@ def open_lazy(path: str, rank: int = 0) -> Iterator[tuple[Manifest, Any]]:
         if manifest.layout == Layout.SAFETENSORS:
             yield manifest, _lazy_native(fd, entry, path)
         else:
-            yield manifest, torch.load(f"/proc/self/fd/{fd}", map_location="cpu", weights_only=True, mmap=True)
+            yield manifest, _lazy_torch_save(fd, entry, path)
     finally:
         os.close(fd)
 
@@ -73,6 +81,27 @@ def _lazy_native(fd: int, entry: RankEntry, path: str) -> Any:
         return raw.view(dtype).view(t.shape)
 
     return unflatten(entry.tree, tensor, allow_pickle=False, where=path)
+
+
+def _lazy_torch_save(fd: int, entry: RankEntry, path: str) -> Any:
+    size, digest = file_digest(fd)  # streamed: memory stays flat
+    if size != entry.size_bytes or digest != entry.digest:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {path}: rank file {entry.file} does not match the manifest "
+            f"(size {size} vs {entry.size_bytes}, digest {digest} vs {entry.digest})",
+            path=path, file=entry.file,
+        )  # fmt: skip
+    try:
+        return torch.load(f"/proc/self/fd/{fd}", map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeObjectError(
+            f"refusing to load {entry.file} of {path}: it holds objects that need pickle (not executed)",
+            path=path, type_name="pickle",
+        ) from e  # fmt: skip
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {path}: cannot read {entry.file}: {e}", path=path, file=entry.file
+        ) from e
 
 
 def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
