@@ -27,7 +27,12 @@ setup
 case $cmd in
   demo) exec $PY examples/demo.py "$@" ;;
   test) exec $PY -m pytest tests -q "$@" ;;
-  bench) exec $PY benchmarks/bench_sync.py "$@" ;;
+  bench)
+    # The benchmark's extras (chart, peers); torch stays pinned to the version installed above.
+    if ! $PY -c "import matplotlib, torch_checkpointing, safetensors" 2>/dev/null; then
+      $PY -m pip install -q -c <(echo "torch==$($PY -c 'import torch; print(torch.__version__.split("+")[0])')") -e ".[bench]"
+    fi
+    exec $PY benchmarks/run.py "$@" ;;
   setup) ;;
   *) echo "usage: bash run.sh {demo|test|bench|setup}" >&2; exit 2 ;;
 esac

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["describe", "make_state", "state_equal", "template_like", "tensor_bytes", "tensors"]
+__all__ = ["describe", "make_many_small", "make_state", "state_equal", "template_like", "tensor_bytes", "tensors"]
 
 _DEFAULT_LAYERS = 16
 _MIN_VOCAB = 1024
@@ -130,6 +130,23 @@ def make_state(total_bytes: int, seed: int = 0, *, layers: int = _DEFAULT_LAYERS
         "optimizer": {"state": state, "param_groups": param_groups},
         "extra": {"step": 1000, "epoch": 3, "tokens_seen": 1000 * 4 * 2048 * 512},
     }
+
+
+def make_many_small(
+    n_tensors: int = 100_000, n_values: int = 100_000, tensor_bytes: int = 1024, seed: int = 0
+) -> dict[str, Any]:
+    """Per-entry overhead case: ``n_tensors`` fp32 tensors of ``tensor_bytes`` and ``n_values`` plain values.
+
+    ``{"tensors": {"t<i>": tensor}, "values": {"v<i>": int | float | str}}``: the
+    values cycle through ints, floats and short strings.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(n_tensors, tensor_bytes // 4, generator=gen)
+    ts = {f"t{i}": block[i].clone() for i in range(n_tensors)}
+    values: dict[str, Any] = {}
+    for i in range(n_values):
+        values[f"v{i}"] = i if i % 3 == 0 else (i * 0.5 if i % 3 == 1 else f"value-{i}")
+    return {"tensors": ts, "values": values}
 
 
 def tensors(sd: Any) -> list[torch.Tensor]:

@@ -1,0 +1,37 @@
+"""The benchmark entry point runs end to end at a tiny size (methods that need no optional package)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_run_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "run.py"),
+        "--size-gib", "0.004", "--reps", "1", "--many-small-count", "300",
+        "--only", "limits,torch_save,tc_sync_native,many_small_torch,many_small_tc_native",
+        "--dir", str(tmp_path / "scratch"), "--out-dir", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| target | measured | goal |" in proc.stdout
+    (json_path,) = out.glob("*.json")
+    doc = json.loads(json_path.read_text())
+    suites = {s["name"]: s for s in doc["suites"]}
+    assert len(suites) == 2
+    for suite in suites.values():
+        assert suite["checks"] and all(suite["checks"].values())
+        for row in suite["rows"].values():
+            assert row["samples"], row["label"]
+            assert all(s["time_s"] > 0 for s in row["samples"])
+    main = next(s for s in doc["suites"] if "transformer" in s["name"])
+    assert {"copy", "write", "read_warm", "read_cold", "torch_save", "tc_native_save"} <= set(main["summary"])
+    assert any(t["name"].startswith("sync save native") for t in main["targets"])
+    assert (out / (json_path.stem + ".md")).exists()
+    assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").iterdir())
