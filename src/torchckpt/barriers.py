@@ -281,9 +281,10 @@ class BoundedStore(dist.Store):
 
         thread = threading.Thread(target=run, name=f"torchckpt-store-{name}", daemon=True)
         thread.start()
-        thread.join(self._timeout_s + (_wait_seconds(args) if name == "wait" else 0))
+        limit_s = self._timeout_s + (_wait_seconds(args) if name == "wait" else 0)
+        thread.join(limit_s)
         if not box:
-            raise TimeoutError(f"the store did not answer {name}() within {self._timeout_s:g}s (its host hung?)")
+            raise TimeoutError(f"the store did not answer {name}() within {limit_s:g}s (its host hung?)")
         ok, value = box[0]
         if not ok:
             raise value

@@ -185,7 +185,7 @@ class DirectoryCommit:
             return
         for name in names:
             if name.startswith(prefix):
-                shutil.rmtree(os.path.join(self.parent, name), ignore_errors=True)
+                remove_generation(os.path.join(self.parent, name))
 
     def commit(self, manifest: bytes) -> None:
         """Write the manifest into the pending directory and swap it into place."""
@@ -258,19 +258,35 @@ class DirectoryCommit:
                 fs.rename(old, trash)
             except OSError as e:
                 logger.warning("could not move the old checkpoint %s aside (%s): deleting it in place", old, e)
-                shutil.rmtree(old, ignore_errors=True)
+                remove_generation(old)
                 return
         # Deleting gigabytes takes a while (and discards blocks): not on the save's time.
         # What a process exit interrupts is removed by the next save to this path.
-        threading.Thread(target=shutil.rmtree, args=(trash, True), name="torchckpt-discard", daemon=True).start()
+        threading.Thread(target=remove_generation, args=(trash,), name="torchckpt-discard", daemon=True).start()
 
     def release(self, *, remove_pending: bool) -> None:
         """Drop the lock; on failure, optionally remove the pending directory."""
         if remove_pending and not self.committed:
-            shutil.rmtree(self.pending, ignore_errors=True)
+            remove_generation(self.pending)
         if self._lock_fd is not None:
             fs.close(self._lock_fd)
             self._lock_fd = None
+
+
+def remove_generation(directory: str) -> None:
+    """Delete a checkpoint directory that is not (or no longer) the one at its path; errors are ignored.
+
+    The manifest goes first: a process killed in the middle of the deletion
+    leaves rank files without a manifest, never a manifest whose files are gone.
+    Like the deletion itself, this runs beside the commit protocol (often in a
+    background thread), so not through :mod:`.fs`.
+    """
+    for name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _listdir(path: str) -> Iterable[str]:
