@@ -65,6 +65,7 @@ SLOW_CASES = [
     Case("rename-exchange", "safetensors", "async", 2, "renameat2,rename,renameat", 1, "path", "rename"),
     Case("fsync-data", "safetensors", "async", 4, "fsync", 1, "data", "fsync"),
     Case("fsync-manifest", "safetensors", "async", 1, "fsync", 1, "manifest", "write manifest"),
+    Case("pwrite-header", "safetensors", "sync", 2, "pwrite64", 1, "data", "write"),
 ]
 
 #: The new state: 48 MiB in six 8 MiB tensors, three 16 MiB write batches for the writer threads to share.
