@@ -32,6 +32,8 @@ __all__ = ["CheckpointReader", "LegacyCheckpointWarning", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
+#: How many times a read starts again when the checkpoint is replaced under it (concurrent overwrites).
+_READ_ATTEMPTS = 10
 #: Block size of the manifest's checksum pass (memory stays bounded whatever the file holds).
 _MANIFEST_BLOCK = 4 << 20
 
@@ -72,6 +74,24 @@ def _open_checkpoint_dir(path: str) -> int:
         if e.errno == errno.ELOOP:
             raise CheckpointNotFoundError(f"no checkpoint at {path}: it is a symbolic link", path=path) from e
         raise
+
+
+class _Replaced(Exception):
+    """The checkpoint directory a reader holds was replaced at its path by another save."""
+
+
+def _replaced(dir_fd: int, path: str) -> bool:
+    """Whether ``path`` no longer names the directory open as ``dir_fd``.
+
+    An overwrite swaps a new generation into place and then deletes the old
+    one: a reader holding the old one finds files gone, which is no corruption.
+    """
+    held = os.fstat(dir_fd)
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
 
 
 def _read_manifest_fd(dir_fd: int, where: str) -> Manifest:
@@ -187,41 +207,69 @@ class CheckpointReader:
         path = os.fspath(path)
         verify = bool(kwargs.get("verify", self._verify))
         allow_pickle = bool(kwargs.get("allow_pickle", self._allow_pickle))
-        started = time.monotonic()
-        dir_fd = _open_checkpoint_dir(path)
-        try:
+        for _ in range(_READ_ATTEMPTS):
+            dir_fd = _open_checkpoint_dir(path)
             try:
-                manifest = _read_manifest_fd(dir_fd, path)
-            except FileNotFoundError:
-                return self._read_legacy(dir_fd, path, state_dict, map_location, allow_pickle)
-            entry = self._entry(manifest, kwargs.get("rank"), path)
-            try:
-                fd = _open_in(dir_fd, entry.file, path)
-            except FileNotFoundError as e:
-                raise CorruptCheckpointError(
-                    f"corrupt checkpoint {path}: rank file {entry.file} listed in the manifest is missing",
-                    path=path,
-                    file=entry.file,
-                ) from e
-            try:
-                if manifest.layout == Layout.SAFETENSORS:
-                    result, missing, nbytes = read_native(
-                        fd, entry, state_dict, map_location=map_location, verify=verify,
-                        allow_pickle=allow_pickle, where=path, threads=self._io_threads,
-                    )  # fmt: skip
-                else:
-                    if verify:
-                        self._verify_whole_file(fd, entry, path)
-                    else:
-                        check_file_size(fd, entry, path)  # cheap, so done even without checksums
-                    result, missing = load_torch_save(
-                        fd, state_dict, map_location=map_location, allow_pickle=allow_pickle, where=path, file=entry.file
-                    )
-                    nbytes = entry.size_bytes
+                return self._read_dir(dir_fd, path, state_dict, map_location, kwargs.get("rank"), verify, allow_pickle)
+            except _Replaced:
+                logger.debug("checkpoint %s was replaced while it was being read; reading it again", path)
             finally:
-                os.close(fd)
+                os.close(dir_fd)
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {path}: replaced by other saves {_READ_ATTEMPTS} times while it was being read",
+            path=path,
+        )
+
+    def _read_dir(
+        self,
+        dir_fd: int,
+        path: str,
+        state_dict: STATE_DICT | None,
+        map_location: Any,
+        rank: Any,
+        verify: bool,
+        allow_pickle: bool,
+    ) -> tuple[STATE_DICT, list[str]]:
+        """Read from the open checkpoint directory ``dir_fd``.
+
+        Raises:
+            _Replaced: A file is missing because another save replaced the directory (read it again).
+        """
+        started = time.monotonic()
+        try:
+            manifest = _read_manifest_fd(dir_fd, path)
+        except FileNotFoundError:
+            if _replaced(dir_fd, path):
+                raise _Replaced from None
+            return self._read_legacy(dir_fd, path, state_dict, map_location, allow_pickle)
+        entry = self._entry(manifest, rank, path)
+        try:
+            fd = _open_in(dir_fd, entry.file, path)
+        except FileNotFoundError as e:
+            if _replaced(dir_fd, path):
+                raise _Replaced from e
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {path}: rank file {entry.file} listed in the manifest is missing",
+                path=path,
+                file=entry.file,
+            ) from e
+        try:
+            if manifest.layout == Layout.SAFETENSORS:
+                result, missing, nbytes = read_native(
+                    fd, entry, state_dict, map_location=map_location, verify=verify,
+                    allow_pickle=allow_pickle, where=path, threads=self._io_threads,
+                )  # fmt: skip
+            else:
+                if verify:
+                    self._verify_whole_file(fd, entry, path)
+                else:
+                    check_file_size(fd, entry, path)  # cheap, so done even without checksums
+                result, missing = load_torch_save(
+                    fd, state_dict, map_location=map_location, allow_pickle=allow_pickle, where=path, file=entry.file
+                )
+                nbytes = entry.size_bytes
         finally:
-            os.close(dir_fd)
+            os.close(fd)
         if missing:
             logger.warning("checkpoint %s lacks %d keys of the template: %s", path, len(missing), missing[:10])
         logger.info("loaded checkpoint %s (rank %d): %d bytes in %.3fs", path, entry.rank, nbytes, time.monotonic() - started)
@@ -261,7 +309,7 @@ class CheckpointReader:
             f"{path} has no manifest.json: loading {name} as a checkpoint of the reference implementation, "
             "which has no commit marker and no checksums",
             LegacyCheckpointWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         try:
             return load_torch_save(fd, state_dict, map_location=map_location, allow_pickle=allow_pickle, where=path, file=name)

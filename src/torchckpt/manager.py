@@ -44,6 +44,8 @@ __all__ = ["CheckpointManager", "SaveHandle"]
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{1,19})$")
+#: How many times a load lists the steps again when those it listed were deleted under it.
+_LIST_ATTEMPTS = 10
 _LEFTOVER = re.compile(r"^\.step_\d+\.torchckpt-(pending|trash-[0-9a-f]+)$")
 
 
@@ -136,11 +138,22 @@ class CheckpointManager:
         return os.path.join(self.root, f"step_{step:010d}")
 
     def _infos(self) -> list[CheckpointInfo]:
+        for _ in range(_LIST_ATTEMPTS):
+            infos, vanished = self._list_once()
+            if not vanished:
+                break
+            # A listed step was deleted before its manifest was read (retention in another process),
+            # maybe after a newer one was committed that this listing missed. List again.
+        return infos
+
+    def _list_once(self) -> tuple[list[CheckpointInfo], bool]:
+        """The committed steps, and whether a listed step directory vanished while they were read."""
         infos = []
+        vanished = False
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
-            return []
+            return [], False
         for name in names:
             m = _STEP_DIR.match(name)
             if not m or name != f"step_{int(m.group(1)):010d}":
@@ -149,13 +162,14 @@ class CheckpointManager:
             try:
                 manifest = read_manifest(path)
             except (CheckpointError, OSError):
+                vanished = vanished or not os.path.lexists(path)
                 continue  # not committed (or unreadable): not a checkpoint
             step = int(m.group(1))
             if manifest.metadata.get("step", step) != step:
                 continue
             metrics = manifest.metadata.get("metrics") or {}
             infos.append(CheckpointInfo(step, path, metrics if isinstance(metrics, dict) else {}, manifest.created_unix_s))
-        return sorted(infos, key=lambda c: c.step)
+        return sorted(infos, key=lambda c: c.step), vanished
 
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
@@ -306,28 +320,39 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: No committed step (or not the one asked for).
         """
-        candidates = [step] if step is not None else list(reversed(self.steps()))
-        if not candidates:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}", path=self.root)
         last_error: Exception | None = None
-        for s in candidates:
-            with self._lock:
-                self._loading.add(s)
-            try:
-                return s, self._load_step(s, state, strict=strict, map_location=map_location)
-            except CheckpointNotFoundError:
-                if step is not None:
-                    raise
-                continue
-            except CheckpointError as e:
-                if step is not None or not fallback:
-                    raise
-                warnings.warn(f"skipping step {s} at {self.path(s)}: {e}", stacklevel=2)
-                logger.warning("skipping step %d at %s: %s", s, self.path(s), e)
-                last_error = e
-            finally:
+        for _ in range(_LIST_ATTEMPTS):
+            candidates = [step] if step is not None else list(reversed(self.steps()))
+            vanished = False
+            for s in candidates:
                 with self._lock:
-                    self._loading.discard(s)
+                    self._loading.add(s)
+                try:
+                    return s, self._load_step(s, state, strict=strict, map_location=map_location)
+                except CheckpointError as e:
+                    if isinstance(e, CheckpointNotFoundError) or not os.path.isdir(self.path(s)):
+                        # Deleted before or while it was read (retention in another process): not a bad step.
+                        if step is not None:
+                            if isinstance(e, CheckpointNotFoundError):
+                                raise
+                            raise CheckpointNotFoundError(
+                                f"step {s} at {self.path(s)} was deleted while it was being loaded", path=self.path(s)
+                            ) from e
+                        vanished = True
+                        continue
+                    if step is not None or not fallback:
+                        raise
+                    warnings.warn(f"skipping step {s} at {self.path(s)}: {e}", stacklevel=2)
+                    logger.warning("skipping step %d at %s: %s", s, self.path(s), e)
+                    last_error = e
+                finally:
+                    with self._lock:
+                        self._loading.discard(s)
+            if not vanished:
+                break
+            # Listed steps vanished under this load: newer ones were committed meanwhile. List again.
+        if last_error is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}", path=self.root)
         raise CheckpointNotFoundError(
             f"no loadable checkpoint under {self.root}; the last error: {last_error}", path=self.root
         ) from last_error

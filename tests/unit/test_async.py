@@ -1,6 +1,7 @@
 """Async saves: DefaultStager, AsyncCheckpointer, make_async_checkpointer.
 
-Kills of the writer subprocess and the leak soak are in ``tests/faults/test_writer_process.py``.
+Kills of the writer subprocess and the leak soak are in ``tests/faults/test_writer_process.py``;
+mutating the state while a save is in flight, in ``tests/faults/test_concurrency.py``.
 """
 
 from __future__ import annotations
@@ -240,37 +241,6 @@ def test_async_save_with_safetensors_format(tmp_path) -> None:
         assert manifest(path)["layout"] == "safetensors"
         assert cu.NATIVE_FILE in os.listdir(path)
         cu.assert_state_equal(ckpt.load(path), expected)
-
-
-@pytest.mark.parametrize("fmt", cu.FORMATS)
-def test_mutation_after_staging_does_not_reach_the_checkpoint(tmp_path, fmt: str) -> None:
-    """The writer is held back until the source has been mutated: the checkpoint must hold the staged values."""
-    path = str(tmp_path / "ckpt")
-    arm, reached = str(tmp_path / "arm"), str(tmp_path / "reached")
-    config = tc.CheckpointWriterConfig(format=fmt)
-    ckpt = tc.make_async_checkpointer(
-        rank_info=tc.RankInfo(0, 1),
-        checkpoint_writer_init_fn=at.slow_writer_init,
-        checkpoint_writer_init_args={"arm_file": arm, "reached_file": reached, "config": config},
-    )
-    try:
-        state = mixed_state(6)
-        expected = clone_state(state)
-        open(arm, "w").close()
-        stage_future, write_future = ckpt.save(path, state)
-        assert stage_future.result(timeout=WAIT_S) is None
-        mutate_all(state)
-        at.wait_for_file(reached, WAIT_S)  # the writer holds the staged dict and waits
-        assert not write_future.done()
-        os.unlink(arm)
-        assert write_future.result(timeout=WAIT_S) is None
-        loaded = ckpt.load(path)
-        cu.assert_state_equal(loaded, expected)
-        assert not torch.equal(loaded["model"]["w"], state["model"]["w"])
-    finally:
-        if os.path.exists(arm):
-            os.unlink(arm)
-        ckpt.close()
 
 
 def step_state(step: int) -> dict:
