@@ -287,3 +287,74 @@ def tcp_listeners(port: int) -> list[str]:
             raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             found.append(socket.inet_ntop(family, raw))
     return found
+
+
+# -- barriers of several ranks in one process (threads) ----------------------------------------
+
+
+def in_threads(fns: list[Callable[[], Any]], timeout_s: float = 30) -> list[Any]:
+    """Run each function in its own thread; return results in order; re-raise the first error."""
+    import threading
+
+    results: list[Any] = [None] * len(fns)
+    errors: list[BaseException | None] = [None] * len(fns)
+
+    def body(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors[i] = e
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+        assert not t.is_alive(), "a barrier thread hung"
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+def tcp_barriers(
+    world: int, prefix: str, timeout_s: float, port: int | None = None, host: str = "127.0.0.1"
+) -> list[Any]:
+    """``world`` TCPStoreBarriers (rank 0 hosts the store on ``host``), built concurrently."""
+    from torchckpt.barriers import TCPStoreBarrier
+
+    port = port or free_port()
+
+    def make(rank: int) -> Callable[[], Any]:
+        return lambda: TCPStoreBarrier(
+            global_rank=rank,
+            global_world_size=world,
+            barrier_prefix=prefix,
+            timeout_barrier_init_secs=20,
+            use_checkpoint_barrier_tcpstore_libuv=True,
+            tcpstore_port=port,
+            master_address=host,
+            timeout_secs=timeout_s,
+        )
+
+    return in_threads([make(r) for r in range(world)])
+
+
+def store_barriers(world: int, timeout_s: float, host: str = "127.0.0.1") -> tuple[Any, list[Any]]:
+    """A store started by torchckpt on ``host`` and ``world`` StoreBarriers joined to it."""
+    from torchckpt.barriers import StoreBarrier
+    from torchckpt.builder import start_store
+
+    server = start_store(host, world)
+
+    def make(rank: int) -> Callable[[], Any]:
+        return lambda: StoreBarrier(
+            global_rank=rank, global_world_size=world, master_address=host, port=server.port, timeout_secs=timeout_s
+        )
+
+    return server, in_threads([make(r) for r in range(world)])
+
+
+def store_count(store: Any, key: str) -> int:
+    """The value of a counter key, without changing it (0 when absent)."""
+    return int(store.add(key, 0))
