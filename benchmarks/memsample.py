@@ -14,7 +14,7 @@ It reads commands on stdin, one a line, and answers each with one JSON line:
 
 A sample reads ``RssAnon``, ``RssShmem`` and ``RssFile`` (kB) from
 ``/proc/<pid>/status`` of PID and of every descendant (the list of
-descendants is refreshed every 10 ms from ``/proc/<pid>/task/*/children``, so
+descendants is refreshed every 50 ms from ``/proc/<pid>/task/*/children``, so
 a writer subprocess started during the operation is seen). It reduces them to:
 
 - ``main``: PID's ``RssAnon + RssShmem`` (private memory plus the shared
@@ -111,7 +111,7 @@ class _Sampler:
         refreshed = time.monotonic()
         while self.running:
             now = time.monotonic()
-            if now - refreshed > 0.01:
+            if now - refreshed > 0.05:
                 kids, refreshed = descendants(self.pid), now
             s = sample(self.pid, kids)
             for k, v in s.items():

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from .agreement import Agreement, run_collective
 from .barriers import Barrier
 from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError
+from .format.gcpause import paused_gc
 from .format.manifest import RankEntry, build_manifest, parse_rank_entry
 from .format.native import plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
@@ -185,13 +186,14 @@ class CheckpointWriter:
                 entries = [entry] if world == 1 else _read_entry_sidecars(commit.pending, world, path)
                 commit_started = time.monotonic()
                 stats["file_bytes"] = sum(e.size_bytes for e in entries)
-                manifest = build_manifest(
-                    layout=str(CheckpointFormat(self._config.format).value),
-                    ranks=entries,
-                    chunk_bytes=CHUNK_BYTES,
-                    metadata=_metadata(kwargs.get("metadata"), path),
-                    stats=stats,
-                )
+                with paused_gc():
+                    manifest = build_manifest(
+                        layout=str(CheckpointFormat(self._config.format).value),
+                        ranks=entries,
+                        chunk_bytes=CHUNK_BYTES,
+                        metadata=_metadata(kwargs.get("metadata"), path),
+                        stats=stats,
+                    )
                 commit.commit(manifest)
                 stats["commit_s"] = time.monotonic() - commit_started
 
@@ -226,6 +228,7 @@ class CheckpointWriter:
             return dist.distributed_c10d._get_default_store()
         return None
 
+    @paused_gc()  # many small objects per entry: see format/gcpause.py
     def _write_rank(self, pending: str, state_dict: STATE_DICT) -> tuple[RankEntry, dict[str, Any]]:
         rank = self._rank_info.global_rank
         t0 = time.monotonic()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .format.gcpause import paused_gc
 from .format.tree import Flattened, flatten, unflatten
 from .shm import SharedArena, pack
 from .types import STATE_DICT
@@ -138,6 +139,7 @@ class _StateDictStager:
             tensors.append(pool.pop() if pool else torch.empty(t.shape, dtype=t.dtype, pin_memory=pin))
         return _Buffers(self._signature(flat), tensors, None)
 
+    @paused_gc()  # flatten and unflatten build objects per entry: see format/gcpause.py
     def stage(self, state_dict: STATE_DICT, *, non_blocking: bool) -> STATE_DICT:
         flat = flatten(state_dict, allow_pickle=True)
         if self._buffers is None or self._buffers.signature != self._signature(flat):

@@ -20,6 +20,7 @@ import torch
 from ..storage.io import CHUNK_BYTES
 from ..storage.io import checksum as crc32c_of
 from .dtypes import dtype_from_name
+from .gcpause import paused_gc
 
 __all__ = [
     "FORMAT_VERSION",
@@ -221,6 +222,7 @@ def _size(d: Any, key: str, where: str) -> int:
     return value
 
 
+@paused_gc()  # JSON of every entry: see gcpause.py
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate manifest bytes.
 

@@ -14,21 +14,25 @@ shape ``[nbytes]``; the manifest keeps the real dtype and shape.
 
 from __future__ import annotations
 
+import array
 import json
+import operator
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..storage import fs
-from ..storage.io import Extent, checksum, write_extents
+from ..storage.io import CHUNK_BYTES, Extent, checksum, write_extents, write_gathered
 from .dtypes import dtype_name, safetensors_name
 from .manifest import RankEntry, TensorEntry
 from .tree import Flattened
 
 __all__ = [
     "HEADER_ALIGN",
+    "SMALL_TENSOR_BYTES",
     "NativeFile",
     "byte_view",
     "digest_of",
@@ -55,6 +59,8 @@ def byte_view(t: torch.Tensor) -> memoryview:
 
 def host_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when it is a plain contiguous CPU tensor, else a CPU contiguous copy."""
+    if t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+        return t  # the common case, without the cost of detach()
     t = t.detach()
     if t.is_conj():
         t = t.resolve_conj()
@@ -67,10 +73,18 @@ def host_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def digest_of(header_crc: int, entries: list[TensorEntry]) -> str:
     """File digest: crc32c over the header crc then every chunk crc, in file order, each u32 LE."""
-    parts = [struct.pack("<I", header_crc)]
-    for e in sorted(entries, key=lambda e: (e.offset, e.nbytes)):
-        parts.extend(struct.pack("<I", c) for c in e.crc32c)
-    return f"crc32c:{checksum(b''.join(parts)):08x}"
+    crcs = array.array("I", [header_crc])
+    for e in sorted(entries, key=_file_order):
+        crcs.extend(e.crc32c)
+    if sys.byteorder != "little":
+        crcs.byteswap()
+    return f"crc32c:{checksum(crcs.tobytes()):08x}"
+
+
+_file_order = operator.attrgetter("offset", "nbytes")
+
+#: Tensors up to this size are copied into a shared write buffer instead of written from their own memory.
+SMALL_TENSOR_BYTES = 256 * 1024
 
 
 @dataclass
@@ -94,8 +108,9 @@ class NativeFile:
 def plan_rank_file(flat: Flattened, *, rank: int, metadata: dict[str, str] | None = None) -> NativeFile:
     """Lay out the rank file of ``flat``: header bytes and every tensor's offset."""
     hosts = [host_contiguous(t) for t in flat.tensors]
-    nbytes = [t.numel() * t.element_size() for t in hosts]
-    order = sorted(range(len(hosts)), key=lambda i: -hosts[i].element_size())
+    nbytes = [t.nbytes for t in hosts]
+    # Stable: tensors of one element size keep their table order.
+    order = sorted(range(len(hosts)), key=[-t.element_size() for t in hosts].__getitem__)
     rel = [0] * len(hosts)
     pos = 0
     for i in order:
@@ -103,46 +118,79 @@ def plan_rank_file(flat: Flattened, *, rank: int, metadata: dict[str, str] | Non
         pos += nbytes[i]
     meta = {"format": "torchckpt", "torchckpt_format": "1", "rank": str(rank), **(metadata or {})}
     entries: dict[str, Any] = {"__metadata__": meta}
+    st_names: dict[torch.dtype, str | None] = {}
+    names = flat.names
     for i in order:
         t = hosts[i]
-        st = safetensors_name(t.dtype)
-        shape = list(t.shape) if st else [nbytes[i]]
-        entries[flat.names[i]] = {"dtype": st or "U8", "shape": shape, "data_offsets": [rel[i], rel[i] + nbytes[i]]}
+        dtype = t.dtype
+        if dtype not in st_names:
+            st_names[dtype] = safetensors_name(dtype)
+        st = st_names[dtype]
+        n = nbytes[i]
+        shape = list(t.shape) if st else [n]
+        entries[names[i]] = {"dtype": st or "U8", "shape": shape, "data_offsets": [rel[i], rel[i] + n]}
     body = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     n = len(body)
     padded = -(-(8 + n) // HEADER_ALIGN) * HEADER_ALIGN - 8
     header = struct.pack("<Q", padded) + body + b" " * (padded - n)
     data_offset = len(header)
+    dtype_names: dict[torch.dtype, str] = {}
+    device_names: dict[torch.device, str] = {}
+    dtypes, shapes, devices = [], [], []
+    for t in flat.tensors:
+        dtype, device = t.dtype, t.device
+        if dtype not in dtype_names:
+            dtype_names[dtype] = dtype_name(dtype)
+        if device not in device_names:
+            device_names[device] = str(device)
+        dtypes.append(dtype_names[dtype])
+        shapes.append(tuple(t.shape))
+        devices.append(device_names[device])
     return NativeFile(
         header=header,
         tensors=hosts,
-        names=list(flat.names),
-        dtypes=[dtype_name(t.dtype) for t in flat.tensors],
-        shapes=[tuple(t.shape) for t in flat.tensors],
-        devices=[str(t.device) for t in flat.tensors],
+        names=list(names),
+        dtypes=dtypes,
+        shapes=shapes,
+        devices=devices,
         offsets=[data_offset + r for r in rel],
         size_bytes=data_offset + pos,
     )
 
 
 def write_rank_file(fd: int, plan: NativeFile, *, threads: int) -> tuple[list[TensorEntry], int]:
-    """Write the planned file to ``fd`` (not fsynced) and return its tensor entries and header crc."""
+    """Write the planned file to ``fd`` (not fsynced) and return its tensor entries and header crc.
+
+    Large tensors are written straight from their memory by parallel
+    positional writes; small ones (up to ``SMALL_TENSOR_BYTES``) are copied
+    into a shared buffer first, which costs less than a view and an iovec each.
+    """
     written = 0
     while written < len(plan.header):
         written += fs.pwrite(fd, memoryview(plan.header)[written:], written)
-    extents = [Extent(off, byte_view(t)) for off, t in zip(plan.offsets, plan.tensors)]
-    write_extents(fd, extents, threads=threads)
-    entries = [
-        TensorEntry(
-            name=plan.names[i],
-            dtype=plan.dtypes[i],
-            shape=plan.shapes[i],
-            offset=plan.offsets[i],
-            nbytes=extents[i].buffer.nbytes,
-            crc32c=tuple(extents[i].crcs or ()),
-            device=plan.devices[i],
+    count = len(plan.tensors)
+    sizes = [t.nbytes for t in plan.tensors]
+    crcs: list[tuple[int, ...]] = [()] * count
+    limit = min(SMALL_TENSOR_BYTES, CHUNK_BYTES)  # a gathered tensor has one checksum chunk
+    small = [i for i in range(count) if sizes[i] <= limit]
+    large = [i for i in range(count) if sizes[i] > limit]
+    if small:
+        tensors, offsets = plan.tensors, plan.offsets
+        small_crcs = write_gathered(
+            fd, [offsets[i] for i in small], [tensors[i].data_ptr() for i in small], [sizes[i] for i in small]
         )
-        for i in range(len(extents))
+        for i, c in zip(small, small_crcs):
+            crcs[i] = (c,)
+    if large:
+        extents = [Extent(plan.offsets[i], byte_view(plan.tensors[i])) for i in large]
+        write_extents(fd, extents, threads=threads)
+        for i, e in zip(large, extents):
+            crcs[i] = tuple(e.crcs or ())
+    entries = [
+        TensorEntry(name, dtype, shape, offset, size, crc, device)
+        for name, dtype, shape, offset, size, crc, device in zip(
+            plan.names, plan.dtypes, plan.shapes, plan.offsets, sizes, crcs, plan.devices
+        )
     ]
     return entries, checksum(plan.header)
 

@@ -11,6 +11,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..storage.io import ChecksumError, Extent, checksum, read_extents
 from .dtypes import dtype_from_name
+from .gcpause import paused_gc
 from .manifest import RankEntry, TensorEntry
 from .native import byte_view, digest_of
 from .select import check_fits, merge
@@ -104,6 +105,7 @@ def _check_header(fd: int, entry: RankEntry, where: str) -> None:
         )
 
 
+@paused_gc()  # the tree and the loaded state are many small objects: see gcpause.py
 def read_native(
     fd: int,
     entry: RankEntry,

@@ -19,8 +19,10 @@ import torch
 
 from ..errors import CorruptCheckpointError, UnsafeObjectError
 from ..storage import fs
+from ..storage import io as storage_io
 from ..storage.io import BATCH_BYTES as WRITEBACK_BYTES
 from ..storage.io import checksum, start_writeback
+from .gcpause import paused_gc
 from .select import check_fits, merge
 
 __all__ = ["file_digest", "load_torch_save", "rank_file_name", "save_torch_save"]
@@ -34,14 +36,23 @@ def rank_file_name(rank: int) -> str:
 
 
 class _ChecksumWriter(io.RawIOBase):
-    """A write-only file object over ``fd`` that checksums what goes through it."""
+    """A write-only file object over ``fd`` that checksums what goes through it.
+
+    ``torch.save`` writes a few small pieces per tensor (record headers, small
+    tensors' bytes, padding): those are gathered in a buffer and written
+    ``_GATHER_BYTES`` at a time, which saves a system call each (a state of
+    100,000 small tensors otherwise costs 300,000 ``write`` calls). A large
+    piece first flushes the buffer and then goes out straight from its memory.
+    Call :meth:`drain` once ``torch.save`` returns.
+    """
 
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd
         self.crc = 0
-        self.size = 0
+        self.size = 0  # bytes written to fd (the buffer's are not counted until drained)
         self.flushed = 0
+        self._buffer = bytearray()
         #: The first failed write's error; later writes fail with it too.
         self.error: OSError | None = None
 
@@ -52,6 +63,25 @@ class _ChecksumWriter(io.RawIOBase):
         if self.error is not None:
             raise self.error
         view = memoryview(data).cast("B")
+        n = view.nbytes
+        if n < _SMALL_WRITE_BYTES:
+            self._buffer += view
+            if len(self._buffer) >= min(_GATHER_BYTES, storage_io.BATCH_BYTES):
+                self.drain()
+        else:
+            self.drain()
+            self._write(view)
+        return n
+
+    def drain(self) -> None:
+        """Write out what the buffer holds."""
+        if self._buffer:
+            self._write(memoryview(self._buffer))
+            self._buffer = bytearray()
+
+    def _write(self, view: memoryview) -> None:
+        if self.error is not None:
+            raise self.error
         done = 0
         try:
             while done < view.nbytes:
@@ -65,7 +95,12 @@ class _ChecksumWriter(io.RawIOBase):
             # Start writeback as we go, so the final fsync has little left to do.
             start_writeback(self.fd, self.flushed, self.size - self.flushed)
             self.flushed = self.size
-        return view.nbytes
+
+
+#: Pieces smaller than this are gathered; the buffer is written when it holds ``_GATHER_BYTES``
+#: (or the largest single write, ``storage.io.BATCH_BYTES``, if that is smaller).
+_SMALL_WRITE_BYTES = 64 * 1024
+_GATHER_BYTES = 1024 * 1024
 
 
 class _EmptyBytes(bytes):
@@ -111,6 +146,7 @@ def save_torch_save(fd: int, state_dict: Any) -> tuple[int, str]:
         state_dict = _weights_only_loadable(state_dict)
     try:
         torch.save(state_dict, cast(IO[bytes], out))
+        out.drain()
     except Exception:
         if out.error is None:
             raise
@@ -149,6 +185,7 @@ def _weights_only_cause(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+@paused_gc()  # the loaded state is many small objects: see gcpause.py
 def load_torch_save(
     fd: int,
     template: Any,
@@ -166,10 +203,12 @@ def load_torch_save(
     """
     proc_path = f"/proc/self/fd/{fd}"
     # mmap works only for the zip format; files of torch.save(_use_new_zipfile_serialization=False) are read whole.
-    use_mmap = template is not None and os.path.exists(proc_path) and os.pread(fd, 4, 0) == _ZIP_MAGIC
+    by_path = os.path.exists(proc_path)
+    use_mmap = template is not None and by_path and os.pread(fd, 4, 0) == _ZIP_MAGIC
     try:
-        if use_mmap:
-            loaded = torch.load(proc_path, map_location=map_location, weights_only=not allow_pickle, mmap=True)
+        if by_path:
+            # By name (the same open file): torch reads the archive in C++, faster than through a file object.
+            loaded = torch.load(proc_path, map_location=map_location, weights_only=not allow_pickle, mmap=use_mmap)
         else:
             with os.fdopen(os.dup(fd), "rb") as f:
                 loaded = torch.load(f, map_location=map_location, weights_only=not allow_pickle)

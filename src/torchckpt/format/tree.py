@@ -74,9 +74,10 @@ def _index_path(prefix: str, i: int) -> str:
 
 
 def _tie_key(t: torch.Tensor) -> tuple[Any, ...] | None:
-    if t.numel() == 0 or t.device.type == "meta":
+    if t.is_meta or t.numel() == 0:
         return None
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    # data_ptr() is the storage's address plus the offset: one call instead of a storage object per tensor.
+    return (t.device, t.data_ptr(), t.shape, t.stride(), t.dtype)
 
 
 class _Flattener:
@@ -87,7 +88,8 @@ class _Flattener:
         self._used_names: set[str] = {"__metadata__"}  # reserved by safetensors
 
     def tensor(self, t: torch.Tensor, path: str) -> dict[str, int]:
-        _check_tensor(t, path)
+        if not (type(t) in _PLAIN_TENSOR_TYPES and t.layout is torch.strided and not t.is_quantized and not t.is_meta):
+            _check_tensor(t, path)  # raises, naming what is wrong
         key = _tie_key(t)
         if key is not None and key in self._seen:
             return {"T": self._seen[key]}
@@ -106,6 +108,16 @@ class _Flattener:
         return {"T": index}
 
     def node(self, value: Any, path: str) -> Any:
+        # Exact types first: most leaves of a state dict are str, int, float or a plain tensor.
+        tp = type(value)
+        if tp is str or tp is int:
+            return value
+        if tp is float:
+            return value if math.isfinite(value) else {"float": repr(value)}
+        if tp is torch.Tensor:
+            return self.tensor(value, path)
+        if tp is dict or tp is OrderedDict:
+            return self.mapping(value, path)
         if isinstance(value, torch.Tensor):
             return self.tensor(value, path)
         if value is None or isinstance(value, bool):
@@ -125,16 +137,22 @@ class _Flattener:
         if isinstance(value, torch.device):
             return {"device": str(value)}
         if type(value) is OrderedDict or type(value) is dict:
-            tag = "dict" if type(value) is dict else "odict"
-            items = []
-            for k, v in value.items():
-                key_node = self.key(k, path)
-                items.append([key_node, self.node(v, join_key(path, k))])
-            return {tag: items}
+            return self.mapping(value, path)
         if type(value) is list or type(value) is tuple:
             tag = "list" if type(value) is list else "tuple"
             return {tag: [self.node(v, _index_path(path, i)) for i, v in enumerate(value)]}
         return self.opaque(value, path)
+
+    def mapping(self, value: dict[Any, Any], path: str) -> dict[str, list[list[Any]]]:
+        items = []
+        for k, v in value.items():
+            if type(k) is str:  # the common key: its node is itself, its path is joined once
+                sub = f"{path}.{k}" if path else k
+                items.append([k, self.node(v, sub)])
+            else:
+                key_node = self.key(k, path)
+                items.append([key_node, self.node(v, join_key(path, k))])
+        return {"dict" if type(value) is dict else "odict": items}
 
     def key(self, k: Any, path: str) -> Any:
         if isinstance(k, torch.Tensor):  # hashed by identity: cannot be rebuilt as a key
@@ -163,6 +181,9 @@ class _Flattener:
         return {"pickle": base64.b64encode(blob).decode("ascii")}
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
+
+
 def _check_tensor(t: torch.Tensor, path: str) -> None:
     where = path or "[root]"
     if t.layout != torch.strided:
@@ -178,7 +199,7 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
             key=path,
             type_name="torch.Tensor",
         )
-    if type(t) not in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer):
+    if type(t) not in _PLAIN_TENSOR_TYPES:
         raise UnsafeObjectError(
             f"cannot save the tensor at key {where!r}: tensor subclass {type(t).__qualname__} is not supported",
             key=path,

@@ -36,6 +36,7 @@ __all__ = [
     "read_extents",
     "start_writeback",
     "write_extents",
+    "write_gathered",
 ]
 
 #: Bytes covered by one checksum.
@@ -80,7 +81,7 @@ def checksum(data: memoryview | bytes, value: int = 0) -> int:
 
 def chunk_count(nbytes: int) -> int:
     """Number of checksum chunks of a tensor of ``nbytes`` bytes."""
-    return max(1, -(-nbytes // CHUNK_BYTES))
+    return (nbytes + CHUNK_BYTES - 1) // CHUNK_BYTES or 1
 
 
 class ChecksumError(Exception):
@@ -157,6 +158,58 @@ def _write_batch(fd: int, offset: int, pieces: list[_Piece], crcs: list[list[int
     if _start_writeback is not None and total:
         _start_writeback(fd, offset, total)
     return total
+
+
+def write_gathered(fd: int, offsets: Sequence[int], addresses: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """Write many small memory ranges, copied into one buffer per run of contiguous file bytes.
+
+    For small tensors a zero-copy view and an iovec each cost more than
+    copying their bytes: range ``i`` (``sizes[i]`` bytes at memory address
+    ``addresses[i]``, at most ``CHUNK_BYTES``) is copied into a buffer of
+    ``BATCH_BYTES`` (or of the largest range, if larger), checksummed there,
+    and each buffer goes out in one positional write. The memory must stay
+    valid for the call (the caller holds the tensors).
+
+    Returns:
+        The crc32c of each range (its one checksum chunk), in the order given.
+
+    Raises:
+        OSError: A write failed.
+    """
+    n = len(offsets)
+    crcs = [0] * n
+    if n == 0:
+        return crcs
+    # Room for the largest range at least: the copy below must never run past the buffer.
+    buf = bytearray(max(1, max(sizes), min(BATCH_BYTES, sum(sizes))))
+    view = memoryview(buf)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    memmove = ctypes.memmove
+    start = fill = 0
+
+    def flush() -> None:
+        done = 0
+        while done < fill:
+            written = fs.pwrite(fd, view[done:fill], start + done)
+            if written <= 0:
+                raise OSError(errno_mod.EIO, "pwrite wrote no bytes")
+            done += written
+        if _start_writeback is not None and fill:
+            _start_writeback(fd, start, fill)
+
+    for i in sorted(range(n), key=offsets.__getitem__):
+        off, size = offsets[i], sizes[i]
+        if off != start + fill or fill + size > len(buf):
+            flush()
+            start, fill = off, 0
+        if size:
+            if fill + size > len(buf):  # cannot happen (see above); checked because a wrong copy corrupts memory
+                raise ValueError(f"range of {size} bytes does not fit the {len(buf)}-byte write buffer")
+            memmove(base + fill, addresses[i], size)
+            crcs[i] = _crc32c.crc32c(view[fill : fill + size])
+            fill += size
+    flush()
+    return crcs
 
 
 #: Size of one read: small enough that its checksum runs while the bytes are still in cache.
