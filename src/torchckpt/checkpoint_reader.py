@@ -120,6 +120,8 @@ def _read_sealed(fd: int, size: int) -> bytes:
     Raises:
         ManifestError: Not sealed, or the seal does not match.
     """
+    if size <= _MANIFEST_BLOCK:
+        return os.pread(fd, size, 0)  # small: parse_manifest checks the seal, memory is bounded anyway
     expected = check_seal_prefix(os.pread(fd, SEAL_BYTES, 0))
     crc, offset = 0, SEAL_BYTES
     while offset < size:
