@@ -84,8 +84,8 @@ def test_disk_full_fails_the_save_and_keeps_the_old_checkpoint(tmp_path, fmt: st
             # The old checkpoint is untouched; nothing incomplete is left, let alone with a manifest.
             assert at.dir_bytes(path) == before
             cu.assert_state_equal(ck.load(path), old)
+            assert cu.hidden_leftovers(parent) == []  # waits for the old generation to be deleted
             assert manifests_under(parent) == ["ckpt/manifest.json"]
-            assert cu.hidden_leftovers(parent) == []
             assert free_bytes(disk) == free, "the failed save's bytes were not freed"
             assert at.fd_count() == fds
             assert at.shm_count() <= shm
@@ -150,5 +150,5 @@ def test_file_size_limit_fails_the_save_with_efbig(tmp_path) -> None:
         assert error["message"].startswith("[Errno 27] rank 0: write failed for " + data_file), error
         assert at.dir_bytes(path) == before[fmt]
         cu.assert_state_equal(cu.checkpointer(fmt).load(path), old)
+        assert cu.hidden_leftovers(os.path.dirname(path)) == []  # waits for the old generation to be deleted
         assert manifests_under(os.path.dirname(path)) == ["ckpt/manifest.json"]
-        assert cu.hidden_leftovers(os.path.dirname(path)) == []

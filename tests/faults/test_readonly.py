@@ -101,8 +101,8 @@ def test_read_only_file_system_fails_in_save_before_staging(tmp_path, mode: str,
             if futures is not None:
                 futures[1].result(timeout=WAIT_S)
             cu.assert_state_equal(ck.load(path), new)
+            assert cu.hidden_leftovers(parent) == []  # waits for the old generation to be deleted
             assert manifests_under(parent) == ["ckpt/manifest.json"]
-            assert cu.hidden_leftovers(parent) == []
         finally:
             ck.close()
     assert {p: s for p, s in at.writer_children().items() if p not in children_before} == {}

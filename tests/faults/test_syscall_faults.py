@@ -138,8 +138,8 @@ def test_eio_fails_the_save_and_keeps_the_old_checkpoint(tmp_path, case: Case) -
     # The old checkpoint is untouched and loads; nothing incomplete is left, let alone with a manifest.
     assert at.dir_bytes(path) == before
     cu.assert_state_equal(cu.reader().read(path)[0], old)
+    assert cu.hidden_leftovers(str(parent)) == []  # waits for the old generation to be deleted
     assert manifests_under(str(parent)) == ["ckpt/manifest.json"]
-    assert cu.hidden_leftovers(str(parent)) == []
 
     # The next save (no fault) commits.
     new = state(3, 2)
