@@ -31,7 +31,7 @@ from .format.gcpause import paused_gc
 from .format.manifest import RankEntry, build_manifest, parse_rank_entry
 from .format.native import plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
-from .format.tree import flatten
+from .format.tree import check_saveable, flatten
 from .storage import fs
 from .storage.io import CHUNK_BYTES
 from .storage.local import DirectoryCommit, write_file_durably
@@ -232,11 +232,15 @@ class CheckpointWriter:
     def _write_rank(self, pending: str, state_dict: STATE_DICT) -> tuple[RankEntry, dict[str, Any]]:
         rank = self._rank_info.global_rank
         t0 = time.monotonic()
-        flat = flatten(state_dict, allow_pickle=self._config.allow_pickle)
         native = CheckpointFormat(self._config.format) is CheckpointFormat.SAFETENSORS
+        if native:
+            flat = flatten(state_dict, allow_pickle=self._config.allow_pickle)
+            plan = plan_rank_file(flat, rank=rank)
+        else:  # torch.save writes it: only check that it is safe to (the same errors as flatten)
+            nbytes, empty_bytes = check_saveable(state_dict, allow_pickle=self._config.allow_pickle)
+            plan = None
         name = f"rank_{rank:05d}.safetensors" if native else rank_file_name(rank)
         file_path = os.path.join(pending, name)
-        plan = plan_rank_file(flat, rank=rank) if native else None
         t1 = time.monotonic()
         op = "open"
         try:
@@ -246,7 +250,7 @@ class CheckpointWriter:
                 if plan is not None:
                     tensors, header_crc = write_rank_file(fd, plan, threads=self._config.io_threads)
                 else:
-                    size, digest = save_torch_save(fd, state_dict)
+                    size, digest = save_torch_save(fd, state_dict, empty_bytes=empty_bytes)
                 t2 = time.monotonic()
                 op = "fsync"
                 fs.fsync(fd)
@@ -266,7 +270,6 @@ class CheckpointWriter:
             nbytes = entry.tensor_bytes
         else:
             entry = RankEntry(rank=rank, file=name, size_bytes=size, digest=digest)
-            nbytes = sum(t.numel() * t.element_size() for t in flat.tensors)
         stats = {"bytes": nbytes, "plan_s": t1 - t0, "write_s": t2 - t1, "fsync_s": t3 - t2}
         return entry, stats
 

@@ -53,6 +53,7 @@ class _ChecksumWriter(io.RawIOBase):
         self.size = 0  # bytes written to fd (the buffer's are not counted until drained)
         self.flushed = 0
         self._buffer = bytearray()
+        self._gather = min(_GATHER_BYTES, storage_io.BATCH_BYTES)
         #: The first failed write's error; later writes fail with it too.
         self.error: OSError | None = None
 
@@ -62,11 +63,13 @@ class _ChecksumWriter(io.RawIOBase):
     def write(self, data: Any) -> int:
         if self.error is not None:
             raise self.error
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         n = view.nbytes
         if n < _SMALL_WRITE_BYTES:
             self._buffer += view
-            if len(self._buffer) >= min(_GATHER_BYTES, storage_io.BATCH_BYTES):
+            if len(self._buffer) >= self._gather:
                 self.drain()
         else:
             self.drain()
@@ -135,14 +138,20 @@ def _weights_only_loadable(obj: Any) -> Any:
     return obj
 
 
-def save_torch_save(fd: int, state_dict: Any) -> tuple[int, str]:
+def save_torch_save(fd: int, state_dict: Any, *, empty_bytes: bool | None = None) -> tuple[int, str]:
     """Write ``state_dict`` with ``torch.save`` to ``fd`` (not fsynced).
+
+    Args:
+        fd: The open file.
+        state_dict: The state.
+        empty_bytes: Whether it holds an empty ``bytes`` value, when the caller
+            knows (``tree.check_saveable`` tells); None: find out.
 
     Returns:
         The file size and its digest.
     """
     out = _ChecksumWriter(fd)
-    if _has_empty_bytes(state_dict):
+    if empty_bytes or (empty_bytes is None and _has_empty_bytes(state_dict)):
         state_dict = _weights_only_loadable(state_dict)
     try:
         torch.save(state_dict, cast(IO[bytes], out))

@@ -39,7 +39,7 @@ import torch
 from ..errors import UnsafeObjectError
 from .dtypes import dtype_from_name, dtype_name
 
-__all__ = ["Flattened", "TensorRef", "flatten", "join_key", "unflatten"]
+__all__ = ["Flattened", "TensorRef", "check_saveable", "flatten", "join_key", "unflatten"]
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class _Flattener:
         if isinstance(value, str):
             return str(value)
         if isinstance(value, (bytes, bytearray)):
-            return {"bytes": base64.b64encode(bytes(value)).decode("ascii")}
+            return self.bytes_node(value)
         if isinstance(value, torch.dtype):
             return {"dtype": dtype_name(value)}
         if isinstance(value, torch.Size):
@@ -153,6 +153,9 @@ class _Flattener:
                 key_node = self.key(k, path)
                 items.append([key_node, self.node(v, join_key(path, k))])
         return {"dict" if type(value) is dict else "odict": items}
+
+    def bytes_node(self, value: bytes | bytearray) -> Any:
+        return {"bytes": base64.b64encode(bytes(value)).decode("ascii")}
 
     def key(self, k: Any, path: str) -> Any:
         if isinstance(k, torch.Tensor):  # hashed by identity: cannot be rebuilt as a key
@@ -205,6 +208,55 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
             key=path,
             type_name=f"{type(t).__module__}.{type(t).__qualname__}",
         )
+
+
+class _Checker(_Flattener):
+    """Walks a state as :class:`_Flattener` does, raising the same errors, building nothing."""
+
+    def __init__(self, allow_pickle: bool) -> None:
+        super().__init__(allow_pickle)
+        self.tensor_bytes = 0
+        self.empty_bytes = False
+        self._ties: set[tuple[Any, ...]] = set()
+
+    def tensor(self, t: torch.Tensor, path: str) -> None:  # type: ignore[override]
+        if not (type(t) in _PLAIN_TENSOR_TYPES and t.layout is torch.strided and not t.is_quantized and not t.is_meta):
+            _check_tensor(t, path)
+        key = _tie_key(t)
+        if key is None or key not in self._ties:
+            if key is not None:
+                self._ties.add(key)
+            self.tensor_bytes += t.numel() * t.element_size()
+
+    def mapping(self, value: dict[Any, Any], path: str) -> None:  # type: ignore[override]
+        for k, v in value.items():
+            if type(k) is str:
+                self.node(v, f"{path}.{k}" if path else k)
+            else:
+                self.key(k, path)
+                self.node(v, join_key(path, k))
+
+    def bytes_node(self, value: bytes | bytearray) -> None:
+        if type(value) is bytes and not value:
+            self.empty_bytes = True
+
+    def opaque(self, value: Any, path: str) -> None:
+        super().opaque(value, path)  # raises unless pickle is allowed and the value pickles
+
+
+def check_saveable(state_dict: Any, *, allow_pickle: bool = False) -> tuple[int, bool]:
+    """Check that :func:`flatten` would accept ``state_dict``, without building its tree.
+
+    Returns:
+        The bytes of its distinct tensors, and whether it holds an empty ``bytes``
+        value (in a dict, OrderedDict, list or tuple).
+
+    Raises:
+        UnsafeObjectError: As :func:`flatten` does.
+    """
+    checker = _Checker(allow_pickle)
+    checker.node(state_dict, "")
+    return checker.tensor_bytes, checker.empty_bytes
 
 
 def flatten(state_dict: Any, *, allow_pickle: bool = False) -> Flattened:
