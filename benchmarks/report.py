@@ -286,11 +286,11 @@ def chart(summary: dict[str, Any], path: str, title: str) -> str | None:
         return None
     colors = {"limit": "#7f7f7f", "peer": "#1f77b4", "torchckpt": "#d62728"}
     main = {k: s for k, s in summary.items() if s["state"] == "main"}
-    saves = [s for s in main.values() if s["op"] in ("save", "copy")]
+    saves = [s for s in main.values() if s["op"] == "save"]
     loads = [s for s in main.values() if s["op"] == "load"]
     stalls = [s for s in main.values() if s["op"] == "save" or s["op"] == "copy"]
     panels = [
-        ("save-to-durable throughput, GB/s (copy_: memory)", saves, lambda s: s["gb_per_s"], lambda s: s["gb_per_s_range"]),
+        ("save-to-durable throughput, GB/s", saves, lambda s: s["gb_per_s"], lambda s: s["gb_per_s_range"]),
         ("stall: training thread blocked, s", stalls, lambda s: (s.get("stall") or s["time"])["median"],
          lambda s: [(s.get("stall") or s["time"])["min"], (s.get("stall") or s["time"])["max"]]),
         ("load throughput, GB/s", loads, lambda s: s["gb_per_s"], lambda s: s["gb_per_s_range"]),
@@ -310,10 +310,10 @@ def chart(summary: dict[str, Any], path: str, title: str) -> str | None:
         ax.set_yticklabels([s["label"] for s in rows], fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
-        for y, v in zip(ys, vals):
-            ax.text(v, y, f" {v:.2f}", va="center", fontsize=6)
+        for y, v, h in zip(ys, vals, hi):
+            ax.text(v + h, y, f" {v:.2f}", va="center", fontsize=6)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -55,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness
+import methods
 import report
 from harness import Bench, CpuMeter, MemProbe
 from many_small import describe_many_small, many_small_blocks
@@ -185,7 +186,8 @@ def _header(args: argparse.Namespace, cold: str, mach: dict[str, Any], suites: l
     noise = f"{min(foreign):.2f}–{max(foreign):.2f}" if foreign else "?"
     method = (
         f"Method: one process, {args.reps} repetitions, every method once per repetition in an order rotated "
-        "from one repetition to the next; medians and (min–max). `torch.set_num_threads(1)`. Cold reads: "
+        f"from one repetition to the next (async methods: {args.async_saves} saves per repetition; copy_: "
+        f"{methods.COPY_SAMPLES}); medians and (min–max). `torch.set_num_threads(1)`. Cold reads: "
         f"{harness.cold_description(cold)}. Fresh memory touched before each timed operation "
         f"({'off' if args.no_prefault else 'on'}); fresh paths per repetition, deleted outside the timed "
         "region; `os.sync()` before every save and between methods. Async methods: the first save (writer "
@@ -260,6 +262,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gib", type=float, default=1.0, help="tensor bytes of the state, GiB (default 1)")
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    p.add_argument(
+        "--async-saves", type=int, default=2, help="measured saves per repetition of each async method (default 2)"
+    )
     p.add_argument("--sweep", action="store_true", help=f"sizes {SWEEP_SIZES_GIB} GiB with {', '.join(SWEEP_KEYS)}")
     p.add_argument("--many-small", action="store_true", help="only the many-small case")
     p.add_argument("--no-many-small", action="store_true", help="leave the many-small case out")
@@ -291,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown method keys: {sorted(unknown)}; known: {all_keys}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)  # busy cores make torch's intra-op threads slow (shared/BASELINES.md)
+    methods.ASYNC_SAVES = max(1, args.async_saves)
     cold = harness.cold_method()
     scratch = os.path.join(os.path.abspath(args.dir), f"run-{os.getpid()}")
     os.makedirs(scratch, exist_ok=True)
