@@ -319,6 +319,41 @@ def chart(summary: dict[str, Any], path: str, title: str) -> str | None:
     return path
 
 
+def sweep_chart(suites: list[dict[str, Any]], path: str) -> str | None:
+    """Throughput against state size, one line per method (log-scaled size); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys: list[str] = []
+    for s in suites:
+        keys += [k for k in s["summary"] if k not in keys and s["summary"][k]["op"] in ("save", "copy", "load")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, ops, title in (
+        (axes[0], ("save", "copy"), "saves (save-to-durable) and copy_"),
+        (axes[1], ("load",), "loads"),
+    ):
+        for k in keys:
+            pts = [(s["tensor_bytes"] / 2**20, s["summary"][k]["gb_per_s"]) for s in suites if k in s["summary"]]
+            first = next(s["summary"][k] for s in suites if k in s["summary"])
+            if first["op"] not in ops or not pts:
+                continue
+            style = {"limit": ":", "peer": "--", "torchckpt": "-"}.get(first["group"], "-")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=first["label"])
+        ax.set_xscale("log")
+        ax.set_xlabel("state size, MiB")
+        ax.set_ylabel("GB/s")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- README section
 
 BEGIN = "<!-- results:begin (written by run.py --report) -->"

@@ -266,6 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--async-saves", type=int, default=2, help="measured saves per repetition of each async method (default 2)"
     )
     p.add_argument("--sweep", action="store_true", help=f"sizes {SWEEP_SIZES_GIB} GiB with {', '.join(SWEEP_KEYS)}")
+    p.add_argument("--sweep-sizes", default="", help="comma-separated GiB sizes for --sweep instead of the default")
     p.add_argument("--many-small", action="store_true", help="only the many-small case")
     p.add_argument("--no-many-small", action="store_true", help="leave the many-small case out")
     p.add_argument("--many-small-count", type=int, default=100_000, help="tensors (and plain values) of that case")
@@ -311,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {harness.machine_line(mach)}", flush=True)
         print(f"cold reads: {harness.cold_description(cold)}; scratch {scratch}", flush=True)
         if args.sweep:
-            plan = [(s, [k for k in SWEEP_KEYS if not only or k in only]) for s in SWEEP_SIZES_GIB]
+            sizes = [float(x) for x in args.sweep_sizes.split(",") if x] or list(SWEEP_SIZES_GIB)
+            plan = [(s, [k for k in SWEEP_KEYS if not only or k in only]) for s in sizes]
         elif args.many_small:
             plan = []
         else:
@@ -351,12 +353,13 @@ def main(argv: list[str] | None = None) -> int:
             stem + ".png", f"{suites[0]['name']}, {args.reps} reps, medians (min–max)",
         )  # fmt: skip
         md = render(args, cold, mach, suites, title, os.path.basename(chart_path) if chart_path else None)
+        swept = [s for s in suites if s["name"] != "many small entries"]
+        sweep_png = report.sweep_chart(swept, stem + "-sweep.png") if args.sweep else None
         if args.sweep:
-            md += (
-                "\n### Scaling sweep (save-to-durable throughput; stall where it differs)\n\n"
-                + sweep_table([s for s in suites if s["name"] != "many small entries"])
-                + "\n"
-            )
+            md += "\n### Scaling sweep (save-to-durable throughput; stall where it differs)\n\n"
+            md += sweep_table(swept) + "\n"
+            if sweep_png:
+                md += f"\n![throughput against size]({os.path.basename(sweep_png)})\n"
         print("\n" + md)
         with open(stem + ".md", "w") as f:
             f.write(md)
@@ -382,9 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                 chart_name = "chart.png"
             section = render(args, cold, mach, suites, title, chart_name)
             if args.sweep:
-                section += "\n### Scaling sweep\n\n" + sweep_table(
-                    [s for s in suites if s["name"] != "many small entries"]
-                )
+                section += "\n### Scaling sweep\n\n" + sweep_table(swept) + "\n"
+                if sweep_png:
+                    shutil.copyfile(sweep_png, HERE / "chart-sweep.png")
+                    section += "\n![throughput against size](chart-sweep.png)\n"
             report.update_readme(str(HERE / "README.md"), section)
             print(f"updated {HERE / 'README.md'}" + (f" and {HERE / 'chart.png'}" if chart_name else ""))
         return 0 if all(ok for s in suites for ok in s["checks"].values()) else 1
