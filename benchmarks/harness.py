@@ -76,13 +76,31 @@ def prefault(nbytes: int) -> None:
     timed operation that needs fresh pages (page cache for a write or a cold
     read, fresh tensors for a load, a staging copy) would pay that depending on
     what ran before it; touching and freeing as much right before the timer
-    starts gives every method the same, backed, free memory.
+    starts gives every method the same, backed, free memory. Never more than
+    what is available less ``PREFAULT_HEADROOM`` (large states: no OOM).
     """
+    nbytes = min(nbytes, mem_available() - PREFAULT_HEADROOM)
     if nbytes <= 0:
         return
     a = np.empty(nbytes, np.uint8)
     a[::4096] = 1
     del a
+
+
+#: Memory prefault() leaves untouched (other processes, the operation's own allocations).
+PREFAULT_HEADROOM = 3 * 2**30
+
+
+def mem_available() -> int:
+    """MemAvailable of /proc/meminfo, bytes (0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def sync_file_range_fn() -> Callable[[int, int, int], int] | None:

@@ -591,7 +591,11 @@ FORMATS = {"native": "safetensors", "torch_save": "torch_save"}
 
 
 def tc_config(fmt: str) -> tc.CheckpointerConfig:
-    return tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format=FORMATS[fmt]))
+    return tc.CheckpointerConfig(
+        writer_config=tc.CheckpointWriterConfig(format=FORMATS[fmt]),
+        # A writer subprocess importing torch on a loaded machine can take longer than the default 30 s to start.
+        process_config=tc.CheckpointProcessConfig(subprocess_init_timeout_secs=600),
+    )
 
 
 class TorchckptSync(Block):

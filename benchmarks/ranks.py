@@ -26,7 +26,7 @@ from typing import Any
 import methods
 import torch
 import torch.multiprocessing as mp
-from harness import Bench, figures, remove
+from harness import Bench, figures, mem_available, remove
 from methods import Block, Ctx, tc_config
 
 MODES = (("sync", "native"), ("async", "native"), ("sync", "torch_save"), ("async", "torch_save"))
@@ -35,14 +35,6 @@ _RANKS_NOTE = (
     "2 processes with a gloo group, each saving half the state (its own rank file); time of the slowest rank; "
     "memory: main = this process, writer = the rank processes and their writers"
 )
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _free_port() -> int:
@@ -124,7 +116,7 @@ class TwoRanks(Block):
         port = _free_port()
         # Both async checkpointers keep a staging copy of both halves (the state's size each): one at a time
         # when two do not fit comfortably.
-        self.one_async = 2 * ctx.nbytes > 0.4 * _mem_available()
+        self.one_async = 2 * ctx.nbytes > 0.4 * mem_available()
         self.conns = []
         self.procs = []
         for rank in range(WORLD):

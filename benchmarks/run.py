@@ -67,14 +67,6 @@ GIB = 2**30
 SWEEP_SIZES_GIB = (0.0625, 0.25, 1.0, 4.0)
 
 
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _last_line(e: BaseException) -> str:
     lines = [x for x in str(e).splitlines() if x.strip()]
     return lines[-1].strip() if lines else ""
@@ -99,10 +91,10 @@ def run_suite(
         else:
             ready.append(blk)
     held = sum(b.held_states for b in ready) * ctx.nbytes + 3 * ctx.nbytes
-    keep_alive = {"yes": True, "no": False}.get(args.keep_alive, held < 0.7 * _mem_available())
+    keep_alive = {"yes": True, "no": False}.get(args.keep_alive, held < 0.7 * harness.mem_available())
     print(
         f"  {'keeping every method set up across repetitions' if keep_alive else 'setting each method up per repetition'}"
-        f" (estimated {held / GIB:.1f} GiB held, {_mem_available() / GIB:.1f} GiB available)",
+        f" (estimated {held / GIB:.1f} GiB held, {harness.mem_available() / GIB:.1f} GiB available)",
         flush=True,
     )
 
