@@ -87,6 +87,22 @@ def prefault(nbytes: int) -> None:
     del a
 
 
+def _malloc_trim_fn() -> Callable[[], None]:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    fn.argtypes = [ctypes.c_size_t]
+
+    def trim() -> None:
+        fn(0)
+
+    return trim
+
+
+#: glibc's malloc_trim(0): returns the free memory of every heap to the system (a no-op elsewhere).
+malloc_trim = _malloc_trim_fn()
+
 #: Memory prefault() leaves untouched (other processes, the operation's own allocations).
 PREFAULT_HEADROOM = 3 * 2**30
 
@@ -291,6 +307,9 @@ class Bench:
         if self.prefault_on and fresh_bytes:
             prefault(fresh_bytes + 64 * MIB)
         if self.probe is not None:
+            # Free heap memory back to the system first, so that an allocation the operation makes shows as
+            # growth of the resident set instead of reusing memory the allocator kept from an earlier operation.
+            malloc_trim()
             self.probe.start()
         c0 = time.process_time()
         t0 = time.perf_counter()
