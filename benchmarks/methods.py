@@ -15,13 +15,14 @@ much fresh memory as it needs is touched (see ``harness.prefault``).
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from harness import Bench, byte_view, figures, fsync_tree, remove, sync_file_range_fn
+from harness import Bench, byte_view, figures, fsync_tree, malloc_trim, remove, sync_file_range_fn
 from workload import state_equal, tensor_bytes, tensors
 
 import torchckpt as tc
@@ -57,10 +58,20 @@ class Ctx:
                 d.copy_(s)
 
 
+def resident_main(b: Bench) -> int | None:
+    """This process's RssAnon + RssShmem now, after free heap memory went back to the system."""
+    if b.probe is None:
+        return None
+    gc.collect()
+    malloc_trim()
+    return int(b.probe.snap()["main"])
+
+
 def note_held(b: Bench, row: Any, before: int | None) -> None:
     """Record the memory an async method keeps after its first save (staging): main RSS now minus before setup."""
-    if b.probe is not None and before is not None:
-        row.extra["held"] = b.probe.snap()["main"] - before
+    after = resident_main(b)
+    if after is not None and before is not None:
+        row.extra["held"] = after - before
 
 
 class Block:
@@ -364,7 +375,7 @@ class DcpAsync(Block):
         self.type = AsyncCheckpointerType.PROCESS if self.kind == "process" else AsyncCheckpointerType.THREAD
         self.row = b.row(self.key, f"torch DCP async_save, {self.kind} executor", "peer", "save", ctx.nbytes,
                          notes="stall: until async_save returns (and its staging future, if any, is done)")  # fmt: skip
-        before = b.probe.snap()["main"] if b.probe else None
+        before = resident_main(b)
         p = os.path.join(b.scratch, f"warmup-{self.key}")
         b.measure(self.row, lambda: self._save(ctx.sd, p), before=b.sync, fresh_bytes=2 * ctx.nbytes, record=False)
         remove(p)
@@ -463,7 +474,7 @@ class _AsyncCheckpointerBlock(Block):
 
     def setup(self, b: Bench, ctx: Ctx) -> None:
         self.row = b.row(self.key, self.label, self.group, "save", ctx.nbytes, notes=self.note)
-        before = b.probe.snap()["main"] if b.probe else None
+        before = resident_main(b)
         self.ck = self.make()
         self.payload = self.wrap(ctx.sd)
         p = os.path.join(b.scratch, f"warmup-{self.key}")
