@@ -306,10 +306,11 @@ class Bench:
             before()
         if self.prefault_on and fresh_bytes:
             prefault(fresh_bytes + 64 * MIB)
+        # Free heap memory back to the system first (always, so that timings do not depend on --no-memory):
+        # an allocation the operation makes then shows as growth of the resident set instead of reusing
+        # memory the allocator kept from an earlier operation, and every method starts from the same heap.
+        malloc_trim()
         if self.probe is not None:
-            # Free heap memory back to the system first, so that an allocation the operation makes shows as
-            # growth of the resident set instead of reusing memory the allocator kept from an earlier operation.
-            malloc_trim()
             self.probe.start()
         c0 = time.process_time()
         t0 = time.perf_counter()
