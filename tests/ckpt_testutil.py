@@ -162,3 +162,15 @@ def hidden_leftovers(parent: str, timeout_s: float = 10.0) -> list[str]:
         if not any("trash" in n for n in found) or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)
+
+
+def json_paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path (a tuple of keys and indices) into a JSON document, the root's ``()`` first."""
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += json_paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += json_paths(v, (*prefix, i))
+    return out

@@ -43,7 +43,10 @@ Tree = dict[str, Union[bytes, "Tree"]]
 WRITE_OPS = ("write", "pwrite", "pwritev")
 ALL_OPS = ("open", "mkdir", *WRITE_OPS, "fsync", "rename", "exchange", "unlink")
 
-_CREATE_FLAGS = os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_RDWR
+
+def default_errno(op: str) -> int:
+    """The errno a failed step raises unless told otherwise: ENOSPC where space is taken, else EIO."""
+    return errno_mod.ENOSPC if op in (*WRITE_OPS, "open", "mkdir") else errno_mod.EIO
 
 
 @dataclass
@@ -132,9 +135,7 @@ class FaultFS(LocalFS):
         counted, self._counted = self._counted, self._counted + 1
         if counted == self.fail_at:
             self.journal.failed = step
-            code = self.errno
-            if code is None:
-                code = errno_mod.ENOSPC if op in (*WRITE_OPS, "open", "mkdir") else errno_mod.EIO
+            code = default_errno(op) if self.errno is None else self.errno
             raise OSError(code, os.strerror(code), path)
 
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from ckpt_testutil import FORMATS, assert_state_equal, checkpointer, file_name, reader
+from ckpt_testutil import FORMATS, assert_state_equal, checkpointer, file_name, json_paths, reader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -144,17 +144,6 @@ TREE = st.recursive(
 )
 
 
-def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
-    out = [prefix]
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, prefix + (k,))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += _paths(v, prefix + (i,))
-    return out
-
-
 #: Values a careless parser trips on, by the type of the value they replace (tried before random JSON).
 NASTY_INTS = st.sampled_from([0, -1, 1, 7, 8, 2**31, 2**32, 2**50, 2**50 + 1, 2**62, 2**63, 2**64, 2**100])
 NASTY_STRS = st.one_of(
@@ -187,7 +176,7 @@ def _mutate_doc(doc: Any, data: st.DataObject) -> Any:
     """Apply 1-3 structural mutations: replace (mostly leaves, mostly nasty values), delete, insert, duplicate, wrap."""
     doc = copy.deepcopy(doc)
     for _ in range(data.draw(st.integers(1, 3))):
-        paths = [p for p in _paths(doc) if p]
+        paths = [p for p in json_paths(doc) if p]
         if not paths:
             break
         # Pick a kind of object first (by its set of keys: manifest, rank entry, tensor entry...),

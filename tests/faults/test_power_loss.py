@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import torch
 from ckpt_testutil import FORMATS, assert_state_equal, hidden_leftovers, reader
-from faultfs import FaultFS, Journal, Tree, describe, dirs_with, read_tree, write_tree
+from faultfs import WRITE_OPS, FaultFS, Journal, Tree, default_errno, describe, dirs_with, read_tree, write_tree
 
 import torchckpt as tc
 from torchckpt.errors import CheckpointIOError
@@ -214,7 +214,7 @@ def test_every_failed_step_keeps_the_old_checkpoint(saver: Saver, template: str,
     steps = clean.journal.steps
     ops = {s.op for s in steps}
     assert {"open", "fsync", "rename", "exchange"} <= ops, f"steps seen: {sorted(ops)}"
-    assert sum(s.op in ("write", "pwrite", "pwritev") for s in steps) >= 3, "the data took fewer than 3 writes"
+    assert sum(s.op in WRITE_OPS for s in steps) >= 3, "the data took fewer than 3 writes"
 
     failed_saves = succeeded_after_commit = 0
     for n in range(len(steps)):
@@ -232,7 +232,7 @@ def test_every_failed_step_keeps_the_old_checkpoint(saver: Saver, template: str,
             failed_saves += 1
             e = out.error
             assert isinstance(e, CheckpointIOError), f"{where}: {type(e).__name__}: {e}"
-            expected = errno.ENOSPC if step.op in ("write", "pwrite", "pwritev", "open", "mkdir") else errno.EIO
+            expected = default_errno(step.op)
             assert e.errno == expected, f"{where}: errno {e.errno} in {e}"
             assert e.rank == 0 and "rank 0" in str(e), f"{where}: {e}"
             assert e.operation, f"{where}: no operation in {e}"
@@ -324,7 +324,7 @@ def test_short_writes_still_round_trip(saver: Saver, template: str, tmp_path) ->
     assert problems == []
 
     def writes(j: Journal) -> int:
-        return sum(s.op in ("write", "pwrite", "pwritev") for s in j.steps)
+        return sum(s.op in WRITE_OPS for s in j.steps)
 
     # Each shortened write is followed by one for the rest: at least twice as many calls.
     assert writes(short.journal) >= 2 * writes(full.journal), (writes(short.journal), writes(full.journal))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from ckpt_testutil import FORMATS, checkpointer, file_name, reader
+from ckpt_testutil import FORMATS, checkpointer, file_name, json_paths, reader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -387,24 +387,13 @@ _JSON = st.recursive(
 )
 
 
-def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
-    out = [prefix]
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, prefix + (k,))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += _paths(v, prefix + (i,))
-    return out
-
-
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_manifests_fail_only_with_checkpoint_errors(saved: dict[str, str], data: st.DataObject) -> None:
     """Replace any one value of a real manifest: the parser and the reader raise only their own errors."""
     fmt = data.draw(st.sampled_from(FORMATS))
     doc = _doc(saved[fmt])
-    paths = [p for p in _paths(doc) if p]
+    paths = [p for p in json_paths(doc) if p]
     where = data.draw(st.sampled_from(paths))
     parent = doc
     for k in where[:-1]:

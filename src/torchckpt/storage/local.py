@@ -250,10 +250,10 @@ class DirectoryCommit:
 
     def _discard_old(self, old: str) -> None:
         # Move the old generation out of the way first (instant), so the next save can start at once.
-        trash = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
-        if os.path.basename(old).startswith(_TRASH_PREFIX.format(name=self.name)):
-            trash = old
-        else:
+        prefix = _TRASH_PREFIX.format(name=self.name)
+        trash = old
+        if not os.path.basename(old).startswith(prefix):  # not already aside (the no-exchange fallback)
+            trash = os.path.join(self.parent, prefix + uuid.uuid4().hex)
             try:
                 fs.rename(old, trash)
             except OSError as e:
