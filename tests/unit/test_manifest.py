@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from ckpt_testutil import FORMATS, checkpointer, file_name, json_paths, reader
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from torchckpt import checkpoint_reader
@@ -457,3 +457,44 @@ def test_malformed_tree_is_corruption_of_the_manifest(saved: dict[str, str], tre
         assert info.value.file == "manifest.json"
     with pytest.raises(CorruptCheckpointError):
         reader().read(path, {"a": None})
+
+
+_GOOD_TENSOR = {"name": "w", "dtype": "float32", "shape": [3, 4], "offset": 4096, "nbytes": 48, "crc32c": [7],
+                "device": "cpu"}  # fmt: skip
+_FIELD_VALUES = {
+    "name": st.sampled_from(["w", "", 3, None, ["w"]]),
+    "dtype": st.sampled_from(["float32", "bfloat16", "int8", "bool", "uint1", "float33", 1, None]),
+    "shape": st.sampled_from([[3, 4], [12], [], [0, 5], [3, -4], [0, -5], [3, True], [3.0, 4], "3,4", [2**40, 2**40]]),
+    "offset": st.sampled_from([0, 4096, -1, 1.5, True, "0", 2**70]),
+    "nbytes": st.sampled_from([0, 1, 12, 48, 96, -48, True, 48.0, 2**51]),
+    "crc32c": st.sampled_from([[7], [0, 1], [], [2**32], [-1], [True], [7.0], "7", [2**32 - 1]]),
+    "device": st.sampled_from(["cpu", "cuda:0", "meta", "nonsense", "cuda:-5", 0, None]),
+}
+
+
+@given(
+    changes=st.dictionaries(st.sampled_from(sorted(_FIELD_VALUES)), st.none(), max_size=3).flatmap(
+        lambda keys: st.fixed_dictionaries({k: _FIELD_VALUES[k] for k in keys})
+    ),
+    dropped=st.sets(st.sampled_from(sorted(_GOOD_TENSOR)), max_size=2),
+)
+@example(changes={"shape": [0, -5], "nbytes": 0}, dropped=set())  # a negative dimension beside a zero
+@example(changes={"shape": [0, 2**50, 2**10], "nbytes": 0}, dropped=set())  # absurd strides, no bytes
+@example(changes={"crc32c": [2**32]}, dropped=set())
+@example(changes={"offset": True}, dropped=set())
+@example(changes={"device": "cuda:0"}, dropped=set())
+@settings(max_examples=400, deadline=None)
+def test_fast_tensor_entry_parse_agrees_with_the_checked_one(changes: dict[str, Any], dropped: set[str]) -> None:
+    """The per-load fast path accepts exactly what the field-by-field check accepts, and builds the same entry."""
+    from torchckpt.format import manifest as m
+
+    doc = {k: v for k, v in {**_GOOD_TENSOR, **changes}.items() if k not in dropped}
+    try:
+        checked = m._parse_tensor(copy.deepcopy(doc), "t", 16 * 2**20)
+    except ManifestError:
+        checked = None
+    fast = m._parse_tensor_fast(copy.deepcopy(doc), 16 * 2**20)
+    # The fast path may decline a good entry (then the checked one builds it), never accept a bad one.
+    assert fast is None or fast == checked
+    if checked is not None and doc.get("device", "cpu") == "cpu":
+        assert fast == checked

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SAFETENSORS_NAMES", "dtype_from_name", "dtype_name", "safetensors_name"]
+__all__ = ["ITEMSIZE", "SAFETENSORS_NAMES", "dtype_from_name", "dtype_name", "safetensors_name"]
 
 # Canonical names: one per dtype, the attribute of the torch module.
 _CANONICAL = [
@@ -25,6 +25,8 @@ _BY_NAME: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in _CANONICAL if isinstance(getattr(torch, name, None), torch.dtype)
 }
 _NAME_OF: dict[torch.dtype, str] = {dtype: name for name, dtype in _BY_NAME.items()}
+#: Bytes per element of each named dtype.
+ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in _BY_NAME.items()}
 
 #: dtypes that safetensors names (the names it writes in its header).
 SAFETENSORS_NAMES: dict[torch.dtype, str] = {

@@ -19,6 +19,7 @@ import torch
 
 from ..storage.io import CHUNK_BYTES
 from ..storage.io import checksum as crc32c_of
+from .dtypes import ITEMSIZE as _ITEMSIZE
 from .dtypes import dtype_from_name
 from .gcpause import paused_gc
 
@@ -292,7 +293,10 @@ def _parse_rank(doc: Any, index: int, layout: str, chunk_bytes: int) -> RankEntr
         return RankEntry(rank, file, size, digest)
     data_offset = _nonneg(doc, "data_offset", where)
     tensors_doc = _get(doc, "tensors", list, where)
-    tensors = tuple(_parse_tensor(t, f"{where}.tensors[{j}]", chunk_bytes) for j, t in enumerate(tensors_doc))
+    tensors = tuple(
+        _parse_tensor_fast(t, chunk_bytes) or _parse_tensor(t, f"{where}.tensors[{j}]", chunk_bytes)
+        for j, t in enumerate(tensors_doc)
+    )
     if "tree" not in doc:
         raise ManifestError(f"{where}: missing field 'tree'")
     end = data_offset
@@ -305,6 +309,51 @@ def _parse_rank(doc: Any, index: int, layout: str, chunk_bytes: int) -> RankEntr
     if data_offset < 8 or data_offset > size:
         raise ManifestError(f"{where}: data_offset {data_offset} outside the file")
     return RankEntry(rank, file, size, digest, doc["tree"], tensors, data_offset)
+
+
+#: Device strings ``torch.device`` has accepted in a manifest (checked once, not per tensor).
+_DEVICES_SEEN: set[str] = {"cpu"}
+
+
+def _parse_tensor_fast(doc: Any, chunk_bytes: int) -> TensorEntry | None:
+    """The entry when ``doc`` is plainly well formed, else None (then :func:`_parse_tensor` says what is wrong).
+
+    The same checks as :func:`_parse_tensor` in one pass of exact type tests: a
+    manifest has an entry per tensor, and this runs on every load.
+    """
+    if type(doc) is not dict:
+        return None
+    name, dtype_str, shape_doc = doc.get("name"), doc.get("dtype"), doc.get("shape")
+    nbytes, offset, crcs, device = doc.get("nbytes"), doc.get("offset"), doc.get("crc32c"), doc.get("device", "cpu")
+    if (
+        type(name) is not str
+        or type(dtype_str) is not str
+        or type(shape_doc) is not list
+        or type(nbytes) is not int
+        or type(offset) is not int
+        or type(crcs) is not list
+        or type(device) is not str
+        or device not in _DEVICES_SEEN
+        or not 0 <= nbytes <= MAX_FILE_BYTES
+        or offset < 0
+        or len(crcs) != max(1, -(-nbytes // chunk_bytes))
+    ):
+        return None
+    itemsize = _ITEMSIZE.get(dtype_str)
+    if itemsize is None:
+        return None
+    numel = span = 1
+    for d in shape_doc:
+        if type(d) is not int or d < 0:
+            return None
+        numel *= d
+        span *= d or 1
+    if span * itemsize > MAX_FILE_BYTES or numel * itemsize != nbytes:
+        return None
+    for c in crcs:
+        if type(c) is not int or not 0 <= c < 0x1_0000_0000:
+            return None
+    return TensorEntry(name, dtype_str, tuple(shape_doc), offset, nbytes, tuple(crcs), device)
 
 
 def _parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
@@ -336,4 +385,5 @@ def _parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
         torch.device(device)
     except (RuntimeError, ValueError) as e:
         raise ManifestError(f"{where}: malformed device {device!r}: {e}") from e
+    _DEVICES_SEEN.add(device)
     return TensorEntry(name, dtype_str, shape, _nonneg(doc, "offset", where), nbytes, tuple(crcs), device)

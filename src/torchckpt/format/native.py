@@ -15,6 +15,7 @@ shape ``[nbytes]``; the manifest keeps the real dtype and shape.
 from __future__ import annotations
 
 import array
+import ctypes
 import json
 import operator
 import struct
@@ -35,6 +36,7 @@ __all__ = [
     "SMALL_TENSOR_BYTES",
     "NativeFile",
     "byte_view",
+    "contiguous_bytes",
     "digest_of",
     "host_contiguous",
     "plan_rank_file",
@@ -55,6 +57,35 @@ def byte_view(t: torch.Tensor) -> memoryview:
         # One element: contiguous whatever its stride, but the uint8 view needs stride 1.
         flat = flat.as_strided((flat.numel(),), (1,))
     return flat.view(torch.uint8).numpy().data.cast("B")
+
+
+def _memory_from_address() -> Any:
+    try:
+        fn = ctypes.pythonapi.PyMemoryView_FromMemory
+    except AttributeError:  # not CPython
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+    fn.restype = ctypes.py_object
+    return fn
+
+
+_MEMORY_FROM_ADDRESS = _memory_from_address()
+_PYBUF_WRITE = 0x200
+
+
+def contiguous_bytes(t: torch.Tensor) -> memoryview:
+    """A flat, writable byte view of a contiguous CPU tensor, made from its address.
+
+    The same bytes as :func:`byte_view` at a tenth of its cost (no tensor
+    views are made), for paths that handle one view per tensor of a state. The
+    view does not keep ``t`` alive: the caller holds ``t`` while it uses the view.
+    """
+    n = t.nbytes
+    if n == 0 or _MEMORY_FROM_ADDRESS is None:
+        return byte_view(t)
+    if not (t.is_cpu and t.is_contiguous()):
+        raise ValueError("contiguous_bytes needs a contiguous CPU tensor")
+    return _MEMORY_FROM_ADDRESS(t.data_ptr(), n, _PYBUF_WRITE)
 
 
 def host_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ..storage.io import ChecksumError, Extent, checksum, read_extents
 from .dtypes import dtype_from_name
 from .gcpause import paused_gc
 from .manifest import RankEntry, TensorEntry
-from .native import byte_view, digest_of
+from .native import contiguous_bytes, digest_of
 from .select import check_fits, merge
 from .tree import TensorRef, unflatten
 
@@ -149,11 +149,11 @@ def _execute(fd: int, loads: _Loads, *, verify: bool, where: str, threads: int) 
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for index, target in loads.targets:
         e = loads.entry.tensors[index]
-        direct = target.device.type == "cpu" and target.is_contiguous() and not target.is_conj() and not target.is_neg()
+        direct = target.is_cpu and target.is_contiguous() and not target.is_conj() and not target.is_neg()
         host = target if direct else torch.empty(e.shape, dtype=target.dtype)
         if not direct:
             copies.append((target, host))
-        extents.append(Extent(e.offset, byte_view(host), list(e.crc32c) if verify else None))
+        extents.append(Extent(e.offset, contiguous_bytes(host), list(e.crc32c) if verify else None))
         keys.append(e.name)
     try:
         nbytes = read_extents(fd, extents, threads=threads)

@@ -212,8 +212,10 @@ def write_gathered(fd: int, offsets: Sequence[int], addresses: Sequence[int], si
     return crcs
 
 
-#: Size of one read: small enough that its checksum runs while the bytes are still in cache.
-READ_BYTES = 2 * 1024 * 1024
+#: Reads of fewer bytes in all run in the calling thread.
+PARALLEL_READ_BYTES = 8 * 1024 * 1024
+#: Largest single read: small enough that its checksum runs while the bytes are still in cache.
+READ_BYTES = 1024 * 1024
 
 
 def _read_exact(fd: int, views: list[memoryview], offset: int) -> None:
@@ -227,24 +229,46 @@ def _read_exact(fd: int, views: list[memoryview], offset: int) -> None:
 
 
 def _read_batch(fd: int, offset: int, pieces: list[_Piece], expected: Sequence[list[int] | None]) -> int:
-    pos = offset
-    for p in pieces:
-        want = expected[p.extent]
+    """Read one batch of contiguous file bytes in reads of at most READ_BYTES, checking each chunk once read.
+
+    Small pieces share a read (one ``preadv`` of many buffers); a large one
+    is read in parts, its checksum carried from part to part.
+    """
+    crcs = [0] * len(pieces)
+    views: list[memoryview] = []
+    parts: list[tuple[memoryview, int, bool]] = []  # (bytes, index of the piece, last part of that piece)
+    pos, size = offset, 0
+
+    def flush() -> None:
+        nonlocal pos, size
+        if size:
+            _read_exact(fd, views, pos)
+        pos += size
+        for view, k, last in parts:
+            want = expected[pieces[k].extent]
+            if want is not None:
+                crcs[k] = checksum(view, crcs[k])
+                if last and crcs[k] != want[pieces[k].chunk]:
+                    raise ChecksumError(pieces[k].extent, pieces[k].chunk)
+        views.clear()
+        parts.clear()
+        size = 0
+
+    for k, p in enumerate(pieces):
         n = p.view.nbytes
-        if want is None or n <= READ_BYTES:
-            if n:
-                _read_exact(fd, [p.view], pos)
-            if want is not None and checksum(p.view) != want[p.chunk]:
-                raise ChecksumError(p.extent, p.chunk)
-        else:
-            crc = 0
-            for lo in range(0, n, READ_BYTES):
-                sub = p.view[lo : lo + READ_BYTES]
-                _read_exact(fd, [sub], pos + lo)
-                crc = checksum(sub, crc)
-            if crc != want[p.chunk]:
-                raise ChecksumError(p.extent, p.chunk)
-        pos += n
+        if n == 0:
+            parts.append((p.view, k, True))
+        lo = 0
+        while lo < n:
+            take = min(n - lo, READ_BYTES - size)
+            view = p.view[lo : lo + take] if take != n else p.view
+            views.append(view)
+            parts.append((view, k, lo + take == n))
+            size += take
+            lo += take
+            if size >= READ_BYTES or len(views) >= _IOV_MAX:
+                flush()
+    flush()
     return pos - offset
 
 
@@ -320,6 +344,8 @@ def read_extents(fd: int, extents: Sequence[Extent], *, threads: int = 2) -> int
         OSError: A read failed.
     """
     expected = [e.crcs for e in extents]
+    if sum(e.buffer.nbytes for e in extents) < PARALLEL_READ_BYTES:
+        threads = 1  # starting threads and opening files would cost more than they save
     runs = _split_in_order(_batches(extents), max(1, threads))
     # Each thread reads one contiguous part of the file in order, through its
     # own open file (its own readahead state): interleaved reads of one file
