@@ -356,17 +356,22 @@ def sweep_chart(suites: list[dict[str, Any]], path: str) -> str | None:
 
 # --------------------------------------------------------------------------- README section
 
-BEGIN = "<!-- results:begin (written by run.py --report) -->"
-END = "<!-- results:end -->"
+def markers(name: str) -> tuple[str, str]:
+    """The comment lines around the generated section ``name`` of the README."""
+    return f"<!-- {name}:begin (written by run.py --report) -->", f"<!-- {name}:end -->"
 
 
-def update_readme(readme: str, section: str) -> None:
-    """Replace the generated section of ``readme`` (between the markers) with ``section``."""
+def update_readme(readme: str, section: str, name: str = "results") -> None:
+    """Replace the generated section ``name`` of ``readme`` (between its markers) with ``section``.
+
+    A section not there yet goes at the end.
+    """
+    begin, end = markers(name)
     with open(readme) as f:
         text = f.read()
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.DOTALL)
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.DOTALL)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     tmp = readme + ".tmp"

@@ -371,18 +371,22 @@ def main(argv: list[str] | None = None) -> int:
             + (f", {chart_path}" if chart_path else " (no chart: matplotlib missing)")
         )
         if args.report:
+            # One README section per kind of run: the default run, another size, the sweep.
+            kind = "sweep" if args.sweep else ("results" if args.size_gib == 1 else f"results-{args.size_gib:g}gib")
+            suffix = "" if kind == "results" else "-" + kind.removeprefix("results-")
             chart_name = None
             if chart_path:
-                shutil.copyfile(chart_path, HERE / "chart.png")
-                chart_name = "chart.png"
+                chart_name = f"chart{suffix}.png"
+                shutil.copyfile(chart_path, HERE / chart_name)
             section = render(args, cold, mach, suites, title, chart_name)
             if args.sweep:
                 section += "\n### Scaling sweep\n\n" + sweep_table(swept) + "\n"
                 if sweep_png:
-                    shutil.copyfile(sweep_png, HERE / "chart-sweep.png")
-                    section += "\n![throughput against size](chart-sweep.png)\n"
-            report.update_readme(str(HERE / "README.md"), section)
-            print(f"updated {HERE / 'README.md'}" + (f" and {HERE / 'chart.png'}" if chart_name else ""))
+                    shutil.copyfile(sweep_png, HERE / "chart-sweep-scaling.png")
+                    section += "\n![throughput against size](chart-sweep-scaling.png)\n"
+            report.update_readme(str(HERE / "README.md"), section, kind)
+            chart_said = f" and {HERE / chart_name}" if chart_name else ""
+            print(f"updated section {kind} of {HERE / 'README.md'}{chart_said}")
         return 0 if all(ok for s in suites for ok in s["checks"].values()) else 1
     finally:
         if probe is not None:

@@ -35,3 +35,22 @@ def test_bench_run_tiny(tmp_path: Path) -> None:
     assert any(t["name"].startswith("sync save native") for t in main["targets"])
     assert (out / (json_path.stem + ".md")).exists()
     assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").iterdir())
+
+
+def test_report_sections_are_replaced_one_by_one(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\nhand-written text\n")
+    report.update_readme(str(readme), "first 1 GiB run")
+    report.update_readme(str(readme), "a 4 GiB run", "results-4gib")
+    report.update_readme(str(readme), "second 1 GiB run\n")
+    text = readme.read_text()
+    assert text == (
+        "# Benchmarks\n\nhand-written text\n\n"
+        "<!-- results:begin (written by run.py --report) -->\nsecond 1 GiB run\n<!-- results:end -->\n\n"
+        "<!-- results-4gib:begin (written by run.py --report) -->\na 4 GiB run\n<!-- results-4gib:end -->\n"
+    )
