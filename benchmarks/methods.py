@@ -189,7 +189,9 @@ class Limits(Block):
                     d.copy_(s)
 
         for _ in range(COPY_SAMPLES):  # cheap, and the floor every stall is compared with: steadier with more
-            b.measure(self.copy, copy)
+            # Under the same hygiene as the async saves it is the floor of (page cache flushed, fresh memory
+            # touched and freed first): what those steps leave the kernel doing then weighs on both alike.
+            b.measure(self.copy, copy, before=b.sync, fresh_bytes=ctx.nbytes)
         f = b.path("plain.bin")
         b.measure(self.write, lambda: raw_write(f, ctx.src_views), before=b.sync, fresh_bytes=ctx.nbytes)
         for row, before, fresh in ((self.read_warm, None, 0), (self.read_cold, b.drop, ctx.nbytes)):
