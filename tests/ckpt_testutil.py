@@ -52,6 +52,15 @@ def checkpointer(fmt: str, **writer_kw: Any) -> tc.SyncCheckpointer:
     )
 
 
+def save_each_format(root: Any, state: Any, **save_kw: Any) -> dict[str, str]:
+    """Save ``state`` once per layout under ``root`` (at ``root/<format>``); return the paths by format."""
+    out = {}
+    for fmt in FORMATS:
+        out[fmt] = os.path.join(str(root), fmt)
+        checkpointer(fmt).save(out[fmt], state, **save_kw)
+    return out
+
+
 def reader(**kw: Any) -> tc.CheckpointReader:
     return tc.CheckpointReader(tc.RankInfo(0, 1), **kw)
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from ckpt_testutil import FORMATS, assert_state_equal, checkpointer, file_name, flip_bit, reader
+from ckpt_testutil import FORMATS, assert_state_equal, file_name, flip_bit, reader, save_each_format
 
 import torchckpt as tc
 from torchckpt.barriers import Barrier
@@ -121,12 +121,7 @@ def read_rank(path: str, rank: int, template: Any = None, **kw: Any) -> Any:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One committed single-rank checkpoint per layout (never modified)."""
-    root = tmp_path_factory.mktemp("pristine")
-    out = {}
-    for fmt in FORMATS:
-        out[fmt] = str(root / fmt)
-        checkpointer(fmt).save(out[fmt], _state(), metadata={"step": 7})
-    return out
+    return save_each_format(tmp_path_factory.mktemp("pristine"), _state(), metadata={"step": 7})
 
 
 @pytest.fixture(scope="module")

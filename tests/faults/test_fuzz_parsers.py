@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from ckpt_testutil import FORMATS, assert_state_equal, checkpointer, file_name, json_paths, reader
+from ckpt_testutil import assert_state_equal, file_name, json_paths, reader, save_each_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -57,12 +57,7 @@ def _state() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("fuzz")
-    out = {}
-    for fmt in FORMATS:
-        out[fmt] = str(root / fmt)
-        checkpointer(fmt).save(out[fmt], _state(), metadata={"step": 3})
-    return out
+    return save_each_format(tmp_path_factory.mktemp("fuzz"), _state(), metadata={"step": 3})
 
 
 def _manifest_bytes(path: str) -> bytes:

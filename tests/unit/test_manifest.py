@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from ckpt_testutil import FORMATS, checkpointer, file_name, json_paths, reader
+from ckpt_testutil import FORMATS, file_name, json_paths, reader, save_each_format
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -29,17 +29,8 @@ from torchckpt.format.manifest import (
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, str]:
     """One committed checkpoint per layout (never modified; tests copy them)."""
-    root = tmp_path_factory.mktemp("manifests")
-    out = {}
-    for fmt in FORMATS:
-        path = str(root / fmt)
-        checkpointer(fmt).save(
-            path,
-            {"w": torch.arange(12.0).reshape(3, 4), "sub": {"b": torch.ones(5, dtype=torch.int8)}, "n": 1},
-            metadata={"step": 1},
-        )
-        out[fmt] = path
-    return out
+    state = {"w": torch.arange(12.0).reshape(3, 4), "sub": {"b": torch.ones(5, dtype=torch.int8)}, "n": 1}
+    return save_each_format(tmp_path_factory.mktemp("manifests"), state, metadata={"step": 1})
 
 
 def _doc(path: str) -> dict[str, Any]:
