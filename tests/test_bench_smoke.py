@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,22 @@ def test_report_sections_are_replaced_one_by_one(tmp_path: Path) -> None:
         "<!-- results:begin (written by run.py --report) -->\nsecond 1 GiB run\n<!-- results:end -->\n\n"
         "<!-- results-4gib:begin (written by run.py --report) -->\na 4 GiB run\n<!-- results-4gib:end -->\n"
     )
+
+
+def test_probes_run_and_print_their_figures(tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import probes
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    expected = {
+        "read": r"time read_extents \(crc32c, 2 threads\) / plain readinto: median \d+\.\d\d \(",
+        "bookkeeping": r"load of 1044 tensors \(\d+\.\d MiB\) into preallocated: median \d+\.\d ms over 20 loads",
+        "stage": r"time DefaultStager.stage / copy_ loop \(1 thread\): median \d+\.\d\d",
+        "hygiene": r"copy_ right away: median \d+ ms .*after os.sync\(\) \+ fresh memory: median \d+ ms",
+        "write": r"time torchckpt sync save native / pwritev \+ sync_file_range \+ fsync: median \d+\.\d\d",
+    }
+    for probe, pattern in expected.items():
+        assert probes.main([probe, "--size-gib", "0.004", "--pairs", "1", "--dir", str(tmp_path)]) == 0
+        assert re.search(pattern, capsys.readouterr().out), probe
+    assert list(tmp_path.iterdir()) == []  # scratch removed

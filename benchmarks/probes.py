@@ -1,0 +1,209 @@
+"""Focused measurements behind the explanations of ``benchmarks/README.md`` (figures, not targets).
+
+Each probe times two things interleaved, ``--pairs`` times, on the
+transformer-like state of ``workload.py``, and prints both medians and the
+median (min–max) of the per-round ratios::
+
+    python benchmarks/probes.py read          # a load's verified reads vs one plain readinto (warm)
+    python benchmarks/probes.py bookkeeping   # the fixed cost of a load: an 8 MiB state with the same 1,044 entries
+    python benchmarks/probes.py stage         # DefaultStager.stage (two copy threads) vs a one-thread copy_ loop
+    python benchmarks/probes.py hygiene       # copy_ right away vs after os.sync() + fresh memory (as saves are timed)
+    python benchmarks/probes.py write --size-gib 4 --pairs 3   # sync native save vs pwritev + sync_file_range
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import malloc_trim, prefault, remove
+from methods import raw_pwrite_sfr
+from workload import make_state, template_like, tensors
+
+import torchckpt as tc
+from torchckpt.format.manifest import parse_manifest
+from torchckpt.format.native import byte_view, contiguous_bytes
+from torchckpt.storage.io import Extent, read_extents
+
+GIB = 2**30
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _compare(pairs: int, base: tuple[str, Callable[[], object]], *others: tuple[str, Callable[[], object]],
+             before: Callable[[], None] = malloc_trim) -> None:  # fmt: skip
+    """Time ``base`` and each of ``others`` in turn, ``pairs`` times; print medians and, for each other,
+    the median (min–max) of its time over the base's time in the same round."""
+    runs = [base, *others]
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(pairs):
+        for (_, fn), ts in zip(runs, times):
+            before()
+            ts.append(_timed(fn))
+    print("   ".join(f"{name}: median {statistics.median(ts):.4f} s" for (name, _), ts in zip(runs, times)))
+    for (name, _), ts in zip(others, times[1:]):
+        ratios = [y / x for x, y in zip(times[0], ts)]
+        print(f"time {name} / {base[0]}: median {statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+              f" over {pairs} interleaved rounds")  # fmt: skip
+
+
+def _sync_checkpointer() -> tc.Checkpointer:
+    config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format="safetensors"))
+    return tc.make_sync_checkpointer(config)
+
+
+def probe_read(size: int, pairs: int, scratch: str) -> None:
+    """The tensor bytes of a load (one verified extent per tensor, two threads) against one plain ``readinto``."""
+    path = os.path.join(scratch, "read")
+    state = make_state(size)
+    with _sync_checkpointer() as ck:
+        ck.save(path, state)
+    with open(os.path.join(path, "manifest.json"), "rb") as f:
+        (entry,) = parse_manifest(f.read()).ranks
+    file = os.path.join(path, entry.file)
+    buffers = [torch.zeros(e.nbytes, dtype=torch.uint8) for e in entry.tensors]
+    in_file_order = sorted(zip(entry.tensors, buffers), key=lambda eb: eb[0].offset)
+
+    def plain() -> None:  # run.py's plain read: readinto every tensor's bytes in turn, no checks
+        with open(file, "rb", buffering=0) as f:
+            f.seek(entry.data_offset)
+            for _, b in in_file_order:
+                view, got = byte_view(b), 0
+                while got < view.nbytes:
+                    got += f.readinto(view[got:])
+
+    def ours() -> None:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            extents = [Extent(e.offset, contiguous_bytes(b), list(e.crc32c)) for e, b in zip(entry.tensors, buffers)]
+            read_extents(fd, extents, threads=2)
+        finally:
+            os.close(fd)
+
+    plain()  # warm: the file is in the page cache
+    print(f"{len(entry.tensors)} tensors, {entry.tensor_bytes / GIB:.2f} GiB, warm page cache")
+    template = template_like(state)
+    with _sync_checkpointer() as ck:
+        _compare(pairs, ("plain readinto", plain), ("read_extents (crc32c, 2 threads)", ours),
+                 ("torchckpt load into preallocated", lambda: ck.load(path, template)))  # fmt: skip
+
+
+def probe_bookkeeping(pairs: int, scratch: str) -> None:
+    """Load into preallocated tensors of a state whose bytes are negligible: what every load pays per entry."""
+    path = os.path.join(scratch, "small")
+    sd = make_state(8 * 2**20)
+    dst = template_like(sd)
+    with _sync_checkpointer() as ck:
+        ck.save(path, sd)
+        ck.load(path, dst)
+        times = [_timed(lambda: ck.load(path, dst)) for _ in range(max(pairs, 20))]
+    n = len(tensors(sd))
+    t = statistics.median(times)
+    print(f"load of {n} tensors ({sum(x.nbytes for x in tensors(sd)) / 2**20:.1f} MiB) into preallocated: "
+          f"median {t * 1e3:.1f} ms over {len(times)} loads = {t / n * 1e6:.1f} µs per tensor")  # fmt: skip
+
+
+def probe_stage(size: int, pairs: int) -> None:
+    """What an async save's stall is made of (flatten, copy on two threads, rebuild) against one-thread copies."""
+    sd = make_state(size)
+    src, dst = tensors(sd), tensors(template_like(sd))
+
+    def copy() -> None:
+        with torch.no_grad():
+            for d, s in zip(dst, src):
+                d.copy_(s)
+
+    config = tc.CheckpointStagerConfig(use_async_staging=False)
+    with tc.DefaultStager(config) as stager:
+        stager.stage(sd)  # allocates the staging memory, as an async checkpointer's first save does
+        _compare(pairs, ("copy_ loop (1 thread)", copy), ("DefaultStager.stage", lambda: stager.stage(sd)))
+
+
+def probe_hygiene(size: int, pairs: int) -> None:
+    """``copy_`` as ``run.py`` timed it before (right away) and as it times every save (after sync + fresh memory)."""
+    sd = make_state(size)
+    src, dst = tensors(sd), tensors(template_like(sd))
+
+    def copy() -> None:
+        with torch.no_grad():
+            for d, s in zip(dst, src):
+                d.copy_(s)
+
+    def sync_and_fresh() -> None:
+        os.sync()
+        prefault(size + 64 * 2**20)
+        malloc_trim()
+
+    ta, tb = [], []
+    for _ in range(pairs):
+        malloc_trim()
+        ta.append(_timed(copy))
+        sync_and_fresh()
+        tb.append(_timed(copy))
+    print(f"copy_ right away: median {statistics.median(ta) * 1e3:.0f} ms ({min(ta) * 1e3:.0f}–{max(ta) * 1e3:.0f});"
+          f" after os.sync() + fresh memory: median {statistics.median(tb) * 1e3:.0f} ms"
+          f" ({min(tb) * 1e3:.0f}–{max(tb) * 1e3:.0f}); {pairs} interleaved pairs")  # fmt: skip
+
+
+def probe_write(size: int, pairs: int, scratch: str) -> None:
+    """A sync native save against the single-thread pwritev + sync_file_range + fsync path, same bytes."""
+    sd = make_state(size)
+    views = [byte_view(t) for t in tensors(sd)]
+    raw = os.path.join(scratch, "raw.bin")
+    ckpt = os.path.join(scratch, "ckpt")
+
+    def before() -> None:
+        remove(raw)
+        remove(ckpt)
+        os.sync()
+        prefault(size + 64 * 2**20)
+        malloc_trim()
+
+    with _sync_checkpointer() as ck:
+        _compare(pairs, ("pwritev + sync_file_range + fsync", lambda: raw_pwrite_sfr(raw, views)),
+                 ("torchckpt sync save native", lambda: ck.save(ckpt, sd)), before=before)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("probe", choices=["read", "bookkeeping", "stage", "hygiene", "write"])
+    p.add_argument("--size-gib", type=float, default=1.0, help="tensor bytes of the state, GiB (default 1)")
+    p.add_argument("--pairs", type=int, default=9, help="interleaved rounds (default 9)")
+    p.add_argument("--dir", default="/work/bench-scratch", help="scratch directory on the disk to measure")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    size = int(args.size_gib * GIB)
+    scratch = os.path.join(os.path.abspath(args.dir), f"probe-{os.getpid()}")
+    os.makedirs(scratch, exist_ok=True)
+    try:
+        if args.probe == "read":
+            probe_read(size, args.pairs, scratch)
+        elif args.probe == "bookkeeping":
+            probe_bookkeeping(args.pairs, scratch)
+        elif args.probe == "stage":
+            probe_stage(size, args.pairs)
+        elif args.probe == "hygiene":
+            probe_hygiene(size, args.pairs)
+        else:
+            probe_write(size, args.pairs, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
