@@ -117,9 +117,8 @@ def probe_bookkeeping(pairs: int, scratch: str) -> None:
           f"median {t * 1e3:.1f} ms over {len(times)} loads = {t / n * 1e6:.1f} µs per tensor")  # fmt: skip
 
 
-def probe_stage(size: int, pairs: int) -> None:
-    """What an async save's stall is made of (flatten, copy on two threads, rebuild) against one-thread copies."""
-    sd = make_state(size)
+def _copy_loop(sd: object) -> Callable[[], None]:
+    """One-thread ``copy_`` of every tensor of ``sd`` into preallocated tensors of the same shapes."""
     src, dst = tensors(sd), tensors(template_like(sd))
 
     def copy() -> None:
@@ -127,6 +126,13 @@ def probe_stage(size: int, pairs: int) -> None:
             for d, s in zip(dst, src):
                 d.copy_(s)
 
+    return copy
+
+
+def probe_stage(size: int, pairs: int) -> None:
+    """What an async save's stall is made of (flatten, copy on two threads, rebuild) against one-thread copies."""
+    sd = make_state(size)
+    copy = _copy_loop(sd)
     config = tc.CheckpointStagerConfig(use_async_staging=False)
     with tc.DefaultStager(config) as stager:
         stager.stage(sd)  # allocates the staging memory, as an async checkpointer's first save does
@@ -136,13 +142,7 @@ def probe_stage(size: int, pairs: int) -> None:
 def probe_hygiene(size: int, pairs: int) -> None:
     """``copy_`` as ``run.py`` timed it before (right away) and as it times every save (after sync + fresh memory)."""
     sd = make_state(size)
-    src, dst = tensors(sd), tensors(template_like(sd))
-
-    def copy() -> None:
-        with torch.no_grad():
-            for d, s in zip(dst, src):
-                d.copy_(s)
-
+    copy = _copy_loop(sd)
     def sync_and_fresh() -> None:
         os.sync()
         prefault(size + 64 * 2**20)
