@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -76,7 +76,7 @@ class WriterHook(abc.ABC):
         """Runs after the checkpoint is committed."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class CheckpointWriterConfig:
     """Options of :class:`CheckpointWriter`.
 
@@ -92,6 +92,8 @@ class CheckpointWriterConfig:
     """
 
     write_barrier_timeout_secs: int = 600
+    # Positional as in the reference up to here; torchckpt's own options are keyword-only.
+    _: KW_ONLY
     format: CheckpointFormat | str = CheckpointFormat.TORCH_SAVE
     allow_pickle: bool = False
     io_threads: int = 2
