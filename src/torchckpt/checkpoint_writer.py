@@ -31,11 +31,12 @@ from .format.gcpause import paused_gc
 from .format.manifest import RankEntry, build_manifest, parse_rank_entry
 from .format.native import plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
-from .format.tree import check_saveable, flatten
+from .format.tree import MAX_DEPTH, STACK_FRAMES_NEEDED, check_saveable, deepest_key, flatten
 from .storage import fs
 from .storage.io import CHUNK_BYTES
 from .storage.local import DirectoryCommit, write_file_durably
 from .types import STATE_DICT, RankInfo
+from .utils import call_with_stack
 
 __all__ = ["CheckpointFormat", "CheckpointWriter", "CheckpointWriterConfig", "WriterHook"]
 
@@ -153,9 +154,14 @@ class CheckpointWriter:
                 dict), when given, is also stored in the manifest.
 
         Raises:
-            UnsafeObjectError: A value cannot be saved without pickle.
+            UnsafeObjectError: A value cannot be saved without pickle, or the state nests
+                containers more than ``MAX_DEPTH`` deep or contains itself (names the key).
             CheckpointIOError: A system call failed (names rank, operation, path, errno).
         """
+        # Parts of a save recurse once per level of the state: run it where that fits.
+        call_with_stack(STACK_FRAMES_NEEDED, self._write, path, state_dict, kwargs)
+
+    def _write(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> None:
         extra_stats = kwargs.pop(STATS_KWARG, None) or {}
         save_number = kwargs.pop(SAVE_NUMBER_KWARG, None)
         if save_number is None:
@@ -287,6 +293,12 @@ def _secs(value: Any) -> str:
 def _metadata(metadata: Any, path: str) -> dict[str, Any]:
     if metadata is None:
         return {}
+    too_deep = deepest_key(metadata)  # first: bounded even for a cycle, where JSON would recurse
+    if too_deep is not None:
+        raise ConfigError(
+            f"metadata of the checkpoint {path} nests containers more than {MAX_DEPTH} deep at key {too_deep!r}",
+            field="metadata",
+        )
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as e:

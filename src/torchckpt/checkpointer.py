@@ -12,9 +12,10 @@ from typing import Any
 from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import STATS_KWARG, CheckpointWriter
 from .errors import MissingKeysError
+from .format.tree import STACK_FRAMES_NEEDED
 from .storage.writable import check_writable
 from .types import STATE_DICT
-from .utils import wrap_future
+from .utils import call_with_stack, wrap_future
 
 __all__ = ["AsyncCheckpointer", "Checkpointer", "SyncCheckpointer"]
 
@@ -59,7 +60,10 @@ class Checkpointer(abc.ABC):
         Raises:
             MissingKeysError: ``strict`` and keys are missing (a ``RuntimeError``).
         """
-        loaded, missing = self._reader.read(path, state_dict, map_location=default_map_location, **kwargs)
+        # The reader recurses once per level of the checkpoint's tree: run it where that fits.
+        loaded, missing = call_with_stack(
+            STACK_FRAMES_NEEDED, self._reader.read, path, state_dict, map_location=default_map_location, **kwargs
+        )
         if strict and missing:
             raise MissingKeysError(
                 f"Checkpoint at {path} is missing keys: {missing} (missing keys of the template)",
@@ -165,6 +169,10 @@ class AsyncCheckpointer(Checkpointer):
         self._raise_unseen_error()
         if isinstance(path, (str, os.PathLike)):
             check_writable(path, rank=_rank_of(self._checkpoint_process))
+        # Staging walks the state once per level: run it where that fits.
+        return call_with_stack(STACK_FRAMES_NEEDED, self._start_save, path, state_dict, kwargs)
+
+    def _start_save(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> tuple[Future, Future]:
         called = time.perf_counter()
         staged = self._checkpoint_stager.stage(state_dict, **kwargs)
         stage_future = wrap_future(staged)
