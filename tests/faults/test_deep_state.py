@@ -263,7 +263,8 @@ def test_metadata_nested_past_the_limit_is_refused_at_save(fmt: str, tmp_path) -
     with pytest.raises(ConfigError) as info:
         checkpointer(fmt).save(path, {"w": torch.ones(2)}, metadata={"run": meta})
     assert info.value.field == "metadata"
-    assert "metadata" in str(info.value) and "'run" in str(info.value) and f"more than {MAX_DEPTH} deep" in str(info.value)
+    message = str(info.value)
+    assert "metadata" in message and "'run" in message and f"more than {MAX_DEPTH} deep" in message
     assert not os.path.exists(path)
     ok: Any = 1
     for _ in range(MAX_DEPTH - 2):
@@ -283,3 +284,25 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
         elif isinstance(v, (list, tuple)):
             todo.extend(v)
     return out
+
+
+def _all_dicts(depth: int) -> dict[str, Any]:
+    state: dict[str, Any] = {"w": torch.ones(2)}
+    for _ in range(depth - 1):
+        state = {"k": state}
+    return state
+
+
+def test_the_manager_refuses_a_cyclic_state_and_saves_a_deep_one_from_a_deep_stack(tmp_path) -> None:
+    model = torch.nn.Linear(2, 2)
+    state: dict[str, Any] = {"model": model, "extra": {"n": 1}}
+    state["extra"]["back"] = state
+    with CheckpointManager(str(tmp_path / "root"), async_save=False) as mgr:
+        with pytest.raises(UnsafeObjectError, match="contains itself") as info:
+            mgr.save(1, state)
+        assert info.value.key is not None and info.value.key.startswith("extra.back")
+        deep = _all_dicts(MAX_DEPTH)
+        on_deep_stack(lambda: mgr.save(2, deep))
+        step, loaded = on_deep_stack(lambda: mgr.load())
+    assert step == 2
+    assert_state_equal(loaded, deep)
