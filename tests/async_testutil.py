@@ -206,3 +206,21 @@ def wait_for_file(path: str, timeout: float, proc_alive: Any = None) -> None:
 def dir_bytes(path: str) -> dict[str, bytes]:
     """``{file name: bytes}`` of every file directly in ``path``."""
     return {name: Path(path, name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+class StepHook(tc.WriterHook):
+    """A hook that takes one keyword, ``step``, by name (no ``**kwargs``)."""
+
+    def pre_commit(self, path: str, step: int = -1) -> None:  # type: ignore[override]
+        pass
+
+    def post_commit(self, path: str, step: int = -1) -> None:  # type: ignore[override]
+        pass
+
+
+def step_hook_writer_init(
+    rank_info: tc.RankInfo, config: tc.CheckpointWriterConfig | None = None
+) -> tc.CheckpointWriter:
+    """``checkpoint_writer_init_fn`` building a writer with a :class:`StepHook`."""
+    config = config or tc.CheckpointWriterConfig()
+    return tc.CheckpointWriter(config=config, rank_info=rank_info, commit_hook=StepHook())

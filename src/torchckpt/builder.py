@@ -180,4 +180,8 @@ def make_async_checkpointer(
     )
     stager = DefaultStager(config.staging_config)
     reader = CheckpointReader(rank_info=rank_info, allow_pickle=config.writer_config.allow_pickle)
-    return AsyncCheckpointer(checkpoint_stager=stager, checkpoint_process=process, reader=reader)
+    # The default writer has no commit hook: keywords torchckpt does not know are refused before staging.
+    hook_keywords = frozenset() if checkpoint_writer_init_fn is default_writer_init_fn else None
+    return AsyncCheckpointer(
+        checkpoint_stager=stager, checkpoint_process=process, reader=reader, hook_keywords=hook_keywords
+    )

@@ -25,7 +25,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from enum import Enum
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 _DIED = "Child process terminated unexpectedly"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class CheckpointProcessConfig:
     """Options of the writer subprocess.
 
@@ -57,6 +57,8 @@ class CheckpointProcessConfig:
 
     subprocess_init_timeout_secs: int = 30
     subprocess_shutdown_timeout_secs: int = 60
+    # Positional as in the reference up to here; torchckpt's own options are keyword-only.
+    _: KW_ONLY
     write_timeout_secs: float | None = 3600.0
 
     def __post_init__(self) -> None:

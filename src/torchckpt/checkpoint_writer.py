@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -31,11 +31,13 @@ from .format.gcpause import paused_gc
 from .format.manifest import RankEntry, build_manifest, parse_rank_entry
 from .format.native import plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
-from .format.tree import check_saveable, flatten
+from .format.tree import MAX_DEPTH, STACK_FRAMES_NEEDED, check_saveable, deepest_key, flatten
+from .keywords import WRITE_KEYWORDS, accepted_keywords, check_keywords, keywords_for
 from .storage import fs
 from .storage.io import CHUNK_BYTES
 from .storage.local import DirectoryCommit, write_file_durably
 from .types import STATE_DICT, RankInfo
+from .utils import call_with_stack
 
 __all__ = ["CheckpointFormat", "CheckpointWriter", "CheckpointWriterConfig", "WriterHook"]
 
@@ -62,7 +64,10 @@ class WriterHook(abc.ABC):
     Call order, on every rank, inside ``CheckpointWriter.write``: this rank's
     data is written and fsynced, then ``pre_commit``; then the barrier; then
     (rank 0) the manifest commit; then ``post_commit``. Both receive the
-    ``path`` and the keyword arguments given to ``write``. An exception in
+    ``path`` and the keyword arguments given to ``write``: a method with
+    ``**kwargs`` gets all of them, one without gets those it names. ``write``
+    refuses, before anything is written, a keyword that neither torchckpt
+    (``metadata``, ``allow_pickle``) nor a hook method takes. An exception in
     ``pre_commit`` fails the save before anything is committed.
     Subclasses need not call ``super().__init__()``.
     """
@@ -76,7 +81,7 @@ class WriterHook(abc.ABC):
         """Runs after the checkpoint is committed."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class CheckpointWriterConfig:
     """Options of :class:`CheckpointWriter`.
 
@@ -92,6 +97,8 @@ class CheckpointWriterConfig:
     """
 
     write_barrier_timeout_secs: int = 600
+    # Positional as in the reference up to here; torchckpt's own options are keyword-only.
+    _: KW_ONLY
     format: CheckpointFormat | str = CheckpointFormat.TORCH_SAVE
     allow_pickle: bool = False
     io_threads: int = 2
@@ -135,6 +142,10 @@ class CheckpointWriter:
         self._barrier = barrier
         self._commit_hook = commit_hook
         self._saves = 0
+        #: The keywords the commit hook takes (None: any), checked before a save starts.
+        self._hook_keywords = (
+            frozenset() if commit_hook is None else accepted_keywords(commit_hook.pre_commit, commit_hook.post_commit)
+        )
 
     @property
     def config(self) -> CheckpointWriterConfig:
@@ -147,13 +158,22 @@ class CheckpointWriter:
             path: The checkpoint directory (created; an existing checkpoint there
                 is replaced atomically).
             state_dict: The state to save.
-            **kwargs: Passed to the commit hooks. ``metadata`` (a JSON-serialisable
-                dict), when given, is also stored in the manifest.
+            **kwargs: Passed to the commit hook's methods, each getting those it takes
+                (all with ``**kwargs``). torchckpt acts on ``metadata`` (a JSON-serialisable
+                dict stored in the manifest) and ``allow_pickle`` (this save's choice,
+                overriding the config's). Any other keyword must be taken by the hook.
 
         Raises:
-            UnsafeObjectError: A value cannot be saved without pickle.
+            UnsafeObjectError: A value cannot be saved without pickle, or the state nests
+                containers more than ``MAX_DEPTH`` deep or contains itself (names the key).
             CheckpointIOError: A system call failed (names rank, operation, path, errno).
+            TypeError: A keyword neither torchckpt nor the commit hook takes (named),
+                before anything is written.
         """
+        # Parts of a save recurse once per level of the state: run it where that fits.
+        call_with_stack(STACK_FRAMES_NEEDED, self._write, path, state_dict, kwargs)
+
+    def _write(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> None:
         extra_stats = kwargs.pop(STATS_KWARG, None) or {}
         save_number = kwargs.pop(SAVE_NUMBER_KWARG, None)
         if save_number is None:
@@ -170,13 +190,14 @@ class CheckpointWriter:
         try:
             local_error: BaseException | None = None
             try:
+                self._check_keywords(path, kwargs)
                 commit.prepare(coordinator=rank == 0)
-                entry, stats = self._write_rank(commit.pending, state_dict)
+                entry, stats = self._write_rank(commit.pending, state_dict, kwargs.get("allow_pickle"))
                 stats.update(extra_stats)
                 if world > 1:
                     _write_entry_sidecar(commit.pending, entry)
                 if self._commit_hook is not None:
-                    self._commit_hook.pre_commit(path, **kwargs)
+                    self._commit_hook.pre_commit(path, **keywords_for(self._commit_hook.pre_commit, kwargs))
             except Exception as e:
                 if store is None:
                     raise
@@ -210,7 +231,7 @@ class CheckpointWriter:
                 if rank == 0:
                     do_commit()
             if self._commit_hook is not None:
-                self._commit_hook.post_commit(path, **kwargs)
+                self._commit_hook.post_commit(path, **keywords_for(self._commit_hook.post_commit, kwargs))
         finally:
             commit.release(remove_pending=world == 1)
         logger.info(
@@ -218,6 +239,13 @@ class CheckpointWriter:
             path, rank, stats.get("bytes", 0), time.monotonic() - started, _secs(stats.get("stall_s")),
             stats.get("write_s", 0.0), stats.get("fsync_s", 0.0), _secs(stats.get("commit_s")),
         )  # fmt: skip
+
+    def _check_keywords(self, path: str, kwargs: dict[str, Any]) -> None:
+        """Refuse a keyword that neither torchckpt nor the commit hook takes (see ``keywords.py``)."""
+        hook = type(self._commit_hook).__name__ if self._commit_hook is not None else None
+        check_keywords(
+            kwargs, call="save", path=path, known=WRITE_KEYWORDS, hook_keywords=self._hook_keywords, hook_name=hook
+        )
 
     def _store(self) -> Any:
         """The key-value store the ranks agree through: the barrier's, else the process group's."""
@@ -229,15 +257,19 @@ class CheckpointWriter:
         return None
 
     @paused_gc()  # many small objects per entry: see format/gcpause.py
-    def _write_rank(self, pending: str, state_dict: STATE_DICT) -> tuple[RankEntry, dict[str, Any]]:
+    def _write_rank(
+        self, pending: str, state_dict: STATE_DICT, allow_pickle: bool | None
+    ) -> tuple[RankEntry, dict[str, Any]]:
         rank = self._rank_info.global_rank
         t0 = time.monotonic()
         native = CheckpointFormat(self._config.format) is CheckpointFormat.SAFETENSORS
+        if allow_pickle is None:  # not given to this save: the config's
+            allow_pickle = self._config.allow_pickle
         if native:
-            flat = flatten(state_dict, allow_pickle=self._config.allow_pickle)
+            flat = flatten(state_dict, allow_pickle=allow_pickle)
             plan = plan_rank_file(flat, rank=rank)
         else:  # torch.save writes it: only check that it is safe to (the same errors as flatten)
-            nbytes, empty_bytes = check_saveable(state_dict, allow_pickle=self._config.allow_pickle)
+            nbytes, empty_bytes = check_saveable(state_dict, allow_pickle=allow_pickle)
             plan = None
         name = f"rank_{rank:05d}.safetensors" if native else rank_file_name(rank)
         file_path = os.path.join(pending, name)
@@ -285,6 +317,12 @@ def _secs(value: Any) -> str:
 def _metadata(metadata: Any, path: str) -> dict[str, Any]:
     if metadata is None:
         return {}
+    too_deep = deepest_key(metadata)  # first: bounded even for a cycle, where JSON would recurse
+    if too_deep is not None:
+        raise ConfigError(
+            f"metadata of the checkpoint {path} nests containers more than {MAX_DEPTH} deep at key {too_deep!r}",
+            field="metadata",
+        )
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as e:

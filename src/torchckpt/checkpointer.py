@@ -12,9 +12,11 @@ from typing import Any
 from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import STATS_KWARG, CheckpointWriter
 from .errors import MissingKeysError
+from .format.tree import STACK_FRAMES_NEEDED
+from .keywords import READ_KEYWORDS, WRITE_KEYWORDS, check_keywords
 from .storage.writable import check_writable
 from .types import STATE_DICT
-from .utils import wrap_future
+from .utils import call_with_stack, wrap_future
 
 __all__ = ["AsyncCheckpointer", "Checkpointer", "SyncCheckpointer"]
 
@@ -51,15 +53,23 @@ class Checkpointer(abc.ABC):
                 filled in place (None: everything).
             default_map_location: Device for tensors the load creates.
             strict: Raise when template keys are missing from the checkpoint.
-            **kwargs: Passed to ``CheckpointReader.read``.
+            **kwargs: Passed to ``CheckpointReader.read``: ``allow_pickle``,
+                ``verify``, ``rank``. Others are refused when the reader is
+                torchckpt's own (a reader subclass gets them all).
 
         Returns:
             The loaded state dict.
 
         Raises:
             MissingKeysError: ``strict`` and keys are missing (a ``RuntimeError``).
+            TypeError: A keyword the reader does not take (named).
         """
-        loaded, missing = self._reader.read(path, state_dict, map_location=default_map_location, **kwargs)
+        if type(self._reader).read is CheckpointReader.read:
+            check_keywords(kwargs, call="load", path=str(path), known=READ_KEYWORDS, hook_keywords=frozenset())
+        # The reader recurses once per level of the checkpoint's tree: run it where that fits.
+        loaded, missing = call_with_stack(
+            STACK_FRAMES_NEEDED, self._reader.read, path, state_dict, map_location=default_map_location, **kwargs
+        )
         if strict and missing:
             raise MissingKeysError(
                 f"Checkpoint at {path} is missing keys: {missing} (missing keys of the template)",
@@ -136,12 +146,24 @@ class AsyncCheckpointer(Checkpointer):
         checkpoint_stager: Makes the snapshot.
         checkpoint_process: Writes it in the background.
         reader: Reads checkpoints.
+        hook_keywords: The keywords the commit hook of the writer in the
+            subprocess takes (empty: it has none), so that ``save`` refuses any
+            other unknown keyword before staging; None (default): not known
+            here, the writer checks them in the subprocess (the write fails).
     """
 
-    def __init__(self, checkpoint_stager: Any, checkpoint_process: Any, reader: CheckpointReader) -> None:
+    def __init__(
+        self,
+        checkpoint_stager: Any,
+        checkpoint_process: Any,
+        reader: CheckpointReader,
+        *,
+        hook_keywords: frozenset[str] | None = None,
+    ) -> None:
         self._checkpoint_stager = checkpoint_stager
         self._checkpoint_process = checkpoint_process
         self._reader = reader
+        self._hook_keywords = hook_keywords
         self._write_future: _WriteFuture | None = None
 
     def _raise_unseen_error(self) -> None:
@@ -161,10 +183,19 @@ class AsyncCheckpointer(Checkpointer):
         Raises:
             CheckpointIOError: The location is read-only or not writable: raised
                 here, before anything is staged (operation ``"prepare"``).
+            TypeError: A keyword neither torchckpt nor the writer's hook takes
+                (see ``hook_keywords``), before anything is staged.
         """
         self._raise_unseen_error()
+        check_keywords(
+            kwargs, call="save", path=str(path), known=WRITE_KEYWORDS, hook_keywords=self._hook_keywords
+        )
         if isinstance(path, (str, os.PathLike)):
             check_writable(path, rank=_rank_of(self._checkpoint_process))
+        # Staging walks the state once per level: run it where that fits.
+        return call_with_stack(STACK_FRAMES_NEEDED, self._start_save, path, state_dict, kwargs)
+
+    def _start_save(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> tuple[Future, Future]:
         called = time.perf_counter()
         staged = self._checkpoint_stager.stage(state_dict, **kwargs)
         stage_future = wrap_future(staged)

@@ -35,6 +35,7 @@ from .checkpoint_writer import CheckpointWriterConfig
 from .checkpointer import Checkpointer
 from .config import CheckpointerConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .format.tree import MAX_DEPTH
 from .retention import CheckpointInfo, RetentionPolicy, preserved
 from .storage import fs
 from .types import RankInfo
@@ -78,11 +79,32 @@ class SaveHandle:
 
 
 def _to_state_dict(state: Any) -> Any:
+    """``state`` with every object that has ``state_dict()`` replaced by its state dict, in nested dicts too.
+
+    Iterative; a dict reached twice is copied once, so a cycle stays a cycle
+    (and a dict past ``MAX_DEPTH`` stays as it is): saving then refuses it
+    naming the key, whatever the caller's stack.
+    """
     if hasattr(state, "state_dict") and callable(state.state_dict):
         return state.state_dict()
-    if isinstance(state, dict):
-        return {k: _to_state_dict(v) for k, v in state.items()}
-    return state
+    if not isinstance(state, dict):
+        return state
+    root: dict[Any, Any] = {}
+    copies = {id(state): root}
+    todo: list[tuple[dict[Any, Any], dict[Any, Any], int]] = [(state, root, 1)]
+    while todo:
+        source, copy, depth = todo.pop()
+        for k, v in source.items():
+            if hasattr(v, "state_dict") and callable(v.state_dict):
+                copy[k] = v.state_dict()
+            elif isinstance(v, dict) and id(v) in copies:
+                copy[k] = copies[id(v)]
+            elif isinstance(v, dict) and depth < MAX_DEPTH:
+                copy[k] = copies[id(v)] = {}
+                todo.append((v, copy[k], depth + 1))
+            else:
+                copy[k] = v
+    return root
 
 
 class CheckpointManager:

@@ -101,7 +101,7 @@ class CheckpointStager(abc.ABC):
         """Release staging memory and threads."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class CheckpointStagerConfig:
     """Options of the stager. A field left at None adapts to the machine.
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
-__all__ = ["wrap_future"]
+__all__ = ["call_with_stack", "stack_depth", "wrap_future"]
+
+T = TypeVar("T")
 
 
 def wrap_future(original_result: Any) -> Future[None]:
@@ -35,3 +41,56 @@ def wrap_future(original_result: Any) -> Future[None]:
 
     original_result.add_done_callback(_on_done)
     return masked
+
+
+def stack_depth() -> int:
+    """The number of Python frames on the calling thread's stack (the caller's included)."""
+    depth = 0
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        depth += 1
+        frame = frame.f_back
+    return depth
+
+
+def call_with_stack(frames_needed: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn(*args, **kwargs)`` where at least ``frames_needed`` frames of recursion are left.
+
+    Checkpoint trees are nested up to a fixed depth, and parts of a save or a
+    load (the JSON codec, pickle, tree walks) recurse once per level. Whether
+    that fits must not depend on how deep the caller already is: when fewer
+    than ``frames_needed`` frames are left below the interpreter's recursion
+    limit, ``fn`` runs on a new thread, whose stack starts empty, and this call
+    waits for it. An interrupt (``KeyboardInterrupt``) that arrives meanwhile is
+    raised once ``fn`` has finished, so ``fn`` never runs on unobserved.
+
+    Returns:
+        What ``fn`` returns.
+
+    Raises:
+        Whatever ``fn`` raises.
+    """
+    if sys.getrecursionlimit() - stack_depth() >= frames_needed:
+        return fn(*args, **kwargs)
+    outcome: list[Any] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="torchckpt-deep-stack", daemon=True)
+    worker.start()
+    interrupt: BaseException | None = None
+    while worker.is_alive():
+        try:
+            worker.join()
+        except BaseException as e:  # noqa: BLE001 - raised once fn has finished
+            interrupt = interrupt or e
+    if interrupt is not None:
+        raise interrupt
+    if failure:
+        raise failure[0]
+    return outcome[0]  # type: ignore[no-any-return]

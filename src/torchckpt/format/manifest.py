@@ -19,9 +19,11 @@ import torch
 
 from ..storage.io import CHUNK_BYTES
 from ..storage.io import checksum as crc32c_of
+from ..utils import call_with_stack
 from .dtypes import ITEMSIZE as _ITEMSIZE
 from .dtypes import dtype_from_name
 from .gcpause import paused_gc
+from .tree import MAX_DEPTH, STACK_FRAMES_NEEDED, deepest_key
 
 __all__ = [
     "FORMAT_VERSION",
@@ -234,13 +236,14 @@ def parse_manifest(data: bytes) -> Manifest:
     if crc32c_of(memoryview(data)[SEAL_BYTES:]) != check_seal_prefix(data[:SEAL_BYTES]):
         raise ManifestError("checksum mismatch: the manifest's bytes have changed since it was written")
     try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        # The parser recurses per level: with the room a manifest of any state torchckpt saves needs.
+        doc = call_with_stack(STACK_FRAMES_NEEDED, json.loads, data.decode("utf-8"), parse_constant=_no_constant)
     except ManifestError:
         raise
     except ValueError as e:  # not UTF-8, not JSON, or an integer too long to convert
         raise ManifestError(f"not valid JSON: {e}") from e
-    except RecursionError as e:  # nested deeper than the interpreter's recursion limit
-        raise ManifestError("not a manifest: JSON nested too deeply") from e
+    except RecursionError as e:  # deeper than any manifest torchckpt writes
+        raise ManifestError(f"not a manifest: JSON nested too deeply (states nest at most {MAX_DEPTH} deep)") from e
     if not isinstance(doc, dict):
         raise ManifestError("not a JSON object")
     version = _get(doc, "torchckpt_format", int, "manifest")
@@ -267,6 +270,9 @@ def parse_manifest(data: bytes) -> Manifest:
     stats = doc.get("stats", {})
     if not isinstance(metadata, dict) or not isinstance(stats, dict):
         raise ManifestError("metadata and stats must be JSON objects")
+    too_deep = deepest_key(metadata)
+    if too_deep is not None:
+        raise ManifestError(f"metadata nests containers more than {MAX_DEPTH} deep at key {too_deep!r}")
     created = doc.get("created_unix_s", 0.0)
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise ManifestError("created_unix_s must be a number")

@@ -22,6 +22,12 @@ node                 meaning
 
 Tensors reached twice through the same storage, offset, shape, strides and
 dtype (tied weights) get one table entry and come back as one tensor.
+
+A state nests at most :data:`MAX_DEPTH` containers (dict, OrderedDict, list,
+tuple; the state itself and containers used as keys counted): what commits
+must load, and every reader handles that depth whatever the caller's stack.
+:func:`flatten` refuses a deeper state, or one that contains itself, naming
+the key; :func:`unflatten` refuses a deeper tree.
 """
 
 from __future__ import annotations
@@ -39,7 +45,23 @@ import torch
 from ..errors import UnsafeObjectError
 from .dtypes import dtype_from_name, dtype_name
 
-__all__ = ["Flattened", "TensorRef", "check_saveable", "flatten", "join_key", "unflatten"]
+__all__ = [
+    "MAX_DEPTH",
+    "STACK_FRAMES_NEEDED",
+    "Flattened",
+    "TensorRef",
+    "check_saveable",
+    "deepest_key",
+    "flatten",
+    "join_key",
+    "unflatten",
+]
+
+#: Most containers a state may nest (the state itself counted): ``{"a": {"b": 1}}`` nests 2.
+MAX_DEPTH = 100
+#: Frames of recursion a save or a load of a state nested :data:`MAX_DEPTH` deep may need
+#: (JSON codec, pickle and tree walks: a few per level, plus the library's own calls).
+STACK_FRAMES_NEEDED = 5 * MAX_DEPTH + 200
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,30 @@ class _Flattener:
         self.out = Flattened(tree=None)
         self._seen: dict[tuple[Any, ...], int] = {}
         self._used_names: set[str] = {"__metadata__"}  # reserved by safetensors
+        self._open: dict[int, str] = {}  # the containers being walked (id -> key path): a cycle's ends
+
+    def enter(self, value: Any, path: str) -> None:
+        """Note that the walk goes into container ``value`` at ``path``; refuse a cycle or too deep a state."""
+        if id(value) in self._open:
+            where = self._open[id(value)] or "[root]"
+            raise UnsafeObjectError(
+                f"cannot save the value at key {path or '[root]'!r}: it contains itself (a cycle back to the "
+                f"{type(value).__name__} at key {where!r}); a checkpoint stores trees only",
+                key=path,
+                type_name=f"builtins.{type(value).__name__}",
+            )
+        if len(self._open) >= MAX_DEPTH:
+            raise UnsafeObjectError(
+                f"cannot save the value at key {path or '[root]'!r}: the state nests containers more than "
+                f"{MAX_DEPTH} deep there (the most a checkpoint holds)",
+                key=path,
+                type_name=f"builtins.{type(value).__name__}",
+            )
+        self._open[id(value)] = path
+
+    def leave(self, value: Any) -> None:
+        """Note that the walk of container ``value`` is done."""
+        del self._open[id(value)]
 
     def tensor(self, t: torch.Tensor, path: str) -> dict[str, int]:
         if not (type(t) in _PLAIN_TENSOR_TYPES and t.layout is torch.strided and not t.is_quantized and not t.is_meta):
@@ -139,11 +185,17 @@ class _Flattener:
         if type(value) is OrderedDict or type(value) is dict:
             return self.mapping(value, path)
         if type(value) is list or type(value) is tuple:
-            tag = "list" if type(value) is list else "tuple"
-            return {tag: [self.node(v, _index_path(path, i)) for i, v in enumerate(value)]}
+            return self.sequence(value, path)
         return self.opaque(value, path)
 
+    def sequence(self, value: list[Any] | tuple[Any, ...], path: str) -> Any:
+        self.enter(value, path)
+        items = [self.node(v, _index_path(path, i)) for i, v in enumerate(value)]
+        self.leave(value)
+        return {"list" if type(value) is list else "tuple": items}
+
     def mapping(self, value: dict[Any, Any], path: str) -> dict[str, list[list[Any]]]:
+        self.enter(value, path)
         items = []
         for k, v in value.items():
             if type(k) is str:  # the common key: its node is itself, its path is joined once
@@ -152,6 +204,7 @@ class _Flattener:
             else:
                 key_node = self.key(k, path)
                 items.append([key_node, self.node(v, join_key(path, k))])
+        self.leave(value)
         return {"dict" if type(value) is dict else "odict": items}
 
     def bytes_node(self, value: bytes | bytearray) -> Any:
@@ -229,12 +282,20 @@ class _Checker(_Flattener):
             self.tensor_bytes += t.numel() * t.element_size()
 
     def mapping(self, value: dict[Any, Any], path: str) -> None:  # type: ignore[override]
+        self.enter(value, path)
         for k, v in value.items():
             if type(k) is str:
                 self.node(v, f"{path}.{k}" if path else k)
             else:
                 self.key(k, path)
                 self.node(v, join_key(path, k))
+        self.leave(value)
+
+    def sequence(self, value: list[Any] | tuple[Any, ...], path: str) -> None:  # type: ignore[override]
+        self.enter(value, path)
+        for i, v in enumerate(value):
+            self.node(v, _index_path(path, i))
+        self.leave(value)
 
     def bytes_node(self, value: bytes | bytearray) -> None:
         if type(value) is bytes and not value:
@@ -304,6 +365,7 @@ class _Unflattener:
         self.tensor = tensor
         self.allow_pickle = allow_pickle
         self.where = where
+        self.depth = 0  # containers open on the way to the current node
 
     def node(self, n: Any, path: str) -> Any:
         if n is None or isinstance(n, (bool, int, float, str)):
@@ -315,18 +377,29 @@ class _Unflattener:
             if not isinstance(body, int) or isinstance(body, bool):
                 raise ValueError(f"malformed tensor reference at key {path!r}")
             return self.tensor(body)
-        if tag in ("dict", "odict"):
-            out: dict[Any, Any] = {} if tag == "dict" else OrderedDict()
-            for item in _expect_list(body, path):
-                if not isinstance(item, list) or len(item) != 2:
-                    raise ValueError(f"malformed dict item at key {path!r}")
-                k = self.key(item[0], path)
-                out[k] = self.node(item[1], join_key(path, k))
+        if tag in ("dict", "odict", "list", "tuple"):
+            if self.depth >= MAX_DEPTH:
+                raise ValueError(
+                    f"the tree nests containers more than {MAX_DEPTH} deep at key {path or '[root]'!r} "
+                    "(deeper than any checkpoint torchckpt writes)"
+                )
+            self.depth += 1
+            out = self.container(tag, body, path)
+            self.depth -= 1
             return out
+        return self.leaf(tag, body, path)
+
+    def container(self, tag: str, body: Any, path: str) -> Any:
         if tag in ("list", "tuple"):
             items = [self.node(v, _index_path(path, i)) for i, v in enumerate(_expect_list(body, path))]
             return items if tag == "list" else tuple(items)
-        return self.leaf(tag, body, path)
+        out: dict[Any, Any] = {} if tag == "dict" else OrderedDict()
+        for item in _expect_list(body, path):
+            if not isinstance(item, list) or len(item) != 2:
+                raise ValueError(f"malformed dict item at key {path!r}")
+            k = self.key(item[0], path)
+            out[k] = self.node(item[1], join_key(path, k))
+        return out
 
     def key(self, n: Any, path: str) -> Any:
         # flatten never writes a tensor or a container of lists as a key; a manifest that does is corrupt
@@ -368,6 +441,31 @@ class _Unflattener:
                 )
             return pickle.loads(base64.b64decode(body))  # noqa: S301 - explicit opt-in
         raise ValueError(f"unknown node type {tag!r} at key {path or '[root]'!r}")
+
+
+def deepest_key(value: Any, limit: int = MAX_DEPTH) -> str | None:
+    """The key path of a container nested more than ``limit`` deep in plain JSON data ``value``.
+
+    ``value`` itself counts as the first level when it is a dict or list. The
+    walk is iterative, so any depth is measured without recursion.
+
+    Returns:
+        The key path (``"a.b[0]"``; ``"[root]"`` for ``value`` itself) of the
+        first container past ``limit``, or None when ``value`` is within it.
+    """
+    todo: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while todo:
+        v, path, depth = todo.pop()
+        if isinstance(v, dict):
+            items: Any = ((join_key(path, k), x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            items = ((_index_path(path, i), x) for i, x in enumerate(v))
+        else:
+            continue
+        if depth > limit:
+            return path or "[root]"
+        todo.extend((x, sub, depth + 1) for sub, x in items)
+    return None
 
 
 def _expect_list(body: Any, path: str) -> list[Any]:

@@ -1,0 +1,227 @@
+"""The reference API's call forms work: config classes' positional arguments, keywords of save and load."""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint._experimental.barriers as ref_barriers
+import torch.distributed.checkpoint._experimental.checkpoint_process as ref_process
+import torch.distributed.checkpoint._experimental.checkpoint_writer as ref_writer
+import torch.distributed.checkpoint._experimental.config as ref_config
+import torch.distributed.checkpoint._experimental.staging as ref_staging
+from ckpt_testutil import FORMATS, assert_state_equal
+
+import torchckpt as tc
+from torchckpt.errors import ConfigError, UnsafeObjectError
+
+
+def _checkpointer_config_values() -> tuple[Any, ...]:
+    return (
+        tc.CheckpointWriterConfig(write_barrier_timeout_secs=7),
+        tc.BarrierConfig(barrier_type="dist_barrier"),
+        tc.CheckpointStagerConfig(use_pinned_memory=False, use_async_staging=False),
+        tc.CheckpointProcessConfig(subprocess_init_timeout_secs=3),
+    )
+
+
+# (ours, the reference's, positional values in the reference's field order, none of them a default)
+_CONFIGS: dict[str, tuple[type, type, Callable[[], tuple[Any, ...]]]] = {
+    "CheckpointWriterConfig": (tc.CheckpointWriterConfig, ref_writer.CheckpointWriterConfig, lambda: (123,)),
+    "CheckpointProcessConfig": (tc.CheckpointProcessConfig, ref_process.CheckpointProcessConfig, lambda: (11, 22)),
+    "CheckpointStagerConfig": (
+        tc.CheckpointStagerConfig,
+        ref_staging.CheckpointStagerConfig,
+        lambda: (False, False, False, False),
+    ),
+    "BarrierConfig": (tc.BarrierConfig, ref_barriers.BarrierConfig, lambda: ("tcp_store", {"timeout_secs": 5})),
+    "CheckpointerConfig": (tc.CheckpointerConfig, ref_config.CheckpointerConfig, _checkpointer_config_values),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CONFIGS))
+def test_config_takes_the_reference_positional_arguments_in_its_order(name: str) -> None:
+    ours, ref, make_values = _CONFIGS[name]
+    values = make_values()
+    ref_names = [f.name for f in dataclasses.fields(ref) if f.init and not f.kw_only]
+    our_positional = [f.name for f in dataclasses.fields(ours) if f.init and not f.kw_only]
+    # The reference's fields first, in its order; our own extras only by keyword after them.
+    assert our_positional == ref_names
+    assert len(values) == len(ref_names)
+    ref(*values)  # the same call is valid for the reference
+    config = ours(*values)
+    for field_name, value in zip(ref_names, values):
+        assert getattr(config, field_name) == value, field_name
+    with pytest.raises(TypeError):
+        ours(*values, None)  # one more positional argument than the reference takes
+
+
+def test_writer_config_extras_stay_keyword_only() -> None:
+    config = tc.CheckpointWriterConfig(600, format="safetensors", allow_pickle=True, io_threads=3)
+    assert (config.write_barrier_timeout_secs, config.format, config.allow_pickle, config.io_threads) == (
+        600,
+        "safetensors",
+        True,
+        3,
+    )
+    with pytest.raises(ConfigError, match="write_barrier_timeout_secs must be > 0, got 0"):
+        tc.CheckpointWriterConfig(0)
+    process = tc.CheckpointProcessConfig(5, 6, write_timeout_secs=7.0)
+    assert (process.subprocess_init_timeout_secs, process.subprocess_shutdown_timeout_secs) == (5, 6)
+    assert process.write_timeout_secs == 7.0
+
+
+# -- keywords of save and load ---------------------------------------------------------------------------------
+
+
+class RecordingHook(tc.WriterHook):
+    """Records the keywords each method received; takes ``step`` by name only."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def pre_commit(self, path: str, step: int = -1) -> None:  # type: ignore[override]
+        self.calls.append(("pre", path, {"step": step}))
+
+    def post_commit(self, path: str, *, step: int = -1, metadata: Any = None) -> None:  # type: ignore[override]
+        self.calls.append(("post", path, {"step": step, "metadata": metadata}))
+
+
+class AnyKeywordHook(tc.WriterHook):
+    """Takes every keyword (``**kwargs``), as the reference's hooks do."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        self.calls.append(("pre", kwargs))
+
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        self.calls.append(("post", kwargs))
+
+
+def _sync(fmt: str, hook: tc.WriterHook | None = None, **writer_kw: Any) -> tc.SyncCheckpointer:
+    config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format=fmt, **writer_kw))
+    return tc.make_sync_checkpointer(config, rank_info=tc.RankInfo(0, 1), commit_hook=hook)
+
+
+def _async(fmt: str, **kw: Any) -> tc.AsyncCheckpointer:
+    config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format=fmt))
+    return tc.make_async_checkpointer(config, rank_info=tc.RankInfo(0, 1), **kw)
+
+
+def _pickled_state() -> dict[str, Any]:
+    return {"w": torch.arange(4.0), "tags": {"a", "b"}, "frac": fractions.Fraction(1, 3)}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_allow_pickle_on_save_is_honoured(fmt: str, tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    ckpt = _sync(fmt)
+    with pytest.raises(UnsafeObjectError, match="allow_pickle"):
+        ckpt.save(path, _pickled_state())
+    assert not os.path.exists(path)
+    ckpt.save(path, _pickled_state(), allow_pickle=True)
+    with pytest.raises(UnsafeObjectError):
+        ckpt.load(path)  # loading needs the opt-in too
+    assert_state_equal(ckpt.load(path, allow_pickle=True), _pickled_state())
+    # per save both ways: False overrides a config that allows pickle
+    with pytest.raises(UnsafeObjectError):
+        _sync(fmt, allow_pickle=True).save(str(tmp_path / "other"), _pickled_state(), allow_pickle=False)
+    with pytest.raises(TypeError, match="allow_pickle must be True or False, got 'yes'"):
+        ckpt.save(path, _pickled_state(), allow_pickle="yes")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_allow_pickle_on_async_save_is_honoured(fmt: str, tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    ckpt = _async(fmt)
+    try:
+        futures = ckpt.save(path, _pickled_state(), allow_pickle=True)
+        assert futures is not None
+        futures[1].result(timeout=120)
+        assert_state_equal(ckpt.load(path, allow_pickle=True), _pickled_state())
+        futures = ckpt.save(str(tmp_path / "refused"), _pickled_state())
+        assert futures is not None
+        with pytest.raises(UnsafeObjectError):
+            futures[1].result(timeout=120)
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_misspelled_keyword_is_refused_naming_it(fmt: str, tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    with pytest.raises(TypeError) as info:
+        _sync(fmt).save(path, {"w": torch.ones(2)}, alow_pickle=True)
+    message = str(info.value)
+    assert "unexpected keyword argument 'alow_pickle'" in message
+    assert "did you mean 'allow_pickle'?" in message
+    assert path in message
+    assert not os.path.exists(path)
+    assert os.listdir(tmp_path) == [] or all(n.endswith(".lock") for n in os.listdir(tmp_path))
+
+
+def test_a_misspelled_keyword_is_refused_before_async_staging(tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    ckpt = _async("torch_save")
+    try:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'metdata'.*did you mean 'metadata'"):
+            ckpt.save(path, {"w": torch.ones(2)}, metdata={"a": 1})
+        assert ckpt._checkpoint_stager.last_stage_s is None  # nothing was staged
+        futures = ckpt.save(path, {"w": torch.ones(2)}, metadata={"a": 1})
+        assert futures is not None
+        futures[1].result(timeout=120)
+    finally:
+        ckpt.close()
+
+
+def test_a_custom_async_writer_checks_keywords_in_the_subprocess(tmp_path) -> None:
+    from async_testutil import step_hook_writer_init
+
+    ckpt = _async("torch_save", checkpoint_writer_init_fn=step_hook_writer_init)
+    try:
+        futures = ckpt.save(str(tmp_path / "a"), {"w": torch.ones(2)}, step=3)  # the hook takes it
+        assert futures is not None
+        futures[1].result(timeout=120)
+        futures = ckpt.save(str(tmp_path / "b"), {"w": torch.ones(2)}, stpe=3)
+        assert futures is not None
+        with pytest.raises(TypeError, match="unexpected keyword argument 'stpe'.*did you mean 'step'"):
+            futures[1].result(timeout=120)
+        assert not os.path.exists(tmp_path / "b")
+    finally:
+        ckpt.close()
+
+
+def test_keywords_reach_the_hooks_that_take_them(tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    named = RecordingHook()
+    _sync("safetensors", named).save(path, {"w": torch.ones(2)}, step=7, metadata={"run": "x"})
+    assert named.calls == [("pre", path, {"step": 7}), ("post", path, {"step": 7, "metadata": {"run": "x"}})]
+    with pytest.raises(TypeError) as info:
+        _sync("safetensors", named).save(path, {"w": torch.ones(2)}, epoch=1)
+    assert "unexpected keyword argument 'epoch'" in str(info.value)
+    assert "RecordingHook" in str(info.value) and "step" in str(info.value)
+    anything = AnyKeywordHook()
+    _sync("torch_save", anything).save(path, {"w": torch.ones(2)}, epoch=1, allow_pickle=False)
+    given = {"epoch": 1, "allow_pickle": False}
+    assert anything.calls == [("pre", given), ("post", given)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_refuses_an_unknown_keyword(fmt: str, tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    ckpt = _sync(fmt)
+    ckpt.save(path, {"w": torch.ones(2)})
+    with pytest.raises(TypeError) as info:
+        ckpt.load(path, alow_pickle=True)
+    assert "unexpected keyword argument 'alow_pickle'" in str(info.value)
+    assert "did you mean 'allow_pickle'?" in str(info.value)
+    assert path in str(info.value)
+    loaded = ckpt.load(path, verify=False, rank=0, allow_pickle=False)
+    assert torch.equal(loaded["w"], torch.ones(2))
