@@ -43,8 +43,13 @@ def merge(
     is_tensor: Callable[[Any], bool],
     tensor: Callable[[Any, torch.Tensor | None, str], Any],
     where: str,
-) -> tuple[Any, list[str]]:
-    """Merge ``source`` (the checkpoint's objects) into ``template``.
+) -> tuple[Any, list[str], Callable[[], None]]:
+    """Merge ``source`` (the checkpoint's objects) into ``template``, changing nothing in it yet.
+
+    Every key is checked before anything is written: the template's dicts get
+    their new values only when the returned ``commit`` is called, and its
+    tensors only when the caller copies into those ``tensor`` was given, so a
+    mismatch found on any key leaves the template as it was.
 
     Args:
         template: The template (None: take everything).
@@ -55,13 +60,15 @@ def merge(
         where: The checkpoint path, for error messages.
 
     Returns:
-        The merged object and the missing keys.
+        The merged object, the missing keys, and ``commit``, which stores the
+        new values into the template's dicts (call it once the tensors are in).
 
     Raises:
         StateDictMismatchError: The template has a tensor or container where the
             checkpoint has something else.
     """
     missing: list[str] = []
+    writes: list[tuple[dict[Any, Any], Any, Any]] = []
 
     def whole(src: Any, path: str) -> Any:
         if is_tensor(src):
@@ -100,7 +107,7 @@ def merge(
             for k in list(tgt.keys()):
                 sub = join_key(path, k)
                 if k in src:
-                    tgt[k] = go(tgt[k], src[k], sub)
+                    writes.append((tgt, k, go(tgt[k], src[k], sub)))
                 else:
                     missing.append(sub)
             return tgt
@@ -119,4 +126,8 @@ def merge(
             raise mismatch(tgt, src, path)
         return src
 
-    return go(template, source, ""), missing
+    def commit() -> None:
+        for container, key, value in writes:
+            container[key] = value
+
+    return go(template, source, ""), missing, commit
