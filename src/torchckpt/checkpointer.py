@@ -58,6 +58,10 @@ class Checkpointer(abc.ABC):
 
         Raises:
             MissingKeysError: ``strict`` and keys are missing (a ``RuntimeError``).
+            StateDictMismatchError: The template does not fit; it is left untouched.
+            CorruptCheckpointError: The checkpoint is damaged; the template is untouched,
+                except, in the native layout, the tensors of the keys the error names
+                (read into in place before the damage was found).
         """
         loaded, missing = self._reader.read(path, state_dict, map_location=default_map_location, **kwargs)
         if strict and missing:

@@ -7,6 +7,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from .format.torch_save import file_digest, unpickle_rank_file
 from .format.tree import flatten, join_key, unflatten
 from .storage.io import CHUNK_BYTES, checksum
 
-__all__ = ["export", "iter_leaves", "open_lazy"]
+__all__ = ["Container", "export", "iter_leaves", "iter_nodes", "open_lazy"]
 
 
 @contextmanager
@@ -112,6 +113,42 @@ def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     elif isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
         for i, v in enumerate(obj):
             yield from iter_leaves(v, f"{prefix}[{i}]" if prefix else f"[{i}]")
+    else:
+        yield prefix or "[root]", obj
+
+
+@dataclass(frozen=True)
+class Container:
+    """A container of a state as :func:`iter_nodes` yields it: its type only (its items come as nodes of their own)."""
+
+    kind: str
+
+    def __repr__(self) -> str:
+        return self.kind
+
+
+def _key_path(prefix: str, key: Any) -> str:
+    """A key path that tells key types apart: ``a.1`` for the key ``"1"``, ``a.<int 1>`` for ``1``."""
+    if type(key) is str:
+        return join_key(prefix, key)
+    return join_key(prefix, f"<{type(key).__name__} {key!r}>")
+
+
+def iter_nodes(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(key path, value)`` of every container (as a :class:`Container`) and leaf of a state.
+
+    Unlike :func:`iter_leaves`, two states with the same nodes have the same
+    structure: a dict and an OrderedDict, a list and a tuple, an empty container
+    and a missing key, the key ``1`` and the key ``"1"`` all differ.
+    """
+    if isinstance(obj, dict) or (isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size)):
+        yield prefix or "[root]", Container(type(obj).__name__)
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from iter_nodes(v, _key_path(prefix, k))
+        else:
+            for i, v in enumerate(obj):
+                yield from iter_nodes(v, f"{prefix}[{i}]" if prefix else f"[{i}]")
     else:
         yield prefix or "[root]", obj
 

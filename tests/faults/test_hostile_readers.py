@@ -235,3 +235,21 @@ def test_native_bit_flip_says_which_template_tensors_may_be_overwritten(tmp_path
     with pytest.raises(CorruptCheckpointError, match="does not match the manifest"):
         reader().read(paths["torch_save"], template)
     assert not template["a"].any() and not template["sub"]["b"].any()
+
+
+# -- a manifest of 400,000 dimensions ---------------------------------------------------------------
+
+
+def test_a_manifest_shape_of_400000_dimensions_is_refused_fast(tmp_path: Any) -> None:
+    path = save_each_format(tmp_path, {"w": torch.ones(2, 3)})["safetensors"]
+    manifest = os.path.join(path, "manifest.json")
+    with open(manifest) as f:
+        doc = json.load(f)
+    doc["ranks"][0]["tensors"][0]["shape"] = [2] * 400_000
+    with open(manifest, "wb") as f:
+        f.write(seal_manifest(doc))  # an attacker can seal a manifest too
+    started = time.monotonic()
+    with pytest.raises(CorruptCheckpointError, match=r"manifest\.json: ranks\[0\]\.tensors\[0\]: 400000 dimensions") as info:
+        reader().read(path)
+    assert time.monotonic() - started < 2.0
+    assert info.value.file == "manifest.json" and len(str(info.value)) < 500

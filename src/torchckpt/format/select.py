@@ -36,6 +36,15 @@ def check_fits(target: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
         )
 
 
+def _mismatch(template_kind: str, source_kind: str, path: str, where: str) -> StateDictMismatchError:
+    return StateDictMismatchError(
+        f"key {path or '[root]'!r} of the template is a {template_kind} but the checkpoint at "
+        f"{where} holds a {source_kind} there",
+        path=where,
+        key=path,
+    )
+
+
 def merge(
     template: Any,
     source: Any,
@@ -84,13 +93,7 @@ def merge(
         return src
 
     def mismatch(tgt: Any, src: Any, path: str) -> StateDictMismatchError:
-        src_kind = "tensor" if is_tensor(src) else type(src).__name__
-        return StateDictMismatchError(
-            f"key {path or '[root]'!r} of the template is a {type(tgt).__name__} but the checkpoint at "
-            f"{where} holds a {src_kind} there",
-            path=where,
-            key=path,
-        )
+        return _mismatch(type(tgt).__name__, "tensor" if is_tensor(src) else type(src).__name__, path, where)
 
     def go(tgt: Any, src: Any, path: str) -> Any:
         if tgt is None:
