@@ -197,13 +197,22 @@ class CheckpointReader:
                 options for this call; ``rank`` picks whose part to read. Other
                 keywords are ignored.
 
+        A failed load and the template: every key is checked (presence, kind,
+        dtype, shape) before a byte is copied into the template, so a
+        ``StateDictMismatchError`` leaves it untouched; so does a bad
+        ``torch_save`` file (verified whole first). A native file found corrupt
+        while its tensors are read may have overwritten the template's
+        contiguous CPU tensors: the error names those keys; the template's
+        other tensors and plain values are untouched.
+
         Returns:
             The state dict and the keys of the template missing from the checkpoint.
 
         Raises:
             CheckpointNotFoundError: Nothing committed at ``path``.
-            CorruptCheckpointError: The manifest, a size or a checksum is wrong.
-            StateDictMismatchError: The template does not fit the checkpoint.
+            CorruptCheckpointError: The manifest, a size or a checksum is wrong, or a
+                rank file expands beyond the bounds of its size (docs/format.md).
+            StateDictMismatchError: The template does not fit the checkpoint (template untouched).
             UnsafeObjectError: The checkpoint needs pickle and it is not allowed.
         """
         path = os.fspath(path)

@@ -63,6 +63,10 @@ class Checkpointer(abc.ABC):
         Raises:
             MissingKeysError: ``strict`` and keys are missing (a ``RuntimeError``).
             TypeError: A keyword the reader does not take (named).
+            StateDictMismatchError: The template does not fit; it is left untouched.
+            CorruptCheckpointError: The checkpoint is damaged; the template is untouched,
+                except, in the native layout, the tensors of the keys the error names
+                (read into in place before the damage was found).
         """
         if type(self._reader).read is CheckpointReader.read:
             check_keywords(kwargs, call="load", path=str(path), known=READ_KEYWORDS, hook_keywords=frozenset())

@@ -55,6 +55,21 @@ def _size(m: Manifest) -> int:
 # -- ls ------------------------------------------------------------------
 
 
+def _when(created_unix_s: float) -> str:
+    """The commit time in ISO form, or the number itself when no calendar date has it (a clock set wrong)."""
+    try:
+        return datetime.datetime.fromtimestamp(created_unix_s).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        return repr(created_unix_s)
+
+
+def _metrics(value: Any) -> dict[str, Any]:
+    """The metrics of a manifest as a dict (a value saved as something else shows as one metric)."""
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    return {} if value is None else {"metrics": value}
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from .manager import _STEP_DIR
 
@@ -75,13 +90,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "step": int(m.group(1)),
             "path": path,
             "committed": True,
-            "time": datetime.datetime.fromtimestamp(man.created_unix_s).isoformat(timespec="seconds"),
+            "time": _when(man.created_unix_s),
             "size_bytes": _size(man),
             "ranks": man.world_size,
             "format": man.layout,
             "stall_s": man.stats.get("stall_s"),
             "write_s": man.stats.get("write_s"),
-            "metrics": man.metadata.get("metrics") or {},
+            "metrics": _metrics(man.metadata.get("metrics")),
         }
         if args.verify:
             from .verify import verify_checkpoint
@@ -98,7 +113,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             table.append([str(r["step"]), "-", "-", "-", "-", "-", "-", "-", "not committed"])
             continue
         status = "verified" if r.get("verified") else ("BAD" if "verified" in r else "committed")
-        fmt_s = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        fmt_s = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"  # noqa: E731
         metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
         table.append(
             [str(r["step"]), r["time"], _human(r["size_bytes"]), str(r["ranks"]), r["format"],
@@ -212,10 +227,10 @@ def _compare(a: Any, b: Any) -> dict[str, Any] | None:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .tools import iter_leaves, open_lazy
+    from .tools import iter_nodes, open_lazy
 
     with open_lazy(args.a, args.rank) as (_, sa), open_lazy(args.b, args.rank) as (_, sb):
-        la, lb = dict(iter_leaves(sa)), dict(iter_leaves(sb))
+        la, lb = dict(iter_nodes(sa)), dict(iter_nodes(sb))  # containers too: structure and key types count
         added = sorted(lb.keys() - la.keys())
         removed = sorted(la.keys() - lb.keys())
         changed = {}

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import mmap
 import os
-import pickle
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .checkpoint_reader import _open_checkpoint_dir, _open_in, _read_manifest_fd
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeObjectError
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format.dtypes import dtype_from_name
 from .format.manifest import Layout, Manifest, RankEntry
 from .format.native import plan_rank_file, write_rank_file
-from .format.torch_save import file_digest
+from .format.native_read import check_header
+from .format.torch_save import file_digest, unpickle_rank_file
 from .format.tree import flatten, join_key, unflatten
 from .storage.io import CHUNK_BYTES, checksum
 
-__all__ = ["export", "iter_leaves", "open_lazy"]
+__all__ = ["Container", "export", "iter_leaves", "iter_nodes", "open_lazy"]
 
 
 @contextmanager
@@ -59,11 +60,15 @@ def open_lazy(path: str, rank: int = 0) -> Iterator[tuple[Manifest, Any]]:
 
 
 def _lazy_native(fd: int, entry: RankEntry, path: str) -> Any:
-    if os.fstat(fd).st_size != entry.size_bytes:
-        raise CorruptCheckpointError(f"corrupt checkpoint {path}: {entry.file} has the wrong size", path=path, file=entry.file)
+    check_header(fd, entry, path)  # the loader's checks: size, and header against the manifest's digest
     mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if entry.size_bytes else None
 
     def tensor(i: int) -> torch.Tensor:
+        if not 0 <= i < len(entry.tensors):
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {path}: tree refers to tensor {i} of {len(entry.tensors)}",
+                path=path, file="manifest.json",
+            )  # fmt: skip
         t = entry.tensors[i]
         dtype = dtype_from_name(t.dtype)
         if t.nbytes == 0 or mm is None:
@@ -80,7 +85,12 @@ def _lazy_native(fd: int, entry: RankEntry, path: str) -> Any:
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=t.offset)
         return raw.view(dtype).view(t.shape)
 
-    return unflatten(entry.tree, tensor, allow_pickle=False, where=path)
+    try:
+        return unflatten(entry.tree, tensor, allow_pickle=False, where=path)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # as the loader says it
+        raise CorruptCheckpointError(f"corrupt checkpoint {path}: {e}", path=path, file="manifest.json") from e
 
 
 def _lazy_torch_save(fd: int, entry: RankEntry, path: str) -> Any:
@@ -91,17 +101,8 @@ def _lazy_torch_save(fd: int, entry: RankEntry, path: str) -> Any:
             f"(size {size} vs {entry.size_bytes}, digest {digest} vs {entry.digest})",
             path=path, file=entry.file,
         )  # fmt: skip
-    try:
-        return torch.load(f"/proc/self/fd/{fd}", map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeObjectError(
-            f"refusing to load {entry.file} of {path}: it holds objects that need pickle (not executed)",
-            path=path, type_name="pickle",
-        ) from e  # fmt: skip
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CorruptCheckpointError(
-            f"corrupt checkpoint {path}: cannot read {entry.file}: {e}", path=path, file=entry.file
-        ) from e
+    # The loader's own reading: the same bounds, the same errors; storages mapped, not read.
+    return unpickle_rank_file(fd, map_location="cpu", allow_pickle=False, mmap=True, where=path, file=entry.file)
 
 
 def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -112,6 +113,42 @@ def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     elif isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
         for i, v in enumerate(obj):
             yield from iter_leaves(v, f"{prefix}[{i}]" if prefix else f"[{i}]")
+    else:
+        yield prefix or "[root]", obj
+
+
+@dataclass(frozen=True)
+class Container:
+    """A container of a state as :func:`iter_nodes` yields it: its type only (its items come as nodes of their own)."""
+
+    kind: str
+
+    def __repr__(self) -> str:
+        return self.kind
+
+
+def _key_path(prefix: str, key: Any) -> str:
+    """A key path that tells key types apart: ``a.1`` for the key ``"1"``, ``a.<int 1>`` for ``1``."""
+    if type(key) is str:
+        return join_key(prefix, key)
+    return join_key(prefix, f"<{type(key).__name__} {key!r}>")
+
+
+def iter_nodes(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(key path, value)`` of every container (as a :class:`Container`) and leaf of a state.
+
+    Unlike :func:`iter_leaves`, two states with the same nodes have the same
+    structure: a dict and an OrderedDict, a list and a tuple, an empty container
+    and a missing key, the key ``1`` and the key ``"1"`` all differ.
+    """
+    if isinstance(obj, dict) or (isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size)):
+        yield prefix or "[root]", Container(type(obj).__name__)
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from iter_nodes(v, _key_path(prefix, k))
+        else:
+            for i, v in enumerate(obj):
+                yield from iter_nodes(v, f"{prefix}[{i}]" if prefix else f"[{i}]")
     else:
         yield prefix or "[root]", obj
 

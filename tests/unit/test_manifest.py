@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import pytest
@@ -489,3 +490,36 @@ def test_fast_tensor_entry_parse_agrees_with_the_checked_one(changes: dict[str, 
     assert fast is None or fast == checked
     if checked is not None and doc.get("device", "cpu") == "cpu":
         assert fast == checked
+
+
+# ---------------------------------------------------------------------------- linear parsing
+
+
+@pytest.mark.parametrize("dim", [1, 2], ids=["ones", "twos"])
+def test_a_shape_of_400000_dimensions_is_refused_in_linear_time(saved: dict[str, str], dim: int) -> None:
+    doc = _doc(saved["safetensors"])
+    entry = doc["ranks"][0]["tensors"][0]
+    entry["shape"] = [dim] * 400_000
+    data = _bytes(doc)
+    started = time.perf_counter()
+    with pytest.raises(ManifestError, match=r"ranks\[0\]\.tensors\[\d\]: 400000 dimensions \(at most 64\)"):
+        parse_manifest(data)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 1.0, f"{elapsed:.2f}s to refuse a {len(data)}-byte manifest"
+
+
+def test_sixty_four_dimensions_parse_and_load(tmp_path) -> None:
+    state = {"t": torch.arange(4.0).reshape([2, 2] + [1] * 62)}
+    for fmt, path in save_each_format(tmp_path, state).items():
+        loaded, _ = reader().read(path)
+        assert loaded["t"].shape == state["t"].shape and torch.equal(loaded["t"], state["t"]), fmt
+
+
+def test_a_tensor_of_more_than_64_dimensions_is_refused_at_save(tmp_path) -> None:
+    from ckpt_testutil import checkpointer
+
+    from torchckpt.errors import UnsafeObjectError
+
+    with pytest.raises(UnsafeObjectError, match=r"key 'deep'.*65 dimensions.*at most 64"):
+        checkpointer("safetensors").save(str(tmp_path / "c"), {"deep": torch.zeros([1] * 65)})
+    assert not os.path.exists(tmp_path / "c" / "manifest.json")

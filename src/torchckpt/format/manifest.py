@@ -23,10 +23,11 @@ from ..utils import call_with_stack
 from .dtypes import ITEMSIZE as _ITEMSIZE
 from .dtypes import dtype_from_name
 from .gcpause import paused_gc
-from .tree import MAX_DEPTH, STACK_FRAMES_NEEDED, deepest_key
+from .tree import MAX_DEPTH, MAX_DIMS, STACK_FRAMES_NEEDED, deepest_key
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_DIMS",
     "MAX_FILE_BYTES",
     "MAX_MANIFEST_BYTES",
     "SEAL_BYTES",
@@ -49,6 +50,8 @@ MAX_MANIFEST_BYTES = 1 << 30
 #: Largest rank file (and so tensor) a manifest may declare: 1 PiB. Anything larger is corruption
 #: or an attack, refused before a data file is opened or a byte is allocated.
 MAX_FILE_BYTES = 1 << 50
+# MAX_DIMS (64, numpy's limit too): the most dimensions a tensor may have; ``save`` refuses more, and the
+# parser checks it before any per-dimension work, so parsing stays linear in the manifest's size.
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
 
@@ -335,6 +338,7 @@ def _parse_tensor_fast(doc: Any, chunk_bytes: int) -> TensorEntry | None:
         type(name) is not str
         or type(dtype_str) is not str
         or type(shape_doc) is not list
+        or len(shape_doc) > MAX_DIMS
         or type(nbytes) is not int
         or type(offset) is not int
         or type(crcs) is not list
@@ -370,6 +374,8 @@ def _parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
     except KeyError:
         raise ManifestError(f"{where}: unknown dtype {dtype_str!r}") from None
     shape_doc = _get(doc, "shape", list, where)
+    if len(shape_doc) > MAX_DIMS:
+        raise ManifestError(f"{where}: {len(shape_doc)} dimensions (at most {MAX_DIMS})")
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_doc):
         raise ManifestError(f"{where}: shape must be a list of non-negative integers")
     shape = tuple(int(d) for d in shape_doc)

@@ -17,7 +17,7 @@ from .native import contiguous_bytes, digest_of
 from .select import check_fits, merge
 from .tree import TensorRef, unflatten
 
-__all__ = ["check_file_size", "read_native", "resolve_device"]
+__all__ = ["check_file_size", "check_header", "read_native", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def check_file_size(fd: int, entry: RankEntry, where: str) -> None:
         )
 
 
-def _check_header(fd: int, entry: RankEntry, where: str) -> None:
+def check_header(fd: int, entry: RankEntry, where: str) -> None:
+    """Raise unless the open rank file has the manifest's size and its header matches the manifest's digest."""
     check_file_size(fd, entry, where)
     header = os.pread(fd, entry.data_offset, 0)
     if len(header) != entry.data_offset or digest_of(checksum(header), list(entry.tensors)) != entry.digest:
@@ -119,20 +120,28 @@ def read_native(
 ) -> tuple[Any, list[str], int]:
     """Load a rank's state from its open rank file.
 
+    Every key of the template is checked against the manifest before any byte
+    is read: a mismatch leaves the template untouched. The bytes of plain CPU
+    contiguous template tensors are then read straight into them (no second
+    copy), so corruption found while reading (a checksum) leaves those tensors
+    partly overwritten: the error names them. Other template tensors and the
+    template's plain values change only once every checksum has matched.
+
     Returns:
         The state dict, the missing keys, and the number of tensor bytes read.
 
     Raises:
-        CorruptCheckpointError: Size, header or a checksum do not match (names the file and key).
-        StateDictMismatchError: The template does not fit the checkpoint.
+        CorruptCheckpointError: Size, header or a checksum do not match (names the
+            file, the key, and the template's keys that may have been overwritten).
+        StateDictMismatchError: The template does not fit the checkpoint (template untouched).
     """
-    _check_header(fd, entry, where)
+    check_header(fd, entry, where)
     try:
         source = unflatten(entry.tree, TensorRef, allow_pickle=allow_pickle, where=where)
     except ValueError as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {where}: {e}", path=where, file="manifest.json") from e
     loads = _Loads(entry, map_location, where)
-    result, missing = merge(
+    result, missing, commit = merge(
         template,
         source,
         is_tensor=lambda v: isinstance(v, TensorRef),
@@ -140,12 +149,26 @@ def read_native(
         where=where,
     )
     nbytes = _execute(fd, loads, verify=verify, where=where, threads=threads)
+    commit()
     return result, missing, nbytes
+
+
+def _overwritten(keys: list[str], direct: list[bool], fresh: set[int], targets: list[tuple[int, torch.Tensor]]) -> str:
+    """The sentence of a read error that says which template tensors the failed read may have changed."""
+    names = [k for k, d, (_, t) in zip(keys, direct, targets) if d and id(t) not in fresh]
+    if not names:
+        return "the template is untouched"
+    shown = ", ".join(repr(n) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return (
+        f"the template's tensors of keys {shown} may have been overwritten with partly read data "
+        "(its other values are untouched); load them again from a good checkpoint"
+    )
 
 
 def _execute(fd: int, loads: _Loads, *, verify: bool, where: str, threads: int) -> int:
     extents: list[Extent] = []
     keys: list[str] = []
+    direct_flags: list[bool] = []
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for index, target in loads.targets:
         e = loads.entry.tensors[index]
@@ -155,19 +178,23 @@ def _execute(fd: int, loads: _Loads, *, verify: bool, where: str, threads: int) 
             copies.append((target, host))
         extents.append(Extent(e.offset, contiguous_bytes(host), list(e.crc32c) if verify else None))
         keys.append(e.name)
+        direct_flags.append(direct)
     try:
         nbytes = read_extents(fd, extents, threads=threads)
-    except ChecksumError as err:
+    except (ChecksumError, EOFError) as err:
+        fresh = {id(t) for t in loads.fresh.values()}
+        after = _overwritten(keys, direct_flags, fresh, loads.targets)
+        if isinstance(err, ChecksumError):
+            key = keys[err.extent_index]
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {where}: checksum mismatch in rank file {loads.entry.file}, key "
+                f"{key!r} (chunk {err.chunk}); {after}",
+                path=where,
+                file=loads.entry.file,
+                key=key,
+            ) from err
         raise CorruptCheckpointError(
-            f"corrupt checkpoint {where}: checksum mismatch in rank file {loads.entry.file}, key "
-            f"{keys[err.extent_index]!r} (chunk {err.chunk})",
-            path=where,
-            file=loads.entry.file,
-            key=keys[err.extent_index],
-        ) from err
-    except EOFError as err:
-        raise CorruptCheckpointError(
-            f"corrupt checkpoint {where}: rank file {loads.entry.file} is truncated: {err}",
+            f"corrupt checkpoint {where}: rank file {loads.entry.file} is truncated: {err}; {after}",
             path=where,
             file=loads.entry.file,
         ) from err

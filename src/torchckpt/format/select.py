@@ -36,6 +36,15 @@ def check_fits(target: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
         )
 
 
+def _mismatch(template_kind: str, source_kind: str, path: str, where: str) -> StateDictMismatchError:
+    return StateDictMismatchError(
+        f"key {path or '[root]'!r} of the template is a {template_kind} but the checkpoint at "
+        f"{where} holds a {source_kind} there",
+        path=where,
+        key=path,
+    )
+
+
 def merge(
     template: Any,
     source: Any,
@@ -43,8 +52,13 @@ def merge(
     is_tensor: Callable[[Any], bool],
     tensor: Callable[[Any, torch.Tensor | None, str], Any],
     where: str,
-) -> tuple[Any, list[str]]:
-    """Merge ``source`` (the checkpoint's objects) into ``template``.
+) -> tuple[Any, list[str], Callable[[], None]]:
+    """Merge ``source`` (the checkpoint's objects) into ``template``, changing nothing in it yet.
+
+    Every key is checked before anything is written: the template's dicts get
+    their new values only when the returned ``commit`` is called, and its
+    tensors only when the caller copies into those ``tensor`` was given, so a
+    mismatch found on any key leaves the template as it was.
 
     Args:
         template: The template (None: take everything).
@@ -55,13 +69,15 @@ def merge(
         where: The checkpoint path, for error messages.
 
     Returns:
-        The merged object and the missing keys.
+        The merged object, the missing keys, and ``commit``, which stores the
+        new values into the template's dicts (call it once the tensors are in).
 
     Raises:
         StateDictMismatchError: The template has a tensor or container where the
             checkpoint has something else.
     """
     missing: list[str] = []
+    writes: list[tuple[dict[Any, Any], Any, Any]] = []
 
     def whole(src: Any, path: str) -> Any:
         if is_tensor(src):
@@ -77,13 +93,7 @@ def merge(
         return src
 
     def mismatch(tgt: Any, src: Any, path: str) -> StateDictMismatchError:
-        src_kind = "tensor" if is_tensor(src) else type(src).__name__
-        return StateDictMismatchError(
-            f"key {path or '[root]'!r} of the template is a {type(tgt).__name__} but the checkpoint at "
-            f"{where} holds a {src_kind} there",
-            path=where,
-            key=path,
-        )
+        return _mismatch(type(tgt).__name__, "tensor" if is_tensor(src) else type(src).__name__, path, where)
 
     def go(tgt: Any, src: Any, path: str) -> Any:
         if tgt is None:
@@ -100,7 +110,7 @@ def merge(
             for k in list(tgt.keys()):
                 sub = join_key(path, k)
                 if k in src:
-                    tgt[k] = go(tgt[k], src[k], sub)
+                    writes.append((tgt, k, go(tgt[k], src[k], sub)))
                 else:
                     missing.append(sub)
             return tgt
@@ -119,4 +129,8 @@ def merge(
             raise mismatch(tgt, src, path)
         return src
 
-    return go(template, source, ""), missing
+    def commit() -> None:
+        for container, key, value in writes:
+            container[key] = value
+
+    return go(template, source, ""), missing, commit

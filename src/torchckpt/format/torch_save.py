@@ -23,9 +23,10 @@ from ..storage import io as storage_io
 from ..storage.io import BATCH_BYTES as WRITEBACK_BYTES
 from ..storage.io import checksum, start_writeback
 from .gcpause import paused_gc
+from .bounds import check_loaded, check_zip_records
 from .select import check_fits, merge
 
-__all__ = ["file_digest", "load_torch_save", "rank_file_name", "save_torch_save"]
+__all__ = ["file_digest", "load_torch_save", "rank_file_name", "save_torch_save", "unpickle_rank_file"]
 
 _READ_BLOCK = 16 * 1024 * 1024
 
@@ -194,30 +195,37 @@ def _weights_only_cause(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-@paused_gc()  # the loaded state is many small objects: see gcpause.py
-def load_torch_save(
-    fd: int,
-    template: Any,
-    *,
-    map_location: Any,
-    allow_pickle: bool,
-    where: str,
-    file: str,
-) -> tuple[Any, list[str]]:
-    """Load a ``checkpoint_<rank>.pt`` file from the open ``fd``.
+def unpickle_rank_file(fd: int, *, map_location: Any, allow_pickle: bool, mmap: bool, where: str, file: str) -> Any:
+    """Unpickle the ``checkpoint_<rank>.pt`` file open as ``fd`` and check it against ``bounds``.
+
+    Every reader of the layout goes through here, so each refuses the same
+    files with the same errors, in time and memory bounded by the file's size.
+
+    Args:
+        fd: The open rank file.
+        map_location: As for ``torch.load``.
+        allow_pickle: Unpickle any object (trusted checkpoints only); else ``weights_only``.
+        mmap: Map the storages from the file instead of reading them (zip files only).
+        where: The checkpoint path, for messages.
+        file: The rank file's name, for messages.
 
     Raises:
         UnsafeObjectError: The file needs pickle and pickle is not allowed.
-        CorruptCheckpointError: ``torch.load`` cannot read it.
+        CorruptCheckpointError: ``torch.load`` cannot read it, or it expands beyond the bounds.
     """
     proc_path = f"/proc/self/fd/{fd}"
+    size = os.fstat(fd).st_size
     # mmap works only for the zip format; files of torch.save(_use_new_zipfile_serialization=False) are read whole.
     by_path = os.path.exists(proc_path)
-    use_mmap = template is not None and by_path and os.pread(fd, 4, 0) == _ZIP_MAGIC
+    is_zip = os.pread(fd, 4, 0) == _ZIP_MAGIC
+    if is_zip:
+        check_zip_records(fd, size, where=where, file=file)
     try:
         if by_path:
             # By name (the same open file): torch reads the archive in C++, faster than through a file object.
-            loaded = torch.load(proc_path, map_location=map_location, weights_only=not allow_pickle, mmap=use_mmap)
+            loaded = torch.load(
+                proc_path, map_location=map_location, weights_only=not allow_pickle, mmap=mmap and is_zip
+            )
         else:
             with os.fdopen(os.dup(fd), "rb") as f:
                 loaded = torch.load(f, map_location=map_location, weights_only=not allow_pickle)
@@ -231,11 +239,40 @@ def load_torch_save(
                 type_name="pickle",
             ) from e
         raise CorruptCheckpointError(f"corrupt checkpoint {where}: cannot read {file}: {e}", path=where, file=file) from e
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, MemoryError) as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {where}: cannot read {file}: {e}", path=where, file=file) from e
+    check_loaded(loaded, file_size=size, where=where, file=file)
+    return loaded
+
+
+@paused_gc()  # the loaded state is many small objects: see gcpause.py
+def load_torch_save(
+    fd: int,
+    template: Any,
+    *,
+    map_location: Any,
+    allow_pickle: bool,
+    where: str,
+    file: str,
+) -> tuple[Any, list[str]]:
+    """Load a ``checkpoint_<rank>.pt`` file from the open ``fd``.
+
+    With a template, every key is checked (presence, kind, dtype and shape)
+    before a byte is copied into it: a load that fails leaves the template as
+    it was.
+
+    Raises:
+        UnsafeObjectError: The file needs pickle and pickle is not allowed.
+        CorruptCheckpointError: ``torch.load`` cannot read it, or it expands beyond the bounds.
+        StateDictMismatchError: The template does not fit the checkpoint (template untouched).
+    """
+    loaded = unpickle_rank_file(
+        fd, map_location=map_location, allow_pickle=allow_pickle, mmap=template is not None, where=where, file=file
+    )
     if template is None:
         return loaded, []
     clones: dict[int, torch.Tensor] = {}
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def tensor(src: torch.Tensor, target: torch.Tensor | None, key: str) -> torch.Tensor:
         if target is None:
@@ -243,8 +280,14 @@ def load_torch_save(
                 clones[id(src)] = src.clone()
             return clones[id(src)]
         check_fits(target, src.dtype, tuple(src.shape), key, where)
-        with torch.no_grad():
-            target.copy_(src)
+        copies.append((target, src))  # copied once every key has been checked
         return target
 
-    return merge(template, loaded, is_tensor=lambda v: isinstance(v, torch.Tensor), tensor=tensor, where=where)
+    result, missing, commit = merge(
+        template, loaded, is_tensor=lambda v: isinstance(v, torch.Tensor), tensor=tensor, where=where
+    )
+    with torch.no_grad():
+        for target, src in copies:
+            target.copy_(src)
+    commit()
+    return result, missing

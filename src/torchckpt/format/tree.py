@@ -134,7 +134,13 @@ class _Flattener:
         del self._open[id(value)]
 
     def tensor(self, t: torch.Tensor, path: str) -> dict[str, int]:
-        if not (type(t) in _PLAIN_TENSOR_TYPES and t.layout is torch.strided and not t.is_quantized and not t.is_meta):
+        if not (
+            type(t) in _PLAIN_TENSOR_TYPES
+            and t.layout is torch.strided
+            and not t.is_quantized
+            and not t.is_meta
+            and t.dim() <= MAX_DIMS
+        ):
             _check_tensor(t, path)  # raises, naming what is wrong
         key = _tie_key(t)
         if key is not None and key in self._seen:
@@ -238,6 +244,8 @@ class _Flattener:
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
+#: Most dimensions a saved tensor may have (the manifest's limit, ``manifest.MAX_DIMS``; numpy's too).
+MAX_DIMS = 64
 
 
 def _check_tensor(t: torch.Tensor, path: str) -> None:
@@ -252,6 +260,12 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
         kind = "quantized" if t.is_quantized else "meta"
         raise UnsafeObjectError(
             f"cannot save the tensor at key {where!r}: {kind} tensors are not supported",
+            key=path,
+            type_name="torch.Tensor",
+        )
+    if t.dim() > MAX_DIMS:
+        raise UnsafeObjectError(
+            f"cannot save the tensor at key {where!r}: it has {t.dim()} dimensions (at most {MAX_DIMS})",
             key=path,
             type_name="torch.Tensor",
         )
@@ -273,7 +287,13 @@ class _Checker(_Flattener):
         self._ties: set[tuple[Any, ...]] = set()
 
     def tensor(self, t: torch.Tensor, path: str) -> None:  # type: ignore[override]
-        if not (type(t) in _PLAIN_TENSOR_TYPES and t.layout is torch.strided and not t.is_quantized and not t.is_meta):
+        if not (
+            type(t) in _PLAIN_TENSOR_TYPES
+            and t.layout is torch.strided
+            and not t.is_quantized
+            and not t.is_meta
+            and t.dim() <= MAX_DIMS
+        ):
             _check_tensor(t, path)
         key = _tie_key(t)
         if key is None or key not in self._ties:
