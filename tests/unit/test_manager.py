@@ -427,7 +427,8 @@ def test_load_falls_back_to_the_newest_good_step(tmp_path: Path, fmt: str) -> No
         _corrupt_step(mgr, 1, fmt)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with pytest.raises(CorruptCheckpointError, match=r"no loadable checkpoint .*: steps \[3, 2, 1\] are damaged"):
+            damaged = r"no loadable checkpoint .*: steps \[3, 2, 1\] are damaged"
+            with pytest.raises(CorruptCheckpointError, match=damaged):
                 mgr.load()
 
 

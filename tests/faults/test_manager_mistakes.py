@@ -76,7 +76,7 @@ MISTAKES = {
     "shape fits no step": ({"model": _linear(5)}, StateDictMismatchError, "model.weight", ["[2, 5]", "[2, 4]"]),
     "dtype": ({"model": _linear(4, torch.float64)}, StateDictMismatchError, "model.weight", ["float64", "float32"]),
     "missing key": ({"model": _linear(4), "head": _linear(2)}, MissingKeysError, None, ["missing keys", "'head'"]),
-    "wrong type": ({"model": _linear(4), "step": _linear(1)}, StateDictMismatchError, "step", ["a OrderedDict", "a int"]),
+    "wrong type": ({"model": _linear(4), "step": _linear(1)}, StateDictMismatchError, "step", ["OrderedDict", "a int"]),
 }
 
 
