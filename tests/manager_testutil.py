@@ -1,4 +1,5 @@
-"""Helpers of the CheckpointManager tests: a writer that waits at a gate, and the child of the signal tests.
+"""Helpers of the CheckpointManager tests: writers that wait at a gate or fail, two ranks in one process,
+and the child of the signal tests.
 
 The writer subprocess is started with ``spawn``: what it runs must be importable
 by name. ``tests/`` is on ``sys.path`` (``conftest.py`` puts it there, and the
@@ -20,13 +21,16 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 import torchckpt as tc
+from torchckpt.barriers import Barrier
 
 #: Longest a gated write waits for its gate to open (far beyond any test's wait).
 GATE_MAX_S = 120.0
@@ -65,6 +69,79 @@ def gated_checkpointer(gate: str, reached: str, fmt: str = "safetensors") -> tc.
         checkpoint_writer_init_fn=gated_writer_init,
         checkpoint_writer_init_args={"gate": gate, "reached": reached, "config": writer_config},
     )
+
+
+class InjectedWriteError(RuntimeError):
+    """What a :class:`FailingWriter` raises (module-level: it crosses from the writer subprocess by pickle)."""
+
+
+class FailingWriter(tc.CheckpointWriter):
+    """A writer that, while ``fail_file`` exists, fails each write before writing anything."""
+
+    def __init__(self, *args: Any, fail_file: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_file = fail_file
+
+    def write(self, path: str, state_dict: Any, **kwargs: Any) -> None:
+        if os.path.exists(self.fail_file):
+            raise InjectedWriteError(f"injected failure writing {path}")
+        super().write(path, state_dict, **kwargs)
+
+
+def failing_writer_init(
+    rank_info: tc.RankInfo, fail_file: str, config: tc.CheckpointWriterConfig | None = None
+) -> FailingWriter:
+    """``checkpoint_writer_init_fn`` building a :class:`FailingWriter`."""
+    return FailingWriter(config=config or tc.CheckpointWriterConfig(), rank_info=rank_info, fail_file=fail_file)
+
+
+def failing_checkpointer(fail_file: str, fmt: str = "safetensors") -> tc.AsyncCheckpointer:
+    """An async checkpointer whose writes fail while ``fail_file`` exists."""
+    writer_config = tc.CheckpointWriterConfig(format=fmt)
+    return tc.make_async_checkpointer(
+        tc.CheckpointerConfig(writer_config=writer_config),
+        rank_info=tc.RankInfo(0, 1),
+        checkpoint_writer_init_fn=failing_writer_init,
+        checkpoint_writer_init_args={"fail_file": fail_file, "config": writer_config},
+    )
+
+
+class _ThreadBarrier(Barrier):
+    """Writer threads of one process meet here; their agreement goes through an in-memory store."""
+
+    def __init__(self, meet: threading.Barrier, store: Any) -> None:
+        self._meet = meet
+        self.store = store
+
+    def execute_barrier(self) -> None:
+        self._meet.wait(60)
+
+
+def save_ranks(path: str, fmt: str, states: list[dict[str, Any]], metadata: dict[str, Any]) -> None:
+    """Save ``states[r]`` as rank ``r`` of one checkpoint at ``path``, each rank in a thread of this process."""
+    world = len(states)
+    store, meet = dist.HashStore(), threading.Barrier(world)
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            writer = tc.CheckpointWriter(
+                tc.CheckpointWriterConfig(format=fmt, write_barrier_timeout_secs=30),
+                tc.RankInfo(rank, world),
+                barrier=_ThreadBarrier(meet, store),
+            )
+            writer.write(path, states[rank], metadata=metadata)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), "a writer thread hung"
+    if errors:
+        raise errors[0]
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:

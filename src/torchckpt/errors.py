@@ -7,6 +7,7 @@ keep working::
     Exception
     └── CheckpointError                          .path
         ├── CheckpointNotFoundError              (FileNotFoundError)
+        ├── CheckpointExistsError                (FileExistsError)
         ├── CorruptCheckpointError               (ValueError)   .file .key
         ├── UnsafeObjectError                    (TypeError)    .key .type_name
         ├── ConfigError                          (ValueError, AssertionError) .field
@@ -29,6 +30,7 @@ from typing import Any
 __all__ = [
     "BarrierTimeoutError",
     "CheckpointError",
+    "CheckpointExistsError",
     "CheckpointIOError",
     "CheckpointNotFoundError",
     "ConfigError",
@@ -55,6 +57,17 @@ class CheckpointError(Exception):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint exists at the path."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        CheckpointError.__init__(self, message, path=path)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A checkpoint already exists (or is being saved) where a save would put a new one."""
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
         CheckpointError.__init__(self, message, path=path)

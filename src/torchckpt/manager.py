@@ -34,9 +34,17 @@ from .checkpoint_reader import read_manifest
 from .checkpoint_writer import CheckpointWriterConfig
 from .checkpointer import Checkpointer
 from .config import CheckpointerConfig
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+)
 from .format.tree import MAX_DEPTH
 from .retention import CheckpointInfo, RetentionPolicy, preserved
+from .step_metadata import decode_metrics, step_metadata
 from .storage import fs
 from .types import RankInfo
 
@@ -48,10 +56,17 @@ _STEP_DIR = re.compile(r"^step_(\d{1,19})$")
 #: How many times a load lists the steps again when those it listed were deleted under it.
 _LIST_ATTEMPTS = 10
 _LEFTOVER = re.compile(r"^\.step_\d+\.torchckpt-(pending|trash-[0-9a-f]+)$")
+#: What makes a load skip a step and try an older one: the step is damaged (or vanished). A template
+#: that does not fit, a refused pickle or a bad argument is the caller's to fix: raised at once.
+_DAMAGE = (CorruptCheckpointError, CheckpointIOError, CheckpointNotFoundError)
 
 
 class SaveHandle:
     """The outcome of one ``CheckpointManager.save``.
+
+    An error of the save reaches the caller once: through ``result()`` or
+    ``exception()`` here, or else from the manager's next ``save``, ``wait``
+    or ``close``, whichever comes first.
 
     Args:
         step: The step saved.
@@ -63,6 +78,7 @@ class SaveHandle:
         self.step = step
         self.path = path
         self._future = future
+        self._delivered = False  # its error has reached the caller
 
     def done(self) -> bool:
         """Whether the save has finished (successfully or not)."""
@@ -74,8 +90,30 @@ class SaveHandle:
         Raises:
             TimeoutError: Not finished within ``timeout`` seconds.
         """
-        if self._future is not None:
-            self._future.result(timeout)
+        error = self.exception(timeout)
+        if error is not None:
+            raise error
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait until the save has finished; return its error (None: committed).
+
+        Raises:
+            TimeoutError: Not finished within ``timeout`` seconds.
+        """
+        if self._future is None:
+            return None
+        error = self._future.exception(timeout)
+        self._delivered = True
+        return error
+
+    def _deliver(self) -> None:
+        """Wait; raise the save's error unless the caller has already received it."""
+        if self._future is None:
+            return
+        error = self._future.exception()
+        if error is not None and not self._delivered:
+            self._delivered = True
+            raise error
 
 
 def _to_state_dict(state: Any) -> Any:
@@ -189,8 +227,8 @@ class CheckpointManager:
             step = int(m.group(1))
             if manifest.metadata.get("step", step) != step:
                 continue
-            metrics = manifest.metadata.get("metrics") or {}
-            infos.append(CheckpointInfo(step, path, metrics if isinstance(metrics, dict) else {}, manifest.created_unix_s))
+            metrics = decode_metrics(manifest.metadata.get("metrics"))
+            infos.append(CheckpointInfo(step, path, metrics, manifest.created_unix_s))
         return sorted(infos, key=lambda c: c.step), vanished
 
     def steps(self) -> list[int]:
@@ -210,68 +248,98 @@ class CheckpointManager:
         state: dict[str, Any],
         *,
         metrics: dict[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None,
+        metadata: Any = None,
+        overwrite: bool = False,
     ) -> SaveHandle:
         """Save ``state`` as ``step``.
 
         Values with ``state_dict()`` (modules, optimizers, schedulers...) are
-        saved through it; other values as they are.
+        saved through it; other values as they are. Everything that can be
+        refused (the step, the metrics, the metadata) is checked before the
+        state is asked for, staged or written.
 
         Args:
             step: The step number (names the directory).
             state: What to save.
-            metrics: Numbers for ``KeepBest`` and ``torchckpt ls`` (stored in the manifest).
-            metadata: JSON-serialisable user metadata (stored in the manifest).
+            metrics: ``{name: int or float}`` for ``KeepBest`` and ``torchckpt ls``,
+                stored in the manifest; ``nan`` and ``inf`` are stored too
+                (retention policies skip ``nan``).
+            metadata: Plain JSON user metadata (stored in the manifest).
+            overwrite: Replace ``step`` if it already exists (or, once that save
+                is done, if it is being saved).
 
         Returns:
             A handle; for an async save it completes when the checkpoint is durable.
+
+        Raises:
+            CheckpointExistsError: ``step`` exists or is being saved, and not ``overwrite``
+                (a ``FileExistsError``).
+            ConfigError: A metric or the metadata cannot be stored (names it).
         """
         if self._closed:
             raise CheckpointError("CheckpointManager is closed", path=self.root)
         path = self.path(step)
-        state_dict = _to_state_dict(state)
-        md = {"step": step, "metrics": dict(metrics or {}), "user": metadata or {}}
+        md = step_metadata(step, metrics, metadata, f"cannot save step {step} under {self.root}")
         with self._lock:
-            if self._inflight is not None and not self._inflight.done():
-                self._inflight.result()  # one save at a time, in order
+            inflight = self._inflight
+            if not overwrite and inflight is not None and inflight.step == step and not inflight.done():
+                raise CheckpointExistsError(
+                    f"step {step} is already being saved under {self.root} ({path}); "
+                    "pass overwrite=True to replace it once that save is done",
+                    path=path,
+                )
+            if inflight is not None:
+                inflight._deliver()  # one save at a time, in order; an error nobody has seen is raised here
+            if not overwrite and os.path.lexists(path):
+                raise CheckpointExistsError(
+                    f"step {step} already exists under {self.root} ({path}); pass overwrite=True to replace it",
+                    path=path,
+                )
+            state_dict = _to_state_dict(state)
             if not self._async:
-                self._saving_sync = True
-                try:
-                    self._ckpt.save(path, state_dict, metadata=md)
-                    handle = SaveHandle(step, path, None)
-                    self._inflight = handle
-                    self._after_commit(step)
-                finally:
-                    self._saving_sync = False
-                    self._exit_if_requested()  # a signal during the save: exit now, committed or not
-                return handle
-            result = self._ckpt.save(path, state_dict, metadata=md)
-            assert result is not None
-            stage_future, write_future = result
-            stage_future.result()  # the state may change once staged
-            done: Future[None] = Future()
+                return self._save_sync(step, path, state_dict, md)
+            return self._save_async(step, path, state_dict, md)
 
-            def on_written(f: Future[Any]) -> None:
-                error = f.exception()
-                if error is None:
-                    try:
-                        self._after_commit(step)
-                    except Exception as e:  # noqa: BLE001 - retention never fails a save
-                        logger.warning("retention after step %d failed: %s", step, e)
-                    done.set_result(None)
-                else:
-                    done.set_exception(error)
-
-            write_future.add_done_callback(on_written)
-            handle = SaveHandle(step, path, done)
+    def _save_sync(self, step: int, path: str, state_dict: Any, md: dict[str, Any]) -> SaveHandle:
+        self._saving_sync = True
+        try:
+            self._ckpt.save(path, state_dict, metadata=md)
+            handle = SaveHandle(step, path, None)
             self._inflight = handle
-            return handle
+            self._after_commit(step)
+        finally:
+            self._saving_sync = False
+            self._exit_if_requested()  # a signal during the save: exit now, committed or not
+        return handle
+
+    def _save_async(self, step: int, path: str, state_dict: Any, md: dict[str, Any]) -> SaveHandle:
+        result = self._ckpt.save(path, state_dict, metadata=md)
+        assert result is not None
+        stage_future, write_future = result
+        stage_future.result()  # the state may change once staged
+        done: Future[None] = Future()
+
+        def on_written(f: Future[Any]) -> None:
+            error = f.exception()
+            if error is None:
+                try:
+                    self._after_commit(step)
+                except Exception as e:  # noqa: BLE001 - retention never fails a save
+                    logger.warning("retention after step %d failed: %s", step, e)
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        write_future.add_done_callback(on_written)
+        handle = SaveHandle(step, path, done)
+        self._inflight = handle
+        return handle
 
     def wait(self) -> None:
-        """Wait for the in-flight save; raise its error."""
+        """Wait for the in-flight save; raise its error unless its handle already gave it to the caller."""
         handle = self._inflight
         if handle is not None:
-            handle.result()
+            handle._deliver()
 
     def _after_commit(self, step: int) -> None:
         if self._rank == 0:
@@ -323,6 +391,7 @@ class CheckpointManager:
         strict: bool = False,
         fallback: bool = True,
         map_location: Any = None,
+        rank: int | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Load a step (default: the newest committed one) and restore ``state`` from it.
 
@@ -333,25 +402,33 @@ class CheckpointManager:
             state: Objects to restore, by key (None: just return what was saved).
             step: The step to load (None: the newest).
             strict: Raise when keys of ``state`` are missing from the checkpoint.
-            fallback: When the newest step fails verification, warn and try the next older one.
+            fallback: When the newest step is damaged (a checksum, size or file
+                does not match its manifest, or a file cannot be read), warn and
+                try the next older one. Never for a ``state`` that does not fit.
             map_location: Device of tensors the load creates.
+            rank: Whose part of the checkpoint to read (None: this process's
+                rank, modulo the saved world size where every rank saved the
+                same state). Needed to load on another world size a checkpoint
+                whose ranks saved different states.
 
         Returns:
             The step loaded and the loaded state dict.
 
         Raises:
             CheckpointNotFoundError: No committed step (or not the one asked for).
+            CorruptCheckpointError: The step asked for, or every committed step, is damaged.
+            StateDictMismatchError: ``state`` does not fit the newest step (names the key,
+                both shapes or types); ``MissingKeysError`` when ``strict``.
+            ValueError: ``rank`` is not a rank of the checkpoint.
         """
-        last_error: Exception | None = None
+        failed: list[tuple[int, CheckpointError]] = []
         for _ in range(_LIST_ATTEMPTS):
             candidates = [step] if step is not None else list(reversed(self.steps()))
             vanished = False
             for s in candidates:
-                with self._lock:
-                    self._loading.add(s)
                 try:
-                    return s, self._load_step(s, state, strict=strict, map_location=map_location)
-                except CheckpointError as e:
+                    return s, self._load_guarded(s, state, strict=strict, map_location=map_location, rank=rank)
+                except _DAMAGE as e:
                     if isinstance(e, CheckpointNotFoundError) or not os.path.isdir(self.path(s)):
                         # Deleted before or while it was read (retention in another process): not a bad step.
                         if step is not None:
@@ -366,27 +443,40 @@ class CheckpointManager:
                         raise
                     warnings.warn(f"skipping step {s} at {self.path(s)}: {e}", stacklevel=2)
                     logger.warning("skipping step %d at %s: %s", s, self.path(s), e)
-                    last_error = e
-                finally:
-                    with self._lock:
-                        self._loading.discard(s)
+                    failed.append((s, e))
             if not vanished:
                 break
             # Listed steps vanished under this load: newer ones were committed meanwhile. List again.
-        if last_error is None:
+        if not failed:
             raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}", path=self.root)
-        raise CheckpointNotFoundError(
-            f"no loadable checkpoint under {self.root}; the last error: {last_error}", path=self.root
-        ) from last_error
+        # Not a CheckpointNotFoundError: steps exist, and starting afresh is not the answer to damage.
+        raise CorruptCheckpointError(
+            f"no loadable checkpoint under {self.root}: steps {[s for s, _ in failed]} are damaged; "
+            f"the last error: {failed[-1][1]}",
+            path=self.root,
+        ) from failed[-1][1]
 
-    def _load_step(self, step: int, state: dict[str, Any] | None, *, strict: bool, map_location: Any) -> dict[str, Any]:
+    def _load_guarded(self, step: int, state: dict[str, Any] | None, **kw: Any) -> dict[str, Any]:
+        """Load ``step`` while retention in this process leaves it alone."""
+        with self._lock:
+            self._loading.add(step)
+        try:
+            return self._load_step(step, state, **kw)
+        finally:
+            with self._lock:
+                self._loading.discard(step)
+
+    def _load_step(
+        self, step: int, state: dict[str, Any] | None, *, strict: bool, map_location: Any, rank: int | None
+    ) -> dict[str, Any]:
         path = self.path(step)
         template: dict[str, Any] | None = None
         if state is not None:
             template = {}
             for k, v in state.items():
                 template[k] = v.state_dict() if isinstance(v, torch.nn.Module) else None
-        loaded = self._ckpt.load(path, template, default_map_location=map_location, strict=strict)
+        extra = {} if rank is None else {"rank": rank}
+        loaded = self._ckpt.load(path, template, default_map_location=map_location, strict=strict, **extra)
         if state is not None:
             for k, v in state.items():
                 if k in loaded and not isinstance(v, torch.nn.Module) and hasattr(v, "load_state_dict"):
@@ -463,7 +553,11 @@ class CheckpointManager:
     # -- lifetime -------------------------------------------------------
 
     def close(self) -> None:
-        """Wait for the in-flight save, then release the checkpointer."""
+        """Wait for the in-flight save, then release the checkpointer.
+
+        Raises:
+            Exception: The in-flight save's error, unless the caller already received it.
+        """
         if self._closed:
             return
         self._closed = True

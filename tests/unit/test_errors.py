@@ -17,6 +17,7 @@ from torchckpt.checkpoint_reader import LegacyCheckpointWarning
 from torchckpt.errors import (
     BarrierTimeoutError,
     CheckpointError,
+    CheckpointExistsError,
     CheckpointIOError,
     CheckpointNotFoundError,
     ConfigError,
@@ -31,6 +32,7 @@ from torchckpt.errors import (
 # As drawn in the docstring of torchckpt.errors.
 TREE = {
     CheckpointNotFoundError: (FileNotFoundError,),
+    CheckpointExistsError: (FileExistsError,),
     CorruptCheckpointError: (ValueError,),
     UnsafeObjectError: (TypeError,),
     ConfigError: (ValueError, AssertionError),
@@ -64,6 +66,7 @@ def test_error_module_lists_the_whole_tree() -> None:
 def test_errors_carry_their_attributes_and_survive_pickle() -> None:
     samples = [
         (CheckpointNotFoundError("m", path="/p"), {"path": "/p"}),
+        (CheckpointExistsError("m", path="/p"), {"path": "/p"}),
         (CorruptCheckpointError("m", path="/p", file="f", key="k"), {"path": "/p", "file": "f", "key": "k"}),
         (UnsafeObjectError("m", path="/p", key="k", type_name="T"), {"path": "/p", "key": "k", "type_name": "T"}),
         (ConfigError("m", field="fld"), {"field": "fld"}),

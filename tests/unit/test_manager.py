@@ -346,7 +346,7 @@ def test_a_step_in_flight_is_not_deleted(tmp_path: Path) -> None:
     mgr = tc.CheckpointManager(root, keep=[tc.KeepLast(1)], checkpointer=gated_checkpointer(gate, reached))
     try:
         Path(gate).touch()
-        handle = mgr.save(2, _state(22))
+        handle = mgr.save(2, _state(22), overwrite=True)
         wait_for(lambda: os.path.exists(reached), 60, "the writer to reach the gate")
         assert not handle.done()
         assert mgr.apply_retention(dry_run=True) == [1]
@@ -427,7 +427,8 @@ def test_load_falls_back_to_the_newest_good_step(tmp_path: Path, fmt: str) -> No
         _corrupt_step(mgr, 1, fmt)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with pytest.raises(CheckpointNotFoundError, match="no loadable checkpoint"):
+            damaged = r"no loadable checkpoint .*: steps \[3, 2, 1\] are damaged"
+            with pytest.raises(CorruptCheckpointError, match=damaged):
                 mgr.load()
 
 
