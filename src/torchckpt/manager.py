@@ -37,6 +37,8 @@ from .config import CheckpointerConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .retention import CheckpointInfo, RetentionPolicy, preserved
 from .storage import fs
+from .storage.local import make_dirs_durably, restore_interrupted_swaps
+from .storage.paths import local_path
 from .types import RankInfo
 
 __all__ = ["CheckpointManager", "SaveHandle"]
@@ -107,7 +109,7 @@ class CheckpointManager:
         checkpointer: Checkpointer | None = None,
         rank_info: RankInfo | None = None,
     ) -> None:
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = os.path.abspath(local_path(root))
         self._policies: list[RetentionPolicy] = (
             [] if keep is None else [keep] if hasattr(keep, "should_preserve") else list(keep)  # type: ignore[arg-type]
         )
@@ -125,8 +127,9 @@ class CheckpointManager:
         self._loading: set[int] = set()
         self._lock = threading.RLock()
         self._closed = False
-        os.makedirs(self.root, exist_ok=True)
+        make_dirs_durably(self.root)
         if self._rank == 0:
+            restore_interrupted_swaps(self.root)
             self._clean_leftovers()
 
     # -- naming and listing ---------------------------------------------

@@ -20,6 +20,7 @@ from .format.native import plan_rank_file, write_rank_file
 from .format.torch_save import file_digest
 from .format.tree import flatten, join_key, unflatten
 from .storage.io import CHUNK_BYTES, checksum
+from .storage.paths import local_path
 
 __all__ = ["export", "iter_leaves", "open_lazy"]
 
@@ -129,6 +130,7 @@ def export(path: str, out: str, *, fmt: str, rank: int = 0) -> int:
     """
     import json
 
+    out = local_path(out)
     with open_lazy(path, rank) as (_manifest, state):
         directory, name = os.path.split(os.path.abspath(out))
         tmp = os.path.join(directory, f".{name}.tmp")

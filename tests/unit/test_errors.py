@@ -25,6 +25,7 @@ from torchckpt.errors import (
     MissingKeysError,
     StateDictMismatchError,
     UnsafeObjectError,
+    UnsupportedURLError,
     WriterProcessError,
 )
 
@@ -34,6 +35,7 @@ TREE = {
     CorruptCheckpointError: (ValueError,),
     UnsafeObjectError: (TypeError,),
     ConfigError: (ValueError, AssertionError),
+    UnsupportedURLError: (ValueError,),
     StateDictMismatchError: (RuntimeError,),
     MissingKeysError: (StateDictMismatchError, RuntimeError),
     CheckpointIOError: (OSError,),
@@ -67,6 +69,7 @@ def test_errors_carry_their_attributes_and_survive_pickle() -> None:
         (CorruptCheckpointError("m", path="/p", file="f", key="k"), {"path": "/p", "file": "f", "key": "k"}),
         (UnsafeObjectError("m", path="/p", key="k", type_name="T"), {"path": "/p", "key": "k", "type_name": "T"}),
         (ConfigError("m", field="fld"), {"field": "fld"}),
+        (UnsupportedURLError("m", path="s3://b/x", scheme="s3"), {"path": "s3://b/x", "scheme": "s3"}),
         (StateDictMismatchError("m", path="/p", key="k"), {"path": "/p", "key": "k"}),
         (MissingKeysError("m", path="/p", missing_keys=["a", "b"]), {"path": "/p", "missing_keys": ["a", "b"]}),
         (
