@@ -224,7 +224,7 @@ class DirectoryCommit:
         except OSError as e:
             raise self._io_error("restore", previous_generation(self.path), e) from e
         prefix = _TRASH_PREFIX.format(name=self.name)
-        for name in _listdir(self.parent):
+        for name in _listdir(self.parent, quiet=True):
             if name.startswith(prefix):
                 remove_generation(os.path.join(self.parent, name))
 
@@ -358,7 +358,7 @@ def restore_interrupted_swaps(directory: str) -> list[str]:
     Returns:
         The checkpoint paths restored.
     """
-    if not any(_PREVIOUS_RE.match(name) for name in _listdir(directory)):
+    if not any(_PREVIOUS_RE.match(name) for name in _listdir(directory, quiet=True)):
         return []
     try:
         fd = fs.open(os.path.join(directory, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
@@ -392,7 +392,7 @@ def _settle_previous_generations(parent: str) -> list[str]:
         OSError: A rename back, or the fsync of ``parent``, failed.
     """
     restored = []
-    for entry in _listdir(parent):
+    for entry in _listdir(parent, quiet=True):
         match = _PREVIOUS_RE.match(entry)
         if match is None:
             continue
@@ -432,8 +432,13 @@ def _remove_unless_directory(path: str) -> None:
 
 
 
-def _listdir(path: str) -> Iterable[str]:
+def _listdir(path: str, *, quiet: bool = False) -> Iterable[str]:
+    """The names in ``path``; none when it is missing (or, ``quiet``, cannot be listed at all)."""
     try:
         return os.listdir(path)
     except FileNotFoundError:
         return []
+    except OSError:
+        if quiet:
+            return []
+        raise
