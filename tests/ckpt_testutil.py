@@ -162,12 +162,12 @@ def truncate(file: str, size: int) -> None:
 
 
 def hidden_leftovers(parent: str, timeout_s: float = 10.0) -> list[str]:
-    """torchckpt's hidden entries under ``parent`` (pending, trash) once background deletions settle."""
+    """torchckpt's hidden entries under ``parent`` (pending, previous, trash) once background deletions settle."""
     import time
 
     deadline = time.monotonic() + timeout_s
     while True:
-        found = sorted(n for n in os.listdir(parent) if "pending" in n or "trash" in n)
+        found = sorted(n for n in os.listdir(parent) if any(k in n for k in ("pending", "trash", "torchckpt-previous")))
         if not any("trash" in n for n in found) or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)

@@ -373,3 +373,23 @@ def test_bad_paths_and_arguments_exit_2_with_one_line(ckpts: dict[str, str], tmp
         assert r.out == "", r
     assert missing in results[0].err and missing in results[1].err
     assert not os.path.exists(missing), "a command created the missing directory"
+
+
+def test_a_url_is_refused_by_every_command_with_one_line(ckpts: dict[str, str], tmp_path: Path) -> None:
+    url = "s3://bucket/ckpts"
+    commands = [
+        ["ls", url],
+        ["inspect", url],
+        ["verify", url],
+        ["diff", ckpts["native"], url],
+        ["export", url, str(tmp_path / "x.safetensors"), "--format", "safetensors"],
+        ["export", ckpts["native"], "gs://bucket/x.safetensors", "--format", "safetensors"],
+        ["gc", url, "--keep-last", "1"],
+    ]
+    for r in cli_many(*commands, cwd=tmp_path):
+        assert r.rc == 2, r
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.err, r
+        assert "URLs are not supported" in lines[0] and "object stores are not supported yet" in lines[0], r
+        assert ("gs://bucket/x.safetensors" if "gs://" in " ".join(r.args) else url) in lines[0], r
+    assert not os.path.exists(tmp_path / "s3:") and not os.path.exists(tmp_path / "gs:")

@@ -25,7 +25,8 @@ from .format.manifest import (
 from .format.native_read import check_file_size, read_native
 from .format.torch_save import file_digest, load_torch_save, rank_file_name
 from .storage.io import checksum
-from .storage.local import MANIFEST_NAME, open_dir
+from .storage.local import MANIFEST_NAME, open_dir, previous_generation
+from .storage.paths import local_path
 from .types import STATE_DICT, RankInfo
 
 __all__ = ["CheckpointReader", "LegacyCheckpointWarning", "read_manifest"]
@@ -62,18 +63,50 @@ def _open_in(dir_fd: int, name: str, where: str) -> int:
 
 
 def _open_checkpoint_dir(path: str) -> int:
+    """Open the checkpoint directory ``path`` (a link at its own name is refused, never followed).
+
+    Where ``path`` is missing because a save without RENAME_EXCHANGE was
+    interrupted between its two renames, its previous generation is opened
+    instead: that is the checkpoint at ``path`` until the next save puts it back.
+
+    Raises:
+        UnsupportedURLError: ``path`` is a URL.
+        CheckpointNotFoundError: Nothing there, not a directory, or a symbolic link.
+    """
+    local_path(path)
     try:
         return open_dir(path)
     except FileNotFoundError as e:
+        fd = _open_previous_generation(path)
+        if fd is not None:
+            return fd
         raise CheckpointNotFoundError(f"no checkpoint at {path}: the directory does not exist", path=path) from e
-    except NotADirectoryError as e:
-        # O_DIRECTORY | O_NOFOLLOW on a symbolic link fails with ENOTDIR, even when it points to a directory.
-        why = "it is a symbolic link" if os.path.islink(path) else "not a directory"
-        raise CheckpointNotFoundError(f"no checkpoint at {path}: {why}", path=path) from e
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise CheckpointNotFoundError(f"no checkpoint at {path}: it is a symbolic link", path=path) from e
-        raise
+        # O_DIRECTORY | O_NOFOLLOW on a symbolic link fails with ENOTDIR (or ELOOP), even when it points to a directory.
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        try:
+            target = os.readlink(path)
+        except OSError:
+            raise CheckpointNotFoundError(f"no checkpoint at {path}: not a directory", path=path) from e
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}: {path} is a symbolic link (to {target}); torchckpt does not follow a link "
+            f"at a checkpoint's own name: load {os.path.normpath(os.path.join(os.path.dirname(path), target))}",
+            path=path,
+        ) from e
+
+
+def _open_previous_generation(path: str) -> int | None:
+    try:
+        fd = open_dir(previous_generation(path))
+    except OSError:
+        return None
+    logger.warning(
+        "%s is missing: a save without RENAME_EXCHANGE was interrupted between its renames; loading the previous "
+        "generation (the next save to this directory puts it back)",
+        path,
+    )
+    return fd
 
 
 class _Replaced(Exception):

@@ -276,7 +276,8 @@ class CheckpointWriter:
         t1 = time.monotonic()
         op = "open"
         try:
-            fd = fs.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a link planted in a stale pending directory is refused, never written through.
+            fd = fs.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:
                 op = "write"
                 if plan is not None:

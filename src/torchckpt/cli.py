@@ -20,6 +20,7 @@ import torch
 from .checkpoint_reader import read_manifest
 from .errors import CheckpointError
 from .format.manifest import Manifest
+from .storage.paths import local_path
 
 __all__ = ["main"]
 
@@ -322,10 +323,19 @@ def _parser() -> _Parser:
     return p
 
 
+def _refuse_urls(args: argparse.Namespace) -> None:
+    """Every path argument is a local path: a URL is refused by name before anything is opened or created."""
+    for name in ("root", "path", "a", "b", "out"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            local_path(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit code."""
     try:
         args = _parser().parse_args(argv)
+        _refuse_urls(args)
         return int(args.fn(args))
     except _UsageError as e:
         print(f"torchckpt: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ keep working::
         ├── CorruptCheckpointError               (ValueError)   .file .key
         ├── UnsafeObjectError                    (TypeError)    .key .type_name
         ├── ConfigError                          (ValueError, AssertionError) .field
+        ├── UnsupportedURLError                  (ValueError)   .scheme
         ├── StateDictMismatchError               (RuntimeError) .key
         │   └── MissingKeysError                 .missing_keys
         ├── CheckpointIOError                    (OSError)      .rank .operation
@@ -39,6 +40,7 @@ __all__ = [
     "MissingKeysError",
     "StateDictMismatchError",
     "UnsafeObjectError",
+    "UnsupportedURLError",
     "WriterProcessError",
 ]
 
@@ -132,6 +134,18 @@ class ConfigError(CheckpointError, ValueError, AssertionError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class UnsupportedURLError(CheckpointError, ValueError):
+    """A path given as a URL (``s3://``, ``gs://``, ``file://``...): only local paths are supported.
+
+    Attributes:
+        scheme: The URL's scheme, in lower case.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, scheme: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.scheme = scheme
 
 
 class StateDictMismatchError(CheckpointError, RuntimeError):

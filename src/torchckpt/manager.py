@@ -46,6 +46,8 @@ from .format.tree import MAX_DEPTH
 from .retention import CheckpointInfo, RetentionPolicy, preserved
 from .step_metadata import decode_metrics, step_metadata
 from .storage import fs
+from .storage.local import make_dirs_durably, restore_interrupted_swaps
+from .storage.paths import local_path
 from .types import RankInfo
 
 __all__ = ["CheckpointManager", "SaveHandle"]
@@ -167,7 +169,7 @@ class CheckpointManager:
         checkpointer: Checkpointer | None = None,
         rank_info: RankInfo | None = None,
     ) -> None:
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = os.path.abspath(local_path(root))
         self._policies: list[RetentionPolicy] = (
             [] if keep is None else [keep] if hasattr(keep, "should_preserve") else list(keep)  # type: ignore[arg-type]
         )
@@ -185,8 +187,9 @@ class CheckpointManager:
         self._loading: set[int] = set()
         self._lock = threading.RLock()
         self._closed = False
-        os.makedirs(self.root, exist_ok=True)
+        make_dirs_durably(self.root)
         if self._rank == 0:
+            restore_interrupted_swaps(self.root)
             self._clean_leftovers()
 
     # -- naming and listing ---------------------------------------------

@@ -21,6 +21,7 @@ from .format.native_read import check_header
 from .format.torch_save import file_digest, unpickle_rank_file
 from .format.tree import flatten, join_key, unflatten
 from .storage.io import CHUNK_BYTES, checksum
+from .storage.paths import local_path
 
 __all__ = ["Container", "export", "iter_leaves", "iter_nodes", "open_lazy"]
 
@@ -166,6 +167,7 @@ def export(path: str, out: str, *, fmt: str, rank: int = 0) -> int:
     """
     import json
 
+    out = local_path(out)
     with open_lazy(path, rank) as (_manifest, state):
         directory, name = os.path.split(os.path.abspath(out))
         tmp = os.path.join(directory, f".{name}.tmp")

@@ -93,6 +93,8 @@ class FaultFS(LocalFS):
             write, open or mkdir, EIO for anything else.
         short_writes: Every write writes about half of what it is given.
         process_images: Also record the tree before every step.
+        exchange_supported: False: ``exchange`` reports "not supported" (after
+            counting its step), as on NFS and several FUSE file systems.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class FaultFS(LocalFS):
         errno: int | None = None,
         short_writes: bool = False,
         process_images: bool = False,
+        exchange_supported: bool = True,
     ) -> None:
         self.root = os.path.abspath(root)
         self.fail_at = fail_at
@@ -111,6 +114,7 @@ class FaultFS(LocalFS):
         self.errno = errno
         self.short_writes = short_writes
         self.process_images = process_images
+        self.exchange_supported = exchange_supported
         self.journal = Journal()
         self._counted = 0
         self._lock = threading.RLock()  # the writer's I/O threads take turns here
@@ -194,7 +198,7 @@ class FaultFS(LocalFS):
     def exchange(self, a: str, b: str) -> bool:
         with self._lock:
             self._step("exchange", f"{a} <-> {b}")
-            return super().exchange(a, b)
+            return self.exchange_supported and super().exchange(a, b)
 
     def unlink(self, path: str) -> None:
         with self._lock:

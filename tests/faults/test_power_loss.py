@@ -38,7 +38,7 @@ from ckpt_testutil import FORMATS, assert_state_equal, hidden_leftovers, reader
 from faultfs import WRITE_OPS, FaultFS, Journal, Tree, default_errno, describe, dirs_with, read_tree, write_tree
 
 import torchckpt as tc
-from torchckpt.errors import CheckpointIOError
+from torchckpt.errors import CheckpointIOError, CheckpointNotFoundError
 from torchckpt.storage import fs
 from torchckpt.storage import io as storage_io
 from torchckpt.verify import verify_checkpoint
@@ -147,7 +147,7 @@ class Saver:
 
     def save(self, path: str, state: Any, **layer: Any) -> Outcome:
         """Save ``state`` to ``path`` under a FaultFS over the path's parent."""
-        layer["root"] = os.path.dirname(path)
+        layer.setdefault("root", os.path.dirname(path))
         if self.async_ckpt is None:
             saved_batch = storage_io.BATCH_BYTES
             storage_io.BATCH_BYTES = BATCH_BYTES
@@ -208,8 +208,9 @@ def _paths_of(step_path: str) -> list[str]:
     return [p.strip() for p in step_path.replace("<->", "->").split("->")]
 
 
-def test_every_failed_step_keeps_the_old_checkpoint(saver: Saver, template: str, tmp_path) -> None:
-    clean = saver.save(fresh_copy(template, str(tmp_path / "clean")), NEW)
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "no-exchange"])
+def test_every_failed_step_keeps_the_old_checkpoint(saver: Saver, template: str, tmp_path, exchange: bool) -> None:
+    clean = saver.save(fresh_copy(template, str(tmp_path / "clean")), NEW, exchange_supported=exchange)
     assert clean.error is None, f"a save without faults failed: {clean.error!r}"
     steps = clean.journal.steps
     ops = {s.op for s in steps}
@@ -220,7 +221,7 @@ def test_every_failed_step_keeps_the_old_checkpoint(saver: Saver, template: str,
     for n in range(len(steps)):
         path = fresh_copy(template, str(tmp_path / f"fail_{n}"))
         root = os.path.dirname(path)
-        out = saver.save(path, NEW, fail_at=n)
+        out = saver.save(path, NEW, fail_at=n, exchange_supported=exchange)
         step = out.journal.failed
         assert step is not None, f"step {n} was never reached (the save took other steps: {out.journal.steps})"
         where = f"step {n} ({step.op} {step.path})"
@@ -253,15 +254,20 @@ def test_every_failed_step_keeps_the_old_checkpoint(saver: Saver, template: str,
 # -- power cut and SIGKILL at every step -------------------------------------------------
 
 
-def _check_image(image: Tree, dest: str, where: str, *, old_exists: bool) -> str:
-    """Materialise a crash image; check old-or-new and complete manifests; return what the path holds."""
+def _check_image(image: Tree, dest: str, where: str, *, old_exists: bool, name: str = NAME) -> str:
+    """Materialise a crash image; check old-or-new and complete manifests; return what a load of the path gives.
+
+    Without RENAME_EXCHANGE, a crash between an overwrite's two renames leaves the old
+    checkpoint at ``.<name>.torchckpt-previous`` only: a load of the path reads it there.
+    """
     write_tree(dest, image)
-    path = os.path.join(dest, NAME)
+    path = os.path.join(dest, name)
     assert_manifests_verify(dest, where)
-    if NAME not in image:
+    try:
+        return loaded_tag(path)
+    except CheckpointNotFoundError:
         assert not old_exists, f"{where}: the old checkpoint is gone:\n{describe(image)}"
         return "absent"
-    return loaded_tag(path)
 
 
 def _recover(dest: str, saver: Saver, where: str) -> None:
@@ -272,14 +278,15 @@ def _recover(dest: str, saver: Saver, where: str) -> None:
     assert hidden_leftovers(dest) == [], f"{where}: {describe(read_tree(dest))}"
 
 
-@pytest.mark.parametrize("old_exists", [True, False], ids=["overwrite", "first"])
-def test_power_cut_at_every_fsync_leaves_old_or_new(saver: Saver, template: str, tmp_path, old_exists: bool) -> None:
+@pytest.mark.parametrize("case", ["overwrite", "first", "overwrite-no-exchange"])
+def test_power_cut_at_every_fsync_leaves_old_or_new(saver: Saver, template: str, tmp_path, case: str) -> None:
+    old_exists = case.startswith("overwrite")
     if old_exists:
         path = fresh_copy(template, str(tmp_path / "run"))
     else:
         os.makedirs(str(tmp_path / "run"))
         path = str(tmp_path / "run" / NAME)
-    out = saver.save(path, NEW, process_images=True)
+    out = saver.save(path, NEW, process_images=True, exchange_supported=case != "overwrite-no-exchange")
     assert out.error is None, repr(out.error)
     durable = out.journal.durable
     assert len(durable) >= 2, f"only {len(durable)} durable states"
@@ -309,6 +316,37 @@ def test_power_cut_at_every_fsync_leaves_old_or_new(saver: Saver, template: str,
         if kind == "metadata-only cut" and not old_exists:
             _recover(str(tmp_path / f"{kind[:4]}_{first_new - 1}"), saver, where)
     print(f"{saver.mode}/{saver.fmt}: durable states {seen} over {len(out.journal.steps)} steps")
+
+
+def test_power_cut_keeps_every_directory_the_save_created(saver: Saver, tmp_path) -> None:
+    """``save(run/a/b/ckpt)`` creates ``a`` and ``a/b``: each is fsynced into its parent before the commit."""
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    rel = os.path.join("a", "b", NAME)
+    out = saver.save(os.path.join(run, rel), NEW, root=run, process_images=True)
+    assert out.error is None, repr(out.error)
+    mkdirs = [s.path for s in out.journal.steps if s.op == "mkdir"]
+    assert mkdirs[:2] == [os.path.join(run, "a"), os.path.join(run, "a", "b")], mkdirs
+    seen = []
+    for i, image in enumerate(out.journal.durable):
+        where = f"power cut after durable state {i} of {len(out.journal.durable)}"
+        seen.append(_check_image(image, str(tmp_path / f"cut_{i}"), where, old_exists=False, name=rel))
+    assert seen[0] == "absent" and seen[-1] == "new", f"{seen}: save() returned before its directories were durable"
+    first_new = seen.index("new")
+    assert all(t == "new" for t in seen[first_new:]), seen
+
+
+def test_a_managers_root_is_durable_once_a_step_is_committed(tmp_path) -> None:
+    """The directories a manager creates for its root are fsynced into their parents too."""
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    layer = FaultFS(run)
+    with fs.install(layer):
+        with tc.CheckpointManager(os.path.join(run, "x", "y"), async_save=False) as mgr:
+            mgr.save(1, NEW)
+    image = layer.journal.durable[-1]
+    assert _check_image(image, str(tmp_path / "cut"), "power cut after the save", old_exists=False,
+                        name=os.path.join("x", "y", "step_0000000001")) == "new", describe(image)  # fmt: skip
 
 
 # -- short writes ------------------------------------------------------------------

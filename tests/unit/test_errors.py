@@ -26,6 +26,7 @@ from torchckpt.errors import (
     MissingKeysError,
     StateDictMismatchError,
     UnsafeObjectError,
+    UnsupportedURLError,
     WriterProcessError,
 )
 
@@ -36,6 +37,7 @@ TREE = {
     CorruptCheckpointError: (ValueError,),
     UnsafeObjectError: (TypeError,),
     ConfigError: (ValueError, AssertionError),
+    UnsupportedURLError: (ValueError,),
     StateDictMismatchError: (RuntimeError,),
     MissingKeysError: (StateDictMismatchError, RuntimeError),
     CheckpointIOError: (OSError,),
@@ -70,6 +72,7 @@ def test_errors_carry_their_attributes_and_survive_pickle() -> None:
         (CorruptCheckpointError("m", path="/p", file="f", key="k"), {"path": "/p", "file": "f", "key": "k"}),
         (UnsafeObjectError("m", path="/p", key="k", type_name="T"), {"path": "/p", "key": "k", "type_name": "T"}),
         (ConfigError("m", field="fld"), {"field": "fld"}),
+        (UnsupportedURLError("m", path="s3://b/x", scheme="s3"), {"path": "s3://b/x", "scheme": "s3"}),
         (StateDictMismatchError("m", path="/p", key="k"), {"path": "/p", "key": "k"}),
         (MissingKeysError("m", path="/p", missing_keys=["a", "b"]), {"path": "/p", "missing_keys": ["a", "b"]}),
         (

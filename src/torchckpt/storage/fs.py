@@ -147,18 +147,26 @@ def mkdir(path: str, mode: int = 0o755) -> None:
     _active.mkdir(path, mode)
 
 
-def makedirs(path: str) -> None:
-    """Create ``path`` and its missing parents (an existing directory is fine)."""
+def makedirs(path: str) -> list[str]:
+    """Create ``path`` and its missing parents (an existing directory is fine).
+
+    Returns:
+        The directories this call created, outermost first (their entries are
+        not yet durable: see ``storage.local.make_dirs_durably``).
+    """
     if os.path.isdir(path):
-        return
+        return []
+    created = []
     parent = os.path.dirname(path)
     if parent and parent != path:
-        makedirs(parent)
+        created = makedirs(parent)
     try:
         _active.mkdir(path)
     except FileExistsError:
         if not os.path.isdir(path):
             raise
+        return created  # made meanwhile by another process (another rank): it makes it durable
+    return [*created, path]
 
 
 def rename(src: str, dst: str) -> None:

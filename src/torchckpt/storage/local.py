@@ -12,14 +12,26 @@ this; the native layout uses the same path so that there is one protocol to
 prove. Readers open files relative to a directory file descriptor, so a swap
 during a load cannot mix generations either.
 
+Where the file system cannot exchange (NFS, several FUSE and network file
+systems, older kernels: ``exchange`` reports it), the old directory is first
+renamed to ``.<name>.torchckpt-previous`` — "the previous generation of
+<name>: put me back if <name> is missing" — and the new one then renamed to
+``path``. A crash between the two renames leaves nothing at ``path``; a load
+then reads the previous generation, and the next save into the directory (or
+a manager opening it) renames it back before doing anything else. Nothing
+deletes a previous generation while its checkpoint is missing.
+
 Files in the old directory that torchckpt does not own (anything but the
 manifest and rank files) are carried over into the new one before the swap.
 Leftovers of crashed saves (pending and trash directories) are hidden,
 never mistaken for checkpoints, and cleaned by the next save to the path.
+Every directory a save creates is fsynced into its parent before the commit,
+and no name torchckpt uses beside a checkpoint is followed if it is a link.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -27,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -35,13 +48,17 @@ from collections.abc import Callable, Iterable
 from ..errors import CheckpointIOError
 from . import fs
 from .fs import fsync_dir
+from .paths import check_not_a_link, local_path, resolve_parent
 
 __all__ = [
     "MANIFEST_NAME",
     "DirectoryCommit",
     "fsync_dir",
     "is_owned_name",
+    "make_dirs_durably",
     "open_dir",
+    "previous_generation",
+    "restore_interrupted_swaps",
     "write_file_durably",
 ]
 
@@ -50,6 +67,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 _PENDING = ".{name}.torchckpt-pending"
 _TRASH_PREFIX = ".{name}.torchckpt-trash-"
+_PREVIOUS = ".{name}.torchckpt-previous"
+_PREVIOUS_RE = re.compile(r"^\.(.+)\.torchckpt-previous$")
 _LOCK = ".torchckpt-lock"  # one per parent directory: saves into one directory take turns
 _OWNED = re.compile(r"^(manifest\.json(\.tmp)?|checkpoint_\d+\.pt|rank_\d+\.safetensors)$")
 
@@ -64,10 +83,23 @@ def open_dir(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
 
 
+def previous_generation(path: str) -> str:
+    """Where an overwrite without RENAME_EXCHANGE keeps the old checkpoint of ``path`` between its renames."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, _PREVIOUS.format(name=name))
+
+
+def make_dirs_durably(path: str) -> None:
+    """Create ``path`` and its missing parents, each fsynced into its parent (a power cut keeps them)."""
+    for created in fs.makedirs(path):
+        fsync_dir(os.path.dirname(created))
+
+
 def write_file_durably(directory: str, name: str, data: bytes) -> None:
     """Write ``directory/name`` atomically and durably (temp file, fsync, rename, fsync dir)."""
     tmp = os.path.join(directory, name + ".tmp")
-    fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    # O_NOFOLLOW: a link planted at the temporary name is refused, never written through.
+    fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         view = memoryview(data)
         while view:
@@ -100,7 +132,8 @@ class DirectoryCommit:
     """
 
     def __init__(self, path: str, *, rank: int = 0, lock_timeout_s: float = 600.0) -> None:
-        self.path = os.path.abspath(path)
+        # Resolved once: the whole save happens in the directory the parent named when it started.
+        self.path = resolve_parent(local_path(path))
         self.parent, self.name = os.path.split(self.path)
         if not self.name:
             raise ValueError(f"checkpoint path {path!r} has no final component")
@@ -120,12 +153,18 @@ class DirectoryCommit:
         )
 
     def prepare(self, *, coordinator: bool) -> None:
-        """Create the pending directory (and, on the coordinator, lock and clean it)."""
+        """Create the pending directory (and, on the coordinator, lock and clean it).
+
+        Raises:
+            CheckpointIOError: A directory cannot be created; ``path`` is a
+                symbolic link (ELOOP) or not a directory (ENOTDIR).
+        """
         try:
-            fs.makedirs(self.parent)
+            make_dirs_durably(self.parent)
         except OSError as e:
             raise self._io_error("mkdir", self.parent, e) from e
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
+        check_not_a_link(self.path, rank=self.rank)
+        if _kind(self.path) not in ("missing", "dir"):
             raise CheckpointIOError(
                 f"rank {self.rank}: checkpoint path {self.path} exists and is not a directory",
                 errno=errno.ENOTDIR,
@@ -137,6 +176,7 @@ class DirectoryCommit:
             self._lock()
             self._clean_leftovers()
         try:
+            _remove_unless_directory(self.pending)
             fs.makedirs(self.pending)
         except OSError as e:
             raise self._io_error("mkdir", self.pending, e) from e
@@ -153,7 +193,7 @@ class DirectoryCommit:
     def _lock(self) -> None:
         lock_path = os.path.join(self.parent, _LOCK)
         try:
-            fd = fs.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = fs.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise self._io_error("lock", lock_path, e) from e
         deadline = time.monotonic() + self.lock_timeout_s
@@ -178,12 +218,13 @@ class DirectoryCommit:
         self._lock_fd = fd
 
     def _clean_leftovers(self) -> None:
-        prefix = _TRASH_PREFIX.format(name=self.name)
+        """Put back previous generations whose checkpoint is missing, then remove this path's trash."""
         try:
-            names = os.listdir(self.parent)
-        except OSError:
-            return
-        for name in names:
+            _settle_previous_generations(self.parent)
+        except OSError as e:
+            raise self._io_error("restore", previous_generation(self.path), e) from e
+        prefix = _TRASH_PREFIX.format(name=self.name)
+        for name in _listdir(self.parent, quiet=True):
             if name.startswith(prefix):
                 remove_generation(os.path.join(self.parent, name))
 
@@ -214,23 +255,27 @@ class DirectoryCommit:
         undo: list[Callable[[], object]] = []
         old: str | None = None
         try:
-            if not os.path.isdir(self.path):
+            kind = _kind(self.path)
+            if kind == "missing":
                 fs.rename(self.pending, self.path)
                 undo.append(lambda: fs.rename(self.path, self.pending))
+            elif kind != "dir":  # became a link or a file since prepare(): never replaced
+                code = errno.ELOOP if kind == "link" else errno.ENOTDIR
+                raise OSError(code, f"{os.strerror(code)} (no longer a directory)", self.path)
             else:
                 self._carry_foreign_files(undo)
                 if fs.exchange(self.pending, self.path):
                     undo.append(lambda: fs.exchange(self.pending, self.path))
                     old = self.pending
                 else:
-                    # No RENAME_EXCHANGE here: move the old one aside, then the new one in.
-                    # A crash between the two renames leaves no directory at path (never a mix).
-                    aside = os.path.join(self.parent, _TRASH_PREFIX.format(name=self.name) + uuid.uuid4().hex)
-                    fs.rename(self.path, aside)
-                    undo.append(lambda: fs.rename(aside, self.path))
+                    # No RENAME_EXCHANGE here: the old one aside under the name that says "put me back
+                    # if <name> is missing" (loads read it there; the next save restores it), the new one in.
+                    previous = previous_generation(self.path)
+                    fs.rename(self.path, previous)
+                    undo.append(lambda: fs.rename(previous, self.path))
                     fs.rename(self.pending, self.path)
                     undo.append(lambda: fs.rename(self.path, self.pending))
-                    old = aside
+                    old = previous
             fsync_dir(self.parent)
         except OSError:
             for action in reversed(undo):
@@ -279,18 +324,121 @@ def remove_generation(directory: str) -> None:
     The manifest goes first: a process killed in the middle of the deletion
     leaves rank files without a manifest, never a manifest whose files are gone.
     Like the deletion itself, this runs beside the commit protocol (often in a
-    background thread), so not through :mod:`.fs`.
+    background thread), so not through :mod:`.fs`. A link (or a file) at
+    ``directory`` is removed itself: what it points to is never touched.
     """
-    for name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:
+        if _kind(directory) != "dir":
+            with contextlib.suppress(OSError):
+                os.unlink(directory)
+            return
+        dir_fd = None  # a directory this process may not read: rmtree tries what it can
+    if dir_fd is not None:
         try:
-            os.unlink(os.path.join(directory, name))
-        except OSError:
-            pass
+            for name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _listdir(path: str) -> Iterable[str]:
+def restore_interrupted_swaps(directory: str) -> list[str]:
+    """Put back every checkpoint in ``directory`` that a crash left only as its previous generation.
+
+    For a manager opening its root, so that it lists and loads such a step at
+    once (a save into the directory does the same first). Skipped while
+    another save into the directory holds its lock (that save does it), and
+    when nothing is to be restored (no lock file is created then).
+
+    Returns:
+        The checkpoint paths restored.
+    """
+    if not any(_PREVIOUS_RE.match(name) for name in _listdir(directory, quiet=True)):
+        return []
+    try:
+        fd = fs.open(os.path.join(directory, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        logger.warning("cannot restore interrupted saves in %s: %s", directory, e)
+        return []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return _settle_previous_generations(directory)
+    except BlockingIOError:
+        return []
+    except OSError as e:
+        logger.warning("cannot restore interrupted saves in %s: %s", directory, e)
+        return []
+    finally:
+        fs.close(fd)
+
+
+def _settle_previous_generations(parent: str) -> list[str]:
+    """Rename back each previous generation whose checkpoint is missing; remove the others.
+
+    The caller holds the lock of ``parent``, so no save there is between its
+    two renames. A previous generation is removed only when its checkpoint is
+    in place (the swap finished); a link or file planted at such a name is
+    unlinked, never followed.
+
+    Returns:
+        The checkpoint paths restored.
+
+    Raises:
+        OSError: A rename back, or the fsync of ``parent``, failed.
+    """
+    restored = []
+    for entry in _listdir(parent, quiet=True):
+        match = _PREVIOUS_RE.match(entry)
+        if match is None:
+            continue
+        previous, path = os.path.join(parent, entry), os.path.join(parent, match.group(1))
+        if _kind(previous) != "dir":
+            with contextlib.suppress(OSError):
+                fs.unlink(previous)
+        elif _kind(path) == "missing":
+            fs.rename(previous, path)
+            restored.append(path)
+        else:
+            remove_generation(previous)
+    if restored:
+        fsync_dir(parent)
+        logger.warning("restored %s: a save without RENAME_EXCHANGE was interrupted between its renames", restored)
+    return restored
+
+
+def _kind(path: str) -> str:
+    """``"missing"``, ``"dir"``, ``"link"`` or ``"other"``: what is at ``path`` itself (links not followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "dir" if stat.S_ISDIR(mode) else "other"
+
+
+def _remove_unless_directory(path: str) -> None:
+    """Unlink what is at ``path`` unless it is a real directory (a link planted at a name torchckpt uses)."""
+    if _kind(path) not in ("missing", "dir"):
+        try:
+            fs.unlink(path)
+        except FileNotFoundError:
+            pass  # another rank removed it first
+
+
+
+def _listdir(path: str, *, quiet: bool = False) -> Iterable[str]:
+    """The names in ``path``; none when it is missing (or, ``quiet``, cannot be listed at all)."""
     try:
         return os.listdir(path)
     except FileNotFoundError:
         return []
+    except OSError:
+        if quiet:
+            return []
+        raise

@@ -8,6 +8,10 @@ after ``save()`` returned. The check costs a ``statvfs`` and an ``access``
 call. It cannot promise that the save will succeed (the disk may fill, the
 file system may be remounted meanwhile); the writer still reports whatever
 fails later.
+
+The same early moment refuses a path no save can take: a URL
+(:func:`.paths.local_path`) and a symbolic link at the checkpoint's own name
+(:func:`.paths.check_not_a_link`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import errno
 import os
 
 from ..errors import CheckpointIOError
+from .paths import check_not_a_link, local_path, resolve_parent
 
 __all__ = ["check_writable"]
 
@@ -44,9 +49,12 @@ def check_writable(path: str | os.PathLike[str], *, rank: int = 0) -> None:
     Raises:
         CheckpointIOError: errno EROFS (read-only file system) or EACCES (no
             write or search permission), operation ``"prepare"``, naming the
-            rank and the directory.
+            rank and the directory; errno ELOOP when ``path`` is a symbolic link.
+        UnsupportedURLError: ``path`` is a URL.
     """
-    directory = _nearest_directory(os.path.dirname(os.path.abspath(os.fspath(path))))
+    resolved = resolve_parent(local_path(path))
+    check_not_a_link(resolved, rank=rank)
+    directory = _nearest_directory(os.path.dirname(resolved))
     try:
         read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
     except OSError:
