@@ -373,3 +373,271 @@ def test_bad_paths_and_arguments_exit_2_with_one_line(ckpts: dict[str, str], tmp
         assert r.out == "", r
     assert missing in results[0].err and missing in results[1].err
     assert not os.path.exists(missing), "a command created the missing directory"
+
+
+# -- gc: dry run, leftovers, failures ------------------------------------------
+
+
+def _leftover(root: Path, name: str, *, with_manifest: bool = False) -> Path:
+    """A hidden directory as an interrupted save or delete leaves it."""
+    d = root / name
+    d.mkdir()
+    (d / file_name("safetensors")).write_bytes(b"x" * 100)
+    if with_manifest:
+        (d / "manifest.json").write_bytes(b"{}")
+    return d
+
+
+def test_gc_dry_run_deletes_nothing_and_lists_leftovers(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with _root_with_steps(root, [1, 2, 3]):
+        pass
+    trash = _leftover(root, ".step_1.torchckpt-trash-0123abcd", with_manifest=True)  # an interrupted retention
+    half = _leftover(root, ".step_0000000002.torchckpt-trash-4567")  # an old generation half deleted
+    pending = _leftover(root, ".step_0000000004.torchckpt-pending")  # a crashed save of step 4
+    before = sorted(os.listdir(root))
+
+    dry = cli("gc", str(root), "--keep-last", "2", "--dry-run")
+    assert dry.rc == 0, dry
+    assert sorted(os.listdir(root)) == before, "a dry run deleted something"
+    lines = dry.out.splitlines()
+    assert lines[0] == "would delete 1 step(s): [1]", dry
+    assert lines[1] == "would delete 3 leftover(s) of interrupted saves and deletes:", dry
+    assert sorted(line.strip() for line in lines[2:]) == sorted(str(p) for p in (trash, half, pending)), dry
+
+    real = cli("gc", str(root), "--keep-last", "2")
+    assert real.rc == 0, real
+    assert real.out.splitlines()[:2] == [
+        "deleted 1 step(s): [1]",
+        "deleted 3 leftover(s) of interrupted saves and deletes:",
+    ], real
+    assert sorted(n for n in os.listdir(root) if not n.endswith("-lock")) == ["step_0000000002", "step_0000000003"]
+
+    again = cli("gc", str(root), "--keep-last", "2", "--dry-run")
+    assert (again.rc, again.out.strip()) == (0, "nothing to delete"), again
+
+
+def test_gc_keeps_an_old_generation_whose_path_is_empty(tmp_path: Path) -> None:
+    # An overwrite interrupted between moving the old directory aside and the new one in: the aside
+    # directory holds the only copy of the step. gc must not delete it (a save or load restores it).
+    root = tmp_path / "root"
+    with _root_with_steps(root, [1, 2]) as mgr:
+        aside = root / ".step_0000000002.torchckpt-trash-89ab"
+        os.rename(mgr.path(2), aside)
+    r = cli("gc", str(root), "--keep-last", "1")
+    assert r.rc == 0, r
+    assert aside.is_dir() and (aside / "manifest.json").is_file(), r
+    assert f"kept {aside}: it holds the only copy of {root / 'step_0000000002'}" in r.out, r
+
+
+def test_gc_keep_last_must_be_at_least_one_in_user_terms(tmp_path: Path) -> None:
+    with _root_with_steps(tmp_path / "root", [1]):
+        pass
+    for value in ("0", "-3", "two"):
+        r = cli("gc", str(tmp_path / "root"), "--keep-last", value)
+        assert r.rc == 2, r
+        assert r.err.strip() == (
+            f"torchckpt: gc: --keep-last must be a whole number of at least 1 (the newest step is always kept), "
+            f"got {value!r}"
+        ), r
+        assert "KeepLast" not in r.err and "Traceback" not in r.err, r
+
+
+# -- export: an existing folder as OUT, failures --------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_export_into_an_existing_folder_writes_inside_it_like_cp(ckpts: dict[str, str], tmp_path: Path, fmt: str) -> None:
+    out_dir = tmp_path / "exports"
+    out_dir.mkdir()
+    r = cli("export", ckpts["native"], str(out_dir), "--format", fmt)
+    assert r.rc == 0, r
+    name = "native.safetensors" if fmt == "safetensors" else "native.pt"
+    assert r.out.startswith(f"wrote {out_dir / name} "), r
+    assert sorted(os.listdir(out_dir)) == [name]
+    if fmt == "torch":
+        assert_state_equal(torch.load(out_dir / name, weights_only=True), _state())
+    # OUT/<name> itself a folder: refused, naming it; nothing written, nothing left behind.
+    (out_dir / name).unlink()
+    (out_dir / name).mkdir()
+    r = cli("export", ckpts["native"], str(out_dir), "--format", fmt)
+    assert r.rc == 2, r
+    assert r.err.strip() == f"torchckpt: cannot export to {out_dir / name}: it is a directory", r
+    assert sorted(os.listdir(out_dir)) == [name] and os.listdir(out_dir / name) == []
+
+
+def test_export_into_a_missing_folder_names_out(ckpts: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "no" / "such" / "x.safetensors"
+    r = cli("export", ckpts["native"], str(out), "--format", "safetensors")
+    assert r.rc == 2, r
+    assert r.err.strip() == f"torchckpt: cannot export to {out}: [Errno 2] No such file or directory", r
+    assert os.listdir(tmp_path) == []
+
+
+# -- tied tensors: inspect counts them once, export keeps every key ------------
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("tied")
+    emb = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    state = {"emb": emb, "head": {"weight": emb}, "bias": torch.zeros(3), "step": 7}
+    return {fmt: _save(str(base / fmt), state, fmt) for fmt in ("safetensors", "torch_save")}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch_save"])
+def test_inspect_counts_a_tied_tensor_once_and_names_its_alias(tied: dict[str, str], fmt: str) -> None:
+    text, js = cli_many(["inspect", tied[fmt]], ["inspect", tied[fmt], "--json"])
+    assert text.rc == 0, text
+    rows = {line.split()[0]: line for line in text.out.splitlines()[2:] if line.strip()}
+    assert rows["head.weight"].split()[-3:] == ["(tied", "to", "emb)"], text
+    assert "total: 2 tensors, 60 B; 1 tied key (same tensor as another key); 1 plain values" in text.out, text
+    assert js.rc == 0, js
+    doc = json.loads(js.out)
+    assert doc["keys"]["head.weight"] == {
+        "type": "tensor", "dtype": "float32", "shape": [3, 4], "bytes": 48, "tied_to": "emb"
+    }  # fmt: skip
+    assert "tied_to" not in doc["keys"]["emb"]
+    assert doc["totals"] == {"tensors": 2, "tensor_bytes": 48 + 12, "tied_keys": 1, "values": 1}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch_save"])
+def test_safetensors_export_keeps_every_tied_key(tied: dict[str, str], tmp_path: Path, fmt: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "tied.safetensors")
+    r = cli("export", tied[fmt], out, "--format", "safetensors")
+    assert r.rc == 0, r
+    loaded = load_file(out)  # what Hugging Face tools call
+    emb = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert sorted(loaded) == ["bias", "emb", "head.weight"]
+    assert_state_equal(loaded["emb"], emb)
+    assert_state_equal(loaded["head.weight"], emb)
+    with safe_open(out, framework="pt") as f:
+        assert json.loads(f.metadata()["torchckpt_tied"]) == {"head.weight": "emb"}
+
+
+# -- error paths: JSON, manager roots, one line, exit codes ---------------------
+
+
+def test_every_argument_has_help() -> None:
+    import argparse
+
+    from torchckpt.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == ["diff", "export", "gc", "inspect", "ls", "verify"]
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"torchckpt {name}: {action.dest} has no help"
+    r = cli("export", "--help")
+    assert r.rc == 0 and "inside it" in r.out, r  # what an existing folder as OUT means
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("bad")
+    root = base / "root"
+    with _root_with_steps(root, [1, 2]):
+        pass
+    corrupt = base / "corrupt"
+    shutil.copytree(root / "step_0000000001", corrupt)
+    manifest = corrupt / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-40] + b"garbage")
+    (base / "file").write_text("not a checkpoint")
+    return {"missing": str(base / "missing"), "file": str(base / "file"), "corrupt": str(corrupt), "root": str(root)}
+
+
+_SINGLE = ["inspect", "verify", "diff", "export"]
+
+
+def _command(sub: str, path: str, good: str, tmp: Path) -> list[str]:
+    return {
+        "ls": ["ls", path],
+        "gc": ["gc", path, "--keep-last", "1", "--dry-run"],
+        "inspect": ["inspect", path],
+        "verify": ["verify", path],
+        "diff": ["diff", good, path],
+        "export": ["export", path, str(tmp / "out.safetensors"), "--format", "safetensors"],
+    }[sub]
+
+
+def test_every_command_fails_bad_paths_with_one_line(ckpts: dict[str, str], bad: dict[str, str], tmp_path: Path) -> None:
+    cases = [(sub, kind) for sub in ["ls", "gc", *_SINGLE] for kind in bad if not (sub in ("ls", "gc") and kind == "root")]
+    results = cli_many(*[_command(sub, bad[kind], ckpts["native"], tmp_path) for sub, kind in cases])
+    for (sub, kind), r in zip(cases, results):
+        expected_rc = 1 if (sub, kind) == ("verify", "corrupt") else 2  # a bad checkpoint is what verify reports
+        assert r.rc == expected_rc, r
+        assert "Traceback" not in r.err, r
+        if expected_rc == 2:
+            assert r.out == "", r
+            lines = r.err.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("torchckpt: ") and bad[kind] in lines[0], r
+        if kind == "missing":
+            assert f"no such checkpoint: {bad['missing']} does not exist" in r.err or (
+                sub in ("ls", "gc") and f"no such directory: {bad['missing']}" in r.err
+            ), r
+            assert "not a directory" not in r.err, r
+        if kind == "file":
+            assert "not a directory" in r.err, r
+        if kind == "root":
+            newest = os.path.join(bad["root"], "step_0000000002")
+            assert r.err.strip().endswith(
+                f"{bad['root']} holds the steps 1, 2 of a CheckpointManager, not one checkpoint: "
+                f"give a step's directory (the newest is {newest}); `torchckpt ls {bad['root']}` lists them"
+            ), r
+        if kind == "corrupt" and sub in ("ls", "gc"):
+            assert "is a checkpoint, not a directory of steps" in r.err, r
+    assert not os.path.exists(tmp_path / "out.safetensors")
+    assert not os.path.exists(bad["missing"])
+
+
+@pytest.mark.parametrize("sub", ["ls", "inspect", "verify", "diff"])
+def test_json_output_reports_errors_as_json(ckpts: dict[str, str], bad: dict[str, str], tmp_path: Path, sub: str) -> None:
+    kinds = ["missing", "file"] + (["root"] if sub != "ls" else [])
+    commands = [[*_command(sub, bad[k], ckpts["native"], tmp_path), "--json"] for k in kinds]
+    commands.append([sub, "--json", "--no-such-option"])
+    results = cli_many(*commands)
+    for r in results:
+        assert r.rc == 2, r
+        doc = json.loads(r.out)
+        assert doc["ok"] is False, r
+        assert doc["error"]["message"] == r.err.strip().removeprefix("torchckpt: "), r
+        assert "Traceback" not in r.err, r
+    for k, r in zip(kinds, results):
+        assert doc["error"]["type"], r
+        assert bad[k] in json.loads(r.out)["error"]["message"], r
+    verify_missing = json.loads(results[0].out) if sub == "verify" else None
+    if verify_missing is not None:
+        assert verify_missing["path"] == bad["missing"] and verify_missing["problems"] == []
+
+
+def test_odd_metrics_and_times_written_through_the_public_api_list(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    ck = checkpointer("safetensors")
+    ck.save(str(root / "step_0000000001"), {"x": torch.ones(2)}, metadata={"metrics": [1, 2], "step": 1})
+    with _root_with_steps(root, [2]) as mgr:
+        mgr.save(3, {"x": torch.ones(2)}, metrics={"nested": {"a": 1}, "text": "ok", "none": None})
+    r = cli("ls", str(root))
+    assert r.rc == 0, r
+    rows = {line.split()[0]: line for line in r.out.splitlines()[1:]}
+    assert sorted(rows) == ["1", "2", "3"], r
+    assert "[1, 2]" in rows["1"], r
+    assert "nested={'a': 1}" in rows["3"] and "text=ok" in rows["3"] and "none=None" in rows["3"], r
+
+
+def test_broken_pipe_exits_quietly(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with _root_with_steps(root, [1, 2, 3]):
+        pass
+    for args in (["ls", str(root)], ["ls", str(root), "--json"], ["inspect", os.path.join(root, "step_0000000001")]):
+        p = subprocess.Popen([sys.executable, "-m", "torchckpt", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None
+        p.stdout.close()  # like `| head` that has read enough
+        _, err = p.communicate(timeout=90)
+        assert err == b"", (args, err)
+        assert p.returncode == 141, (args, p.returncode)  # 128 + SIGPIPE, as the shell reports for cat
