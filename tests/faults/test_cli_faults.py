@@ -38,7 +38,8 @@ def test_export_onto_a_full_disk_names_out_and_leaves_nothing(tmp_path, layout: 
         for out in (os.path.join(disk, "model.out"), disk):  # a file, and a folder to write into
             r = _cli("export", src, out, "--format", fmt)
             assert r.returncode == 2, r
-            named = out if out != disk else os.path.join(disk, "ckpt." + ("safetensors" if fmt == "safetensors" else "pt"))
+            inside = "ckpt.safetensors" if fmt == "safetensors" else "ckpt.pt"
+            named = out if out != disk else os.path.join(disk, inside)
             assert r.stderr == f"torchckpt: cannot export to {named}: [Errno 28] No space left on device\n", r
             assert r.stdout == "", r
             assert os.listdir(disk) == [], "the temporary file was left behind"

@@ -20,6 +20,7 @@ never mistaken for checkpoints, and cleaned by the next save to the path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -30,7 +31,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from ..errors import CheckpointIOError
 from . import fs
@@ -42,6 +43,7 @@ __all__ = [
     "fsync_dir",
     "is_owned_name",
     "open_dir",
+    "save_lock_if_free",
     "write_file_durably",
 ]
 
@@ -294,3 +296,25 @@ def _listdir(path: str) -> Iterable[str]:
         return os.listdir(path)
     except FileNotFoundError:
         return []
+
+
+@contextlib.contextmanager
+def save_lock_if_free(parent: str) -> Iterator[bool]:
+    """Hold the lock that saves into ``parent`` take, for the block, if no save holds it now.
+
+    Yields whether it is held: while it is, no save into ``parent`` is running
+    in any process (their pending directories are leftovers), and none starts.
+
+    Raises:
+        OSError: The lock file cannot be opened (``parent`` missing, read-only and without one...).
+    """
+    fd = os.open(os.path.join(parent, _LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
