@@ -112,7 +112,7 @@ def _time_text(unix_s: Any) -> str:
 def _ls_row(step: int, path: str, verify: bool) -> dict[str, Any]:
     try:
         man = read_manifest(path)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:  # one unreadable step is that step's row, not the listing's end
         return {"step": step, "path": path, "committed": False, "error": str(e)}
     row: dict[str, Any] = {
         "step": step,
