@@ -176,7 +176,7 @@ def test_inspect(ckpts: dict[str, str]) -> None:
         assert keys["model.b"] == {"type": "tensor", "dtype": "bfloat16", "shape": [5], "bytes": 10}
         assert keys["ids"]["bytes"] == 800
         assert keys["step"] == {"type": "int", "value": "1"}
-        assert doc["totals"] == {"tensors": 5, "tensor_bytes": total, "values": 2}
+        assert doc["totals"] == {"tensors": 5, "tensor_bytes": total, "tied_keys": 0, "values": 2}
 
 
 # -- verify ------------------------------------------------------------------
@@ -393,3 +393,138 @@ def test_a_url_is_refused_by_every_command_with_one_line(ckpts: dict[str, str], 
         assert "URLs are not supported" in lines[0] and "object stores are not supported yet" in lines[0], r
         assert ("gs://bucket/x.safetensors" if "gs://" in " ".join(r.args) else url) in lines[0], r
     assert not os.path.exists(tmp_path / "s3:") and not os.path.exists(tmp_path / "gs:")
+def test_gc_keep_last_must_be_at_least_one_in_user_terms(tmp_path: Path) -> None:
+    with _root_with_steps(tmp_path / "root", [1]):
+        pass
+    for value in ("0", "-3", "two"):
+        r = cli("gc", str(tmp_path / "root"), "--keep-last", value)
+        assert r.rc == 2, r
+        assert r.err.strip() == (
+            f"torchckpt: gc: --keep-last must be a whole number of at least 1 (the newest step is always kept), "
+            f"got {value!r}"
+        ), r
+        assert "KeepLast" not in r.err and "Traceback" not in r.err, r
+
+
+# -- export: an existing folder as OUT, failures --------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_export_into_an_existing_folder_writes_inside_it_like_cp(
+    ckpts: dict[str, str], tmp_path: Path, fmt: str
+) -> None:
+    out_dir = tmp_path / "exports"
+    out_dir.mkdir()
+    r = cli("export", ckpts["native"], str(out_dir), "--format", fmt)
+    assert r.rc == 0, r
+    name = "native.safetensors" if fmt == "safetensors" else "native.pt"
+    assert r.out.startswith(f"wrote {out_dir / name} "), r
+    assert sorted(os.listdir(out_dir)) == [name]
+    if fmt == "torch":
+        assert_state_equal(torch.load(out_dir / name, weights_only=True), _state())
+    # OUT/<name> itself a folder: refused, naming it; nothing written, nothing left behind.
+    (out_dir / name).unlink()
+    (out_dir / name).mkdir()
+    r = cli("export", ckpts["native"], str(out_dir), "--format", fmt)
+    assert r.rc == 2, r
+    assert r.err.strip() == f"torchckpt: cannot export to {out_dir / name}: it is a directory", r
+    assert sorted(os.listdir(out_dir)) == [name] and os.listdir(out_dir / name) == []
+
+
+def test_export_into_a_missing_folder_names_out(ckpts: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "no" / "such" / "x.safetensors"
+    r = cli("export", ckpts["native"], str(out), "--format", "safetensors")
+    assert r.rc == 2, r
+    assert r.err.strip() == f"torchckpt: cannot export to {out}: [Errno 2] No such file or directory", r
+    assert os.listdir(tmp_path) == []
+
+
+# -- tied tensors: inspect counts them once, export keeps every key ------------
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("tied")
+    emb = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    state = {"emb": emb, "head": {"weight": emb}, "bias": torch.zeros(3), "step": 7}
+    return {fmt: _save(str(base / fmt), state, fmt) for fmt in ("safetensors", "torch_save")}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch_save"])
+def test_inspect_counts_a_tied_tensor_once_and_names_its_alias(tied: dict[str, str], fmt: str) -> None:
+    text, js = cli_many(["inspect", tied[fmt]], ["inspect", tied[fmt], "--json"])
+    assert text.rc == 0, text
+    rows = {line.split()[0]: line for line in text.out.splitlines()[2:] if line.strip()}
+    assert rows["head.weight"].split()[-3:] == ["(tied", "to", "emb)"], text
+    assert "total: 2 tensors, 60 B; 1 tied key (same tensor as another key); 1 plain values" in text.out, text
+    assert js.rc == 0, js
+    doc = json.loads(js.out)
+    assert doc["keys"]["head.weight"] == {
+        "type": "tensor", "dtype": "float32", "shape": [3, 4], "bytes": 48, "tied_to": "emb"
+    }  # fmt: skip
+    assert "tied_to" not in doc["keys"]["emb"]
+    assert doc["totals"] == {"tensors": 2, "tensor_bytes": 48 + 12, "tied_keys": 1, "values": 1}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch_save"])
+def test_safetensors_export_keeps_every_tied_key(tied: dict[str, str], tmp_path: Path, fmt: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "tied.safetensors")
+    r = cli("export", tied[fmt], out, "--format", "safetensors")
+    assert r.rc == 0, r
+    loaded = load_file(out)  # what Hugging Face tools call
+    emb = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert sorted(loaded) == ["bias", "emb", "head.weight"]
+    assert_state_equal(loaded["emb"], emb)
+    assert_state_equal(loaded["head.weight"], emb)
+    with safe_open(out, framework="pt") as f:
+        assert json.loads(f.metadata()["torchckpt_tied"]) == {"head.weight": "emb"}
+
+
+# -- error paths: JSON, manager roots, one line, exit codes ---------------------
+
+
+def test_every_argument_has_help() -> None:
+    import argparse
+
+    from torchckpt.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == ["diff", "export", "gc", "inspect", "ls", "verify"]
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"torchckpt {name}: {action.dest} has no help"
+    r = cli("export", "--help")
+    assert r.rc == 0 and "goes inside it" in " ".join(r.out.split()), r  # what an existing folder as OUT means
+
+
+def test_odd_metrics_and_times_written_through_the_public_api_list(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    ck = checkpointer("safetensors")
+    ck.save(str(root / "step_0000000001"), {"x": torch.ones(2)}, metadata={"metrics": [1, 2], "step": 1})
+    with _root_with_steps(root, [2]) as mgr:
+        mgr.save(3, {"x": torch.ones(2)}, metrics={"nested": {"a": 1}, "text": "ok", "none": None})
+    r = cli("ls", str(root))
+    assert r.rc == 0, r
+    rows = {line.split()[0]: line for line in r.out.splitlines()[1:]}
+    assert sorted(rows) == ["1", "2", "3"], r
+    assert "[1, 2]" in rows["1"], r
+    assert "nested={'a': 1}" in rows["3"] and "text=ok" in rows["3"] and "none=None" in rows["3"], r
+
+
+def test_broken_pipe_exits_quietly(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with _root_with_steps(root, [1, 2, 3]):
+        pass
+    for args in (["ls", str(root)], ["ls", str(root), "--json"], ["inspect", os.path.join(root, "step_0000000001")]):
+        p = subprocess.Popen([sys.executable, "-m", "torchckpt", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None
+        p.stdout.close()  # like `| head` that has read enough
+        _, err = p.communicate(timeout=90)
+        assert err == b"", (args, err)
+        assert p.returncode == 141, (args, p.returncode)  # 128 + SIGPIPE, as the shell reports for cat

@@ -1,7 +1,11 @@
 """The ``torchckpt`` command: list, inspect, verify, compare, export and prune checkpoints.
 
-Exit codes: 0 success; 1 a checkpoint is bad (``verify``) or two differ
-(``diff``); 2 a bad path or bad arguments (one line on stderr, no traceback).
+Exit codes: 0 success; 1 a checkpoint is bad (``verify``), two differ
+(``diff``) or something could not be deleted (``gc``); 2 a bad path, a bad
+checkpoint or bad arguments: one line on stderr, no traceback (with
+``--json``, also a JSON object on stdout naming the error); 141 (128 +
+SIGPIPE) when the reader of the output went away (``torchckpt ls | head``),
+quietly, as other Unix tools.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ from typing import Any
 import torch
 
 from .checkpoint_reader import read_manifest
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointIOError, CheckpointNotFoundError
 from .format.manifest import Manifest
 from .storage.paths import local_path
+from .prune import committed_steps, step_of
+from .step_metadata import decode_metrics
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+#: Exit code of a command whose output pipe was closed (128 + SIGPIPE, what the shell shows for ``cat``).
+_EXIT_BROKEN_PIPE = 141
 
 
 class _UsageError(Exception):
@@ -53,57 +62,97 @@ def _size(m: Manifest) -> int:
     return sum(r.size_bytes for r in m.ranks)
 
 
+# -- paths -----------------------------------------------------------------
+
+
+def _steps_text(steps: list[int]) -> str:
+    shown = [str(s) for s in steps] if len(steps) <= 8 else [*map(str, steps[:3]), "...", *map(str, steps[-3:])]
+    return ", ".join(shown) + ("" if len(steps) <= 8 else f" ({len(steps)} steps)")
+
+
+def _check_root(root: str) -> None:
+    """Refuse, in words, a path that is not a directory of steps (``ls``, ``gc``)."""
+    if not os.path.lexists(root):
+        raise CheckpointNotFoundError(f"no such directory: {root}", path=root)
+    if not os.path.isdir(root):
+        raise CheckpointNotFoundError(f"{root}: not a directory", path=root)
+    if os.path.lexists(os.path.join(root, "manifest.json")):
+        raise CheckpointNotFoundError(
+            f"{root} is a checkpoint, not a directory of steps: `torchckpt inspect {root}` shows it", path=root
+        )
+
+
+def _check_checkpoint(path: str) -> None:
+    """Refuse, in words, a path that does not exist or is a manager's root (one checkpoint expected)."""
+    if not os.path.lexists(path):
+        raise CheckpointNotFoundError(f"no such checkpoint: {path} does not exist", path=path)
+    if not os.path.isdir(path) or os.path.lexists(os.path.join(path, "manifest.json")):
+        return  # the reader says what is wrong with it
+    try:
+        steps = [c.step for c in committed_steps(path)]
+    except OSError:
+        return
+    if steps:
+        newest = os.path.join(path, f"step_{steps[-1]:010d}")
+        raise CheckpointNotFoundError(
+            f"{path} holds the steps {_steps_text(steps)} of a CheckpointManager, not one checkpoint: "
+            f"give a step's directory (the newest is {newest}); `torchckpt ls {path}` lists them",
+            path=path,
+        )
+
+
 # -- ls ------------------------------------------------------------------
 
 
-def _when(created_unix_s: float) -> str:
-    """The commit time in ISO form, or the number itself when no calendar date has it (a clock set wrong)."""
+def _time_text(unix_s: Any) -> str:
     try:
-        return datetime.datetime.fromtimestamp(created_unix_s).isoformat(timespec="seconds")
-    except (OverflowError, ValueError, OSError):
-        return repr(created_unix_s)
+        return datetime.datetime.fromtimestamp(unix_s).isoformat(timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(unix_s)
 
 
-def _metrics(value: Any) -> dict[str, Any]:
-    """The metrics of a manifest as a dict (a value saved as something else shows as one metric)."""
-    if isinstance(value, dict):
-        return {str(k): v for k, v in value.items()}
-    return {} if value is None else {"metrics": value}
+def _ls_row(step: int, path: str, verify: bool) -> dict[str, Any]:
+    try:
+        man = read_manifest(path)
+    except (CheckpointError, OSError) as e:  # one unreadable step is that step's row, not the listing's end
+        return {"step": step, "path": path, "committed": False, "error": str(e)}
+    row: dict[str, Any] = {
+        "step": step,
+        "path": path,
+        "committed": True,
+        "time": _time_text(man.created_unix_s),
+        "size_bytes": _size(man),
+        "ranks": man.world_size,
+        "format": man.layout,
+        "stall_s": man.stats.get("stall_s"),
+        "write_s": man.stats.get("write_s"),
+        "metrics": decode_metrics(man.metadata.get("metrics")),
+    }
+    if verify:
+        from .verify import verify_checkpoint
+
+        row["verified"] = not verify_checkpoint(path)[1]
+    return row
+
+
+def _metrics_text(metrics: Any) -> str:
+    if not isinstance(metrics, dict):
+        return repr(metrics)  # written by hand through the checkpointer's metadata: show it as it is
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _seconds_text(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-" if v is None else str(v)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .manager import _STEP_DIR
-
-    if not os.path.isdir(args.root):
-        raise _UsageError(f"{args.root}: not a directory")
+    _check_root(args.root)
     rows = []
     for name in sorted(os.listdir(args.root)):
-        m = _STEP_DIR.match(name)
+        step = step_of(name)
         path = os.path.join(args.root, name)
-        if not m or not os.path.isdir(path):
-            continue
-        try:
-            man = read_manifest(path)
-        except CheckpointError as e:
-            rows.append({"step": int(m.group(1)), "path": path, "committed": False, "error": str(e)})
-            continue
-        row: dict[str, Any] = {
-            "step": int(m.group(1)),
-            "path": path,
-            "committed": True,
-            "time": _when(man.created_unix_s),
-            "size_bytes": _size(man),
-            "ranks": man.world_size,
-            "format": man.layout,
-            "stall_s": man.stats.get("stall_s"),
-            "write_s": man.stats.get("write_s"),
-            "metrics": _metrics(man.metadata.get("metrics")),
-        }
-        if args.verify:
-            from .verify import verify_checkpoint
-
-            row["verified"] = not verify_checkpoint(path)[1]
-        rows.append(row)
+        if step is not None and os.path.isdir(path):
+            rows.append(_ls_row(step, path, args.verify))
     rows.sort(key=lambda r: r["step"])
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -114,11 +163,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
             table.append([str(r["step"]), "-", "-", "-", "-", "-", "-", "-", "not committed"])
             continue
         status = "verified" if r.get("verified") else ("BAD" if "verified" in r else "committed")
-        fmt_s = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"  # noqa: E731
-        metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
         table.append(
             [str(r["step"]), r["time"], _human(r["size_bytes"]), str(r["ranks"]), r["format"],
-             fmt_s(r["stall_s"]), fmt_s(r["write_s"]), metrics or "-", status]
+             _seconds_text(r["stall_s"]), _seconds_text(r["write_s"]), _metrics_text(r["metrics"]) or "-", status]
         )  # fmt: skip
     print(_table(table, ["step", "time", "size", "ranks", "format", "stall_s", "write_s", "metrics", "status"]))
     return 0
@@ -140,12 +187,19 @@ def _describe(value: Any) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .tools import iter_leaves, open_lazy
+    from .tools import iter_leaves, open_lazy, tied_keys
 
+    _check_checkpoint(args.path)
     with open_lazy(args.path, args.rank) as (man, state):
         leaves = [(k, _describe(v)) for k, v in iter_leaves(state)]
+        tied = tied_keys(state)
+    for k, d in leaves:
+        if k in tied:
+            d["tied_to"] = tied[k]
     tensors = [d for _, d in leaves if d["type"] == "tensor"]
-    total = {"tensors": len(tensors), "tensor_bytes": sum(d["bytes"] for d in tensors), "values": len(leaves) - len(tensors)}
+    stored = [d for d in tensors if "tied_to" not in d]  # a tied tensor is stored (and counted) once
+    total = {"tensors": len(stored), "tensor_bytes": sum(d["bytes"] for d in stored), "tied_keys": len(tied),
+             "values": len(leaves) - len(tensors)}  # fmt: skip
     if args.json:
         print(json.dumps({"path": args.path, "format": man.layout, "ranks": man.world_size, "rank": args.rank,
                           "keys": dict(leaves), "totals": total}, indent=1))  # fmt: skip
@@ -154,11 +208,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     rows = []
     for k, d in leaves:
         if d["type"] == "tensor":
-            rows.append([k, d["dtype"], str(d["shape"]), _human(d["bytes"])])
+            size = f"(tied to {d['tied_to']})" if "tied_to" in d else _human(d["bytes"])
+            rows.append([k, d["dtype"], str(d["shape"]), size])
         else:
             rows.append([k, d["type"], d["value"], ""])
     print(_table(rows, ["key", "dtype/type", "shape/value", "bytes"]))
-    print(f"total: {total['tensors']} tensors, {_human(total['tensor_bytes'])}; {total['values']} plain values")
+    ties = f"; {len(tied)} tied key{'s' if len(tied) > 1 else ''} (same tensor as another key)" if tied else ""
+    print(f"total: {total['tensors']} tensors, {_human(total['tensor_bytes'])}{ties}; {total['values']} plain values")
     return 0
 
 
@@ -168,6 +224,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_checkpoint
 
+    _check_checkpoint(args.path)
     bar = None
     if not args.json and sys.stderr.isatty():
         from tqdm import tqdm  # type: ignore[import-untyped]
@@ -230,6 +287,8 @@ def _compare(a: Any, b: Any) -> dict[str, Any] | None:
 def cmd_diff(args: argparse.Namespace) -> int:
     from .tools import iter_nodes, open_lazy
 
+    _check_checkpoint(args.a)
+    _check_checkpoint(args.b)
     with open_lazy(args.a, args.rank) as (_, sa), open_lazy(args.b, args.rank) as (_, sb):
         la, lb = dict(iter_nodes(sa)), dict(iter_nodes(sb))  # containers too: structure and key types count
         added = sorted(lb.keys() - la.keys())
@@ -263,62 +322,118 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .tools import export
+    from .tools import export, export_path
 
+    _check_checkpoint(args.path)
     n = export(args.path, args.out, fmt=args.format, rank=args.rank)
-    print(f"wrote {args.out} ({_human(n)}, {args.format})")
+    print(f"wrote {export_path(args.path, args.out, args.format)} ({_human(n)}, {args.format})")
     return 0
+
+
+def _keep_last(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise _UsageError(
+            f"gc: --keep-last must be a whole number of at least 1 (the newest step is always kept), got {value!r}"
+        )
+    return n
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .manager import CheckpointManager
+    from .prune import plan_prune, prune
     from .retention import KeepLast
 
-    if not os.path.isdir(args.root):
-        raise _UsageError(f"{args.root}: not a directory")  # and not one to create
-    mgr = CheckpointManager(args.root, keep=[KeepLast(args.keep_last)], async_save=False)
-    try:
-        steps = mgr.apply_retention(dry_run=args.dry_run)
-    finally:
-        mgr.close()
-    verb = "would delete" if args.dry_run else "deleted"
-    print(f"{verb} {len(steps)} step(s): {steps}" if steps else "nothing to delete")
-    return 0
+    keep_last = _keep_last(args.keep_last)
+    _check_root(args.root)
+    plan = plan_prune(args.root, [KeepLast(keep_last)])
+    if plan.empty():
+        print("nothing to delete")
+        return 0
+    if args.dry_run:
+        steps, leftovers, kept = [c.step for c in plan.steps], plan.leftovers, plan.kept
+        if steps:
+            print(f"would delete {len(steps)} step(s): {steps}")
+        _print_leftovers("would delete", leftovers, kept)
+        return 0
+    result = prune(plan)
+    if plan.steps:
+        failed = f"; could not delete {len(result.failed_steps)}: {result.failed_steps}" if result.failed_steps else ""
+        print(f"deleted {len(result.steps)} step(s): {result.steps}{failed}")
+    _print_leftovers("deleted", result.leftovers, result.kept)
+    sys.stdout.flush()
+    for path, e in result.failures:
+        print(f"torchckpt: could not delete {path}: [Errno {e.errno}] {e.strerror}", file=sys.stderr)
+    return 1 if result.failures else 0
 
 
-def _parser() -> _Parser:
+def _print_leftovers(verb: str, leftovers: list[str], kept: list[tuple[str, str]]) -> None:
+    if leftovers:
+        print(f"{verb} {len(leftovers)} leftover(s) of interrupted saves and deletes:")
+        for path in leftovers:
+            print(f"  {path}")
+    for path, why in kept:
+        print(f"kept {path}: {why}")
+
+
+_JSON_HELP = "print JSON (errors too: {\"ok\": false, \"error\": {...}}, same exit codes)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's argument parser (every subcommand and argument with its help)."""
     p = _Parser(prog="torchckpt", description="Inspect and manage torchckpt checkpoints.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    s = sub.add_parser("ls", help="list the steps under a root")
-    s.add_argument("root")
-    s.add_argument("--verify", action="store_true", help="also verify every checksum")
-    s.add_argument("--json", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    s = sub.add_parser("ls", help="list the steps under a root", description="List the steps of a CheckpointManager.")
+    s.add_argument("root", metavar="ROOT", help="a CheckpointManager's root directory (holding step_* directories)")
+    s.add_argument("--verify", action="store_true", help="also verify every checksum of every step (reads all data)")
+    s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_ls)
-    s = sub.add_parser("inspect", help="the keys of a checkpoint")
-    s.add_argument("path")
-    s.add_argument("--rank", type=int, default=0)
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("inspect", help="the keys of a checkpoint", description="Show the keys of one checkpoint.")
+    s.add_argument("path", metavar="PATH", help="one checkpoint directory (a step's, not a manager's root)")
+    s.add_argument("--rank", type=int, default=0, help="whose part to show, for a checkpoint of several ranks (0)")
+    s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser("verify", help="check every size and checksum")
-    s.add_argument("path")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("verify", help="check every size and checksum", description="Verify one checkpoint.")
+    s.add_argument("path", metavar="PATH", help="one checkpoint directory; exit 1 naming each bad file and key")
+    s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_verify)
-    s = sub.add_parser("diff", help="compare two checkpoints")
-    s.add_argument("a")
-    s.add_argument("b")
-    s.add_argument("--rank", type=int, default=0)
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("diff", help="compare two checkpoints", description="Compare two checkpoints (exit 1: differ).")
+    s.add_argument("a", metavar="A", help="the first checkpoint directory")
+    s.add_argument("b", metavar="B", help="the second checkpoint directory")
+    s.add_argument("--rank", type=int, default=0, help="whose parts to compare, for checkpoints of several ranks (0)")
+    s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_diff)
-    s = sub.add_parser("export", help="write one rank's state as one file")
-    s.add_argument("path")
-    s.add_argument("out")
-    s.add_argument("--format", choices=["safetensors", "torch"], required=True)
-    s.add_argument("--rank", type=int, default=0)
+    s = sub.add_parser(
+        "export",
+        help="write one rank's state as one file",
+        description="Write one rank's state as one file, streamed; it appears complete or not at all.",
+    )
+    s.add_argument("path", metavar="PATH", help="the checkpoint directory to export")
+    s.add_argument(
+        "out",
+        metavar="OUT",
+        help="the file to write (replaced if it exists); an existing directory: the file goes inside it, "
+        "named after PATH (PATH.safetensors or PATH.pt), as cp does",
+    )
+    s.add_argument(
+        "--format",
+        choices=["safetensors", "torch"],
+        required=True,
+        help="safetensors: every key loads with safetensors (a tied key as its own copy); torch: for torch.load",
+    )
+    s.add_argument("--rank", type=int, default=0, help="whose part to export, for a checkpoint of several ranks (0)")
     s.set_defaults(fn=cmd_export)
-    s = sub.add_parser("gc", help="delete old steps")
-    s.add_argument("root")
-    s.add_argument("--keep-last", type=int, required=True)
-    s.add_argument("--dry-run", action="store_true")
+    s = sub.add_parser(
+        "gc",
+        help="delete old steps and leftovers",
+        description="Delete old steps of a CheckpointManager and the leftovers of interrupted saves "
+        "(exit 1: a delete failed).",
+    )
+    s.add_argument("root", metavar="ROOT", help="a CheckpointManager's root directory")
+    s.add_argument("--keep-last", required=True, metavar="N", help="keep the N newest steps (N >= 1)")
+    s.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     s.set_defaults(fn=cmd_gc)
     return p
 
@@ -331,18 +446,56 @@ def _refuse_urls(args: argparse.Namespace) -> None:
             local_path(value)
 
 
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, CheckpointIOError) and e.strerror:
+        text = e.strerror  # its str() starts with "[Errno N]", which the message already says in words
+    else:
+        text = str(e)
+    return (text.splitlines() or [type(e).__name__])[0]
+
+
+def _fail(e: BaseException, argv: Sequence[str], args: argparse.Namespace | None) -> int:
+    """Report an error in one line (and as JSON on stdout under --json); return 2."""
+    message = _error_text(e)
+    if "--json" in argv:
+        kind = "UsageError" if isinstance(e, _UsageError) else type(e).__name__
+        doc: dict[str, Any] = {"ok": False, "error": {"type": kind, "message": message}}
+        if args is not None and args.command == "verify":
+            doc = {"path": args.path, "ok": False, "problems": [], "error": doc["error"]}
+        _print_quietly(json.dumps(doc, indent=1))
+    print(f"torchckpt: {message}", file=sys.stderr)
+    return 2
+
+
+def _print_quietly(text: str) -> None:
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: the reader went away, and the exit must not complain about it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = None
     try:
-        args = _parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
         _refuse_urls(args)
-        return int(args.fn(args))
-    except _UsageError as e:
-        print(f"torchckpt: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, OSError, ValueError) as e:
-        print(f"torchckpt: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        code = int(args.fn(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return _EXIT_BROKEN_PIPE
+    except (_UsageError, CheckpointError, OSError, ValueError) as e:
+        return _fail(e, argv, args)
     except KeyboardInterrupt:
         return 130
-

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import mmap
 import os
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,17 +17,22 @@ from typing import Any
 import torch
 
 from .checkpoint_reader import _open_checkpoint_dir, _open_in, _read_manifest_fd
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
 from .format.dtypes import dtype_from_name
 from .format.manifest import Layout, Manifest, RankEntry
 from .format.native import plan_rank_file, write_rank_file
 from .format.native_read import check_header
 from .format.torch_save import file_digest, unpickle_rank_file
-from .format.tree import flatten, join_key, unflatten
+from .format.tree import Flattened, flatten, join_key, unflatten
 from .storage.io import CHUNK_BYTES, checksum
 from .storage.paths import local_path
 
-__all__ = ["Container", "export", "iter_leaves", "iter_nodes", "open_lazy"]
+__all__ = ["Container", "export", "export_path", "iter_leaves", "iter_nodes", "open_lazy", "tied_keys"]
 
 
 @contextmanager
@@ -152,6 +161,38 @@ def iter_nodes(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
                 yield from iter_nodes(v, f"{prefix}[{i}]" if prefix else f"[{i}]")
     else:
         yield prefix or "[root]", obj
+def _ties(state: Any) -> Iterator[tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """``(key, tensor, earlier key, earlier tensor)`` for every key tied to an earlier one."""
+    first: dict[tuple[Any, ...], tuple[str, torch.Tensor]] = {}
+    for key, value in iter_leaves(state):
+        if not isinstance(value, torch.Tensor) or value.is_meta or value.numel() == 0:
+            continue
+        same = (value.device, value.data_ptr(), value.shape, value.stride(), value.dtype)
+        if same in first:
+            yield (key, value, *first[same])
+        else:
+            first[same] = (key, value)
+
+
+def tied_keys(state: Any) -> dict[str, str]:
+    """Keys whose tensor is the same tensor as an earlier key's (tied weights): ``{key: earlier key}``.
+
+    The same tensor means the same memory, shape, strides and dtype, which is
+    what a checkpoint stores once.
+    """
+    return {key: earlier for key, _, earlier, _ in _ties(state)}
+
+
+def export_path(path: str, out: str, fmt: str) -> str:
+    """The file :func:`export` writes: ``out``, or inside it when it is a directory (as ``cp`` does).
+
+    Inside a directory the file is named after the checkpoint directory:
+    ``<name>.safetensors`` or ``<name>.pt``.
+    """
+    if os.path.isdir(out):
+        name = os.path.basename(os.path.normpath(os.path.abspath(path)))
+        return os.path.join(out, name + (".safetensors" if fmt == "safetensors" else ".pt"))
+    return out
 
 
 def export(path: str, out: str, *, fmt: str, rank: int = 0) -> int:
@@ -159,38 +200,91 @@ def export(path: str, out: str, *, fmt: str, rank: int = 0) -> int:
 
     ``fmt="safetensors"``: a safetensors file (tensors under their key paths;
     the structure and plain values in ``__metadata__["torchckpt_tree"]``).
-    ``fmt="torch"``: a file for ``torch.load``. Tensors stream from the
-    checkpoint file (mapped, not copied), so memory does not grow with its size.
+    A tied key (the same tensor as an earlier key) is written as its own
+    copy, so that every key loads with ``safetensors.torch.load_file``;
+    ``__metadata__["torchckpt_tied"]`` maps each such key to the key it is
+    tied to. ``fmt="torch"``: a file for ``torch.load`` (ties kept).
+    Tensors stream from the checkpoint file (mapped, not copied), so memory
+    does not grow with its size.
+
+    ``out`` may be an existing directory: the file goes inside it (see
+    :func:`export_path`). The file appears complete or not at all: it is
+    written to a temporary name beside it, removed on any failure.
 
     Returns:
         The number of bytes written.
-    """
-    import json
 
+    Raises:
+        CheckpointIOError: Writing failed (names the file and the errno).
+    """
     out = local_path(out)
+    if fmt not in ("safetensors", "torch"):
+        raise ValueError(f"unknown export format {fmt!r} (safetensors or torch)")
     with open_lazy(path, rank) as (_manifest, state):
-        directory, name = os.path.split(os.path.abspath(out))
-        tmp = os.path.join(directory, f".{name}.tmp")
-        if fmt == "torch":
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-        elif fmt == "safetensors":
-            flat = flatten(state, allow_pickle=False)
-            tree = json.dumps(flat.tree, separators=(",", ":"))
-            plan = plan_rank_file(flat, rank=rank, metadata={"torchckpt_tree": tree})
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        target = export_path(path, out, fmt)
+        directory, name = os.path.split(os.path.abspath(target))
+        if os.path.isdir(target):
+            raise CheckpointIOError(
+                f"cannot export to {target}: it is a directory", errno=errno.EISDIR, path=target, operation="export"
+            )
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise _export_error(target, e) from e
+        try:
             try:
-                write_rank_file(fd, plan, threads=2)
+                _write_export(fd, state, fmt=fmt, rank=rank)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        else:
-            raise ValueError(f"unknown export format {fmt!r} (safetensors or torch)")
-        os.rename(tmp, out)
-        _fsync_parent(out)
-        return os.path.getsize(out)
+            os.rename(tmp, target)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(e, (OSError, RuntimeError)):
+                raise _export_error(target, e) from e
+            raise
+        _fsync_parent(target)
+        return os.path.getsize(target)
+
+
+def _write_export(fd: int, state: Any, *, fmt: str, rank: int) -> None:
+    if fmt == "torch":
+        with os.fdopen(os.dup(fd), "wb") as f:
+            torch.save(state, f)
+        return
+    flat = flatten(state, allow_pickle=False)
+    ties = list(_ties(state))
+    meta = {"torchckpt_tree": json.dumps(flat.tree, separators=(",", ":"))}
+    if ties:
+        stored = {id(t): n for t, n in zip(flat.tensors, flat.names)}
+        used = set(flat.names)
+        flat = Flattened(tree=flat.tree, tensors=list(flat.tensors), names=list(flat.names))
+        tied: dict[str, str] = {}
+        for key, tensor, earlier, earlier_tensor in ties:
+            alias, n = key, 2
+            while alias in used:
+                alias, n = f"{key}#{n}", n + 1
+            used.add(alias)
+            flat.tensors.append(tensor)  # its own copy: safetensors readers have no ties
+            flat.names.append(alias)
+            tied[alias] = stored.get(id(earlier_tensor), earlier)
+        meta["torchckpt_tied"] = json.dumps(tied, separators=(",", ":"))
+    write_rank_file(fd, plan_rank_file(flat, rank=rank, metadata=meta), threads=2)
+
+
+def _export_error(target: str, e: BaseException) -> CheckpointIOError:
+    """The error of a failed export, naming the user's file (torch.save wraps an OSError in a RuntimeError)."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return CheckpointIOError(
+            f"cannot export to {target}: [Errno {cause.errno}] {cause.strerror}",
+            errno=cause.errno, path=target, operation="export",
+        )  # fmt: skip
+    return CheckpointIOError(f"cannot export to {target}: {e}", path=target, operation="export")
 
 
 def _fsync_parent(path: str) -> None:

@@ -43,7 +43,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from ..errors import CheckpointIOError
 from . import fs
@@ -59,6 +59,7 @@ __all__ = [
     "open_dir",
     "previous_generation",
     "restore_interrupted_swaps",
+    "save_lock_if_free",
     "write_file_durably",
 ]
 
@@ -442,3 +443,25 @@ def _listdir(path: str, *, quiet: bool = False) -> Iterable[str]:
         if quiet:
             return []
         raise
+
+
+@contextlib.contextmanager
+def save_lock_if_free(parent: str) -> Iterator[bool]:
+    """Hold the lock that saves into ``parent`` take, for the block, if no save holds it now.
+
+    Yields whether it is held: while it is, no save into ``parent`` is running
+    in any process (their pending directories are leftovers), and none starts.
+
+    Raises:
+        OSError: The lock file cannot be opened (``parent`` missing, read-only and without one...).
+    """
+    fd = os.open(os.path.join(parent, _LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
