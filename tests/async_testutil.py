@@ -1,10 +1,11 @@
 """Helpers of the async tests that run inside the writer subprocess.
 
-The writer subprocess is started with ``spawn``: everything handed to it
-(subprocess init functions, writer init functions, hooks, exceptions) must be
-importable by name there. ``tests/`` is on ``sys.path`` in the test process
-(``conftest.py`` puts it there) and ``spawn`` hands the parent's ``sys.path``
-to the child, so this module is importable as ``async_testutil`` in both.
+The writer subprocess does not import the test runner's ``__main__``:
+everything handed to it (subprocess init functions, writer init functions,
+hooks, exceptions) must be importable by name there. ``tests/`` is on
+``sys.path`` in the test process (``conftest.py`` puts it there) and the
+writer gets the parent's ``sys.path``, so this module is importable as
+``async_testutil`` in both.
 
 Delays are *armed* by a file: they apply only while ``arm_file`` exists, so
 that the same writer serves a normal save, then a save that hangs where the

@@ -19,8 +19,10 @@ import time
 
 import async_testutil as at
 import pytest
+import torch
 
 import torchckpt as tc
+from torchckpt.errors import WriterProcessError
 
 SCRIPT_TIMEOUT_S = 240
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(tc.__file__)))
@@ -30,6 +32,7 @@ MANAGER_SCRIPT = """
 import os, sys, time
 import torch
 import torchckpt as tc
+from torchckpt.errors import WriterProcessError
 
 if __name__ == "__main__":  # (not needed any more; kept so that this tests only the interrupt)
     with tc.CheckpointManager(sys.argv[1], format="torch_save") as mgr:
@@ -43,6 +46,7 @@ PLAIN_SCRIPT = """
 import os, sys, time
 import torch
 import torchckpt as tc
+from torchckpt.errors import WriterProcessError
 
 if __name__ == "__main__":
     ckpt = tc.make_async_checkpointer()
@@ -122,3 +126,46 @@ def test_a_clean_run_prints_nothing_on_stderr(tmp_path, kind: str) -> None:
     assert stderr == ""
     assert stdout == ""
     assert at.process_state(writer) in (None, "Z")
+
+
+def _hanging_checkpointer(tmp_path) -> tuple[tc.AsyncCheckpointer, str]:
+    """An async checkpointer whose writes hang (until killed) once they have started; and the file that says so."""
+    arm, reached = tmp_path / "arm", tmp_path / "reached"
+    arm.touch()
+    ckpt = tc.make_async_checkpointer(
+        rank_info=tc.RankInfo(0, 1),
+        checkpoint_writer_init_fn=at.slow_writer_init,
+        checkpoint_writer_init_args={"arm_file": str(arm), "reached_file": str(reached)},
+    )
+    return ckpt, str(reached)
+
+
+def _kill_the_writer_mid_write(ckpt: tc.AsyncCheckpointer, reached: str) -> None:
+    child = ckpt._checkpoint_process.process.processes[0]
+    at.wait_for_file(reached, SCRIPT_TIMEOUT_S, child.is_alive)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+
+
+@pytest.mark.parametrize("owner", ["manager", "checkpointer"])
+def test_a_failed_save_does_not_replace_the_exception_leaving_the_block(tmp_path, caplog, owner: str) -> None:
+    """Leaving a ``with`` block on an exception: the save's own failure is logged, the exception propagates."""
+    ckpt, reached = _hanging_checkpointer(tmp_path)
+    manager = tc.CheckpointManager(tmp_path / "root", checkpointer=ckpt)
+    block = manager if owner == "manager" else ckpt
+    with pytest.raises(KeyError, match="the user's own error"), block:
+        if owner == "manager":
+            manager.save(1, {"w": torch.ones(4)})
+        else:
+            ckpt.save(str(tmp_path / "root" / "x"), {"w": torch.ones(4)})
+        _kill_the_writer_mid_write(ckpt, reached)  # the save fails with WriterProcessError
+        raise KeyError("the user's own error")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "KeyError" in r.getMessage()]
+    assert len(warnings) == 1 and "Child process terminated unexpectedly" in warnings[0], warnings
+    assert not ckpt._checkpoint_process.process.processes[0].is_alive()
+    # Without an exception in flight, close() still raises the failure.
+    (tmp_path / "other").mkdir()
+    other, reached = _hanging_checkpointer(tmp_path / "other")
+    with pytest.raises(WriterProcessError, match="Child process terminated unexpectedly"), other:
+        other.save(str(tmp_path / "y"), {"w": torch.ones(4)})
+        _kill_the_writer_mid_write(other, reached)
