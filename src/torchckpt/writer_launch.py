@@ -44,8 +44,12 @@ __all__ = ["WriterChild", "WriterProcesses", "names_from_main", "main_preparatio
 
 logger = logging.getLogger(__name__)
 
-#: Runs in the writer: makes torchckpt importable where the training process found it, then starts.
-_BOOT = "import sys; sys.path.insert(0, {root!r}); from torchckpt.writer_subprocess import main; main()"
+#: Runs in the writer: ignores SIGINT from the first instant (importing torch takes seconds), makes
+#: torchckpt importable where the training process found it, then starts.
+_BOOT = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); sys.path.insert(0, {root!r}); "
+    "from torchckpt.writer_subprocess import main; main()"
+)
 
 
 class _Discard:

@@ -133,6 +133,36 @@ def test_writer_code_in_a_guarded_script_is_imported_by_the_writer(tmp_path) -> 
     assert (tmp_path / "init-ran").read_text().isdigit()
 
 
+def test_a_save_holding_a_class_of_the_script_restarts_the_writer_with_the_script(tmp_path) -> None:
+    """A pickled value whose class is defined in ``__main__``: the writer is replaced by one that imports the script."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    result = run_script(
+        tmp_path,
+        f"""
+        import torch
+        import torchckpt as tc
+
+        class Note:
+            def __init__(self, text):
+                self.text = text
+
+        if __name__ == "__main__":
+            config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(allow_pickle=True))
+            ckpt = tc.make_async_checkpointer(config, rank_info=tc.RankInfo(0, 1))
+            ckpt.save({first!r}, {{"w": torch.ones(2)}})[1].result(timeout=120)
+            before = ckpt._checkpoint_process.process.processes[0].pid
+            ckpt.save({second!r}, {{"w": torch.ones(2), "note": Note("kept")}})[1].result(timeout=120)
+            after = ckpt._checkpoint_process.process.processes[0].pid
+            loaded = ckpt.load({second!r})
+            assert type(loaded["note"]).__name__ == "Note" and loaded["note"].text == "kept", loaded
+            ckpt.close()
+            print("MARKER", before != after, flush=True)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "MARKER True\n"
+
+
 def test_writer_code_in_a_script_without_guard_fails_with_a_clear_message(tmp_path) -> None:
     """The writer would re-run the script (which saves again): refused, and said why, instead of a hang."""
     result = run_script(
