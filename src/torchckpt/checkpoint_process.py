@@ -37,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from .checkpoint_writer import SAVE_NUMBER_KWARG, STATS_KWARG, CheckpointWriter
@@ -172,6 +173,7 @@ class CheckpointProcess:
                 "the checkpoint writer subprocess imports the training script (__main__) for %s defined there",
                 ", ".join(from_main),
             )
+        init_bytes = ForkingPickler.dumps(init)  # a pickling error is raised here, before any process starts
         self._parent_end, child_end = multiprocessing.Pipe()
         self._broken = False
         # Known workaround for https://github.com/pytorch/pytorch/issues/37377
@@ -181,7 +183,7 @@ class CheckpointProcess:
         logger.info("started checkpoint writer subprocess pid %d for rank %d", proc.pid, self._rank_info.global_rank)
         try:
             self._parent_end.send(start_message(self._import_main))
-            self._parent_end.send(init)
+            self._parent_end.send_bytes(init_bytes)
             self._parent_end.send(WorkerRequest(RequestType.PING, {}))
         except OSError as e:  # it died before reading them
             proc.join(timeout=5)
