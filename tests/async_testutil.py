@@ -1,10 +1,11 @@
 """Helpers of the async tests that run inside the writer subprocess.
 
-The writer subprocess is started with ``spawn``: everything handed to it
-(subprocess init functions, writer init functions, hooks, exceptions) must be
-importable by name there. ``tests/`` is on ``sys.path`` in the test process
-(``conftest.py`` puts it there) and ``spawn`` hands the parent's ``sys.path``
-to the child, so this module is importable as ``async_testutil`` in both.
+The writer subprocess does not import the test runner's ``__main__``:
+everything handed to it (subprocess init functions, writer init functions,
+hooks, exceptions) must be importable by name there. ``tests/`` is on
+``sys.path`` in the test process (``conftest.py`` puts it there) and the
+writer gets the parent's ``sys.path``, so this module is importable as
+``async_testutil`` in both.
 
 Delays are *armed* by a file: they apply only while ``arm_file`` exists, so
 that the same writer serves a normal save, then a save that hangs where the
@@ -224,3 +225,72 @@ def step_hook_writer_init(
     """``checkpoint_writer_init_fn`` building a writer with a :class:`StepHook`."""
     config = config or tc.CheckpointWriterConfig()
     return tc.CheckpointWriter(config=config, rank_info=rank_info, commit_hook=StepHook())
+# -- subprocess_init_fn helpers of the writer start tests ---------------------
+
+
+def exit_now(code: int) -> None:
+    """``subprocess_init_fn``: the writer exits with ``code`` while starting."""
+    os._exit(code)
+
+
+def kill_self(signum: int) -> None:
+    """``subprocess_init_fn``: the writer kills itself with ``signum`` while starting."""
+    os.kill(os.getpid(), signum)
+    time.sleep(HANG_S)
+
+
+def record_start(out_file: str, parent_pid: int) -> None:
+    """``subprocess_init_fn``: write down how the writer was started (as JSON in ``out_file``).
+
+    Also checks, as the reference's own tests do, that it is a direct child of ``parent_pid``.
+    """
+    import json
+    import multiprocessing
+    import signal
+    import sys
+
+    assert os.getpid() != parent_pid and os.getppid() == parent_pid, (os.getpid(), os.getppid(), parent_pid)
+    main = sys.modules["__main__"]
+    facts = {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "sid": os.getsid(0),
+        "pgid": os.getpgid(0),
+        "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+        "main_file": getattr(main, "__file__", None),
+        "main_name": getattr(getattr(main, "__spec__", None), "name", None),
+        "authkey": multiprocessing.current_process().authkey.hex(),
+        "cwd": os.getcwd(),
+        "cmdline": Path(f"/proc/{os.getpid()}/cmdline").read_bytes().hex(),
+        "environ": Path(f"/proc/{os.getpid()}/environ").read_bytes().hex(),
+    }
+    import torch.multiprocessing
+
+    facts["sharing_strategy"] = torch.multiprocessing.get_sharing_strategy()
+    Path(out_file).write_text(json.dumps(facts))
+
+
+class MarkingWriter(tc.CheckpointWriter):
+    """A writer that checks how tensors arrive and marks the shared one (the reference's shared-memory test)."""
+
+    def __init__(self, *args: Any, out_file: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.out_file = out_file
+
+    def write(self, path: str, state_dict: Any, **kwargs: Any) -> None:
+        import json
+
+        state_dict["shared"][0] = 42.0  # the parent sees it: the same memory
+        facts = {k: bool(v.is_shared()) for k, v in state_dict.items() if hasattr(v, "is_shared")}
+        facts["kwargs"] = sorted(kwargs)
+        Path(self.out_file).write_text(json.dumps(facts))
+
+
+def marking_writer_init(rank_info: tc.RankInfo, out_file: str) -> MarkingWriter:
+    """``checkpoint_writer_init_fn`` building a :class:`MarkingWriter`."""
+    return MarkingWriter(config=tc.CheckpointWriterConfig(), rank_info=rank_info, out_file=out_file)
+
+
+def fail_start(message: str) -> None:
+    """``subprocess_init_fn``: the writer's initialisation raises ``RuntimeError(message)``."""
+    raise RuntimeError(message)

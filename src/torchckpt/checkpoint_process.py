@@ -1,47 +1,64 @@
 """The writer subprocess: writes staged checkpoints in the background.
 
-One persistent subprocess per rank (``spawn`` start method) runs the
-``CheckpointWriter``. Tensors cross to it through shared memory, never as
-bytes through the pipe: the request is pickled with torch's multiprocessing
-reductions, which pass a shared storage's file descriptor (a staged state dict
-lives in one shared arena, :mod:`torchckpt.shm`) and move any other tensor into
-shared memory first. The subprocess keeps the last mapping, so a reused arena
-is not mapped again. Every wait has a limit: the subprocess start
-(``subprocess_init_timeout_secs``), each write (``write_timeout_secs``), and
-the shutdown (``subprocess_shutdown_timeout_secs``, then it is killed). A
+One persistent subprocess per rank runs the ``CheckpointWriter``. It is a
+fresh interpreter started from torchckpt's own entry point
+(:mod:`torchckpt.writer_launch`, :mod:`torchckpt.writer_subprocess`), a direct
+child of the training process, not a ``multiprocessing`` ``spawn`` child: it
+does not re-run the training script, so a script without an
+``if __name__ == "__main__":`` guard works, also under ``torchrun``. The
+script is imported in the writer (as ``spawn`` would) only when the init
+functions, their arguments or a request refer to something defined in it;
+that is logged, and such a script needs the guard.
+
+Tensors cross to the writer through shared memory, never as bytes through the
+pipe: the request is pickled with torch's multiprocessing reductions, which
+pass a shared storage's file descriptor (a staged state dict lives in one
+shared arena, :mod:`torchckpt.shm`) and move any other tensor into shared
+memory first. The subprocess keeps the last mapping, so a reused arena is not
+mapped again. Every wait has a limit: the subprocess start
+(``subprocess_init_timeout_secs``; a writer that dies while starting fails it
+at once, naming its exit code or signal), each write (``write_timeout_secs``),
+and the shutdown (``subprocess_shutdown_timeout_secs``, then it is killed). A
 writer that dies fails its pending write at once, naming its pid and exit
 status, and the next write starts a fresh one. The subprocess watches its
-parent and exits when the training process is gone.
+parent and exits when the training process is gone. It runs in its own
+session and ignores SIGINT: a Ctrl-C interrupts the training process only,
+which then stops the writer (``close``) or leaves it to finish a commit.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
-import threading
 import time
-import traceback
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass
-from enum import Enum
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-import torch
-import torch.multiprocessing as mp
-
 from .checkpoint_writer import SAVE_NUMBER_KWARG, STATS_KWARG, CheckpointWriter
-from .errors import CheckpointError, ConfigError, WriterProcessError
+from .errors import ConfigError, WriterProcessError
 from .types import STATE_DICT, RankInfo
+from .writer_launch import WriterProcesses, names_from_main, start_message, start_writer
+from .writer_subprocess import (
+    RequestType,
+    WorkerRequest,
+    WorkerResponse,
+    WriterLoop,
+    in_writer_subprocess,
+    watch_parent,
+)
 
 __all__ = ["CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse"]
 
 logger = logging.getLogger(__name__)
 
 _DIED = "Child process terminated unexpectedly"
+_WHERE = "the writer's own messages, if any, are on this process's standard error"
 
 
 @dataclass(frozen=True)
@@ -68,32 +85,6 @@ class CheckpointProcessConfig:
                 raise ConfigError(f"CheckpointProcessConfig.{name} must be > 0, got {value}", field=name)
 
 
-class RequestType(Enum):
-    """Kinds of message to the writer subprocess."""
-
-    PING = "ping"
-    WRITE_CHECKPOINT = "write_checkpoint"
-    TERMINATE_PROCESS = "exit"
-
-
-@dataclass
-class WorkerRequest:
-    """A message to the writer subprocess (sent pickled over the private pipe)."""
-
-    request_type: RequestType
-    payload: dict[str, Any]
-
-
-@dataclass
-class WorkerResponse:
-    """The writer subprocess's answer."""
-
-    request_type: RequestType
-    success: bool
-    error_msg: str | None = None
-    payload: dict[str, Any] | None = None
-
-
 class _RemoteTraceback(Exception):
     def __init__(self, tb: str) -> None:
         super().__init__(tb)
@@ -114,6 +105,12 @@ def _describe_exit(proc: Any) -> str:
             name = f"signal {-code}"
         return f"writer subprocess (pid {proc.pid}) was killed by {name}"
     return f"writer subprocess (pid {proc.pid}) exited with code {code}"
+
+
+def _died(proc: Any, during: str, cause: str = "") -> str:
+    """The message of a writer that died ``during`` a start or a write."""
+    where = f"; {_WHERE}" if during == "start" else ""
+    return f"{_DIED}: {_describe_exit(proc)} during {during}{cause}{where}"
 
 
 class CheckpointProcess:
@@ -145,7 +142,9 @@ class CheckpointProcess:
         self._subprocess_init_args = subprocess_init_args
         self._checkpoint_writer_init_fn = checkpoint_writer_init_fn
         self._checkpoint_writer_init_args = dict(checkpoint_writer_init_args or {})
-        self.process: Any = None
+        # Whether the writer imports the training script: only once something it needs is defined there.
+        self._import_main = False
+        self.process: WriterProcesses | None = None
         self._parent_end: Connection | None = None
         self._broken = False
         self._closed = False
@@ -155,31 +154,43 @@ class CheckpointProcess:
     # -- lifecycle -------------------------------------------------------
 
     def _create_subprocess(self, config: CheckpointProcessConfig) -> None:
-        ctx = mp.get_context("spawn")
-        self._parent_end, child_end = ctx.Pipe()
+        if in_writer_subprocess():
+            raise RuntimeError(
+                "a checkpoint writer subprocess tried to start another one: it imported the training script "
+                "(the writer's init functions or arguments are defined in it), and the script starts saving when "
+                'imported. Put the script\'s code under `if __name__ == "__main__":`, or define those functions '
+                "in an importable module"
+            )
+        init = {
+            "rank_info": self._rank_info,
+            "init_fn": self._subprocess_init_fn,
+            "init_args": self._subprocess_init_args,
+            "writer_init_fn": self._checkpoint_writer_init_fn,
+            "writer_init_args": self._checkpoint_writer_init_args,
+        }
+        from_main = names_from_main(init)
+        if from_main:
+            self._import_main = True
+            logger.info(
+                "the checkpoint writer subprocess imports the training script (__main__) for %s defined there",
+                ", ".join(from_main),
+            )
+        init_bytes = ForkingPickler.dumps(init)  # a pickling error is raised here, before any process starts
+        self._parent_end, child_end = multiprocessing.Pipe()
         self._broken = False
         # Known workaround for https://github.com/pytorch/pytorch/issues/37377
         os.environ.setdefault("MKL_SERVICE_FORCE_INTEL", "GNU")
-        self.process = mp.start_processes(
-            CheckpointProcess._subprocess,
-            args=(
-                self._rank_info,
-                child_end,
-                self._subprocess_init_fn,
-                self._subprocess_init_args,
-                self._checkpoint_writer_init_fn,
-                self._checkpoint_writer_init_args,
-                os.getpid(),
-            ),
-            nprocs=1,
-            join=False,
-            daemon=True,
-            start_method="spawn",
-        )
-        child_end.close()  # so a dead child shows as EOF here
+        self.process = start_writer(child_end)
         proc = self.process.processes[0]
         logger.info("started checkpoint writer subprocess pid %d for rank %d", proc.pid, self._rank_info.global_rank)
-        self._send(RequestType.PING, {})
+        try:
+            self._parent_end.send(start_message(self._import_main))
+            self._parent_end.send_bytes(init_bytes)
+            self._parent_end.send(WorkerRequest(RequestType.PING, {}))
+        except OSError as e:  # it died before reading them
+            proc.join(timeout=5)
+            self._broken = True
+            raise WriterProcessError(_died(proc, "start", f" ({e})"), pid=proc.pid, exitcode=proc.exitcode) from e
         timeout = config.subprocess_init_timeout_secs
         if not self._await_response(timeout, during="start"):
             self._kill()
@@ -205,12 +216,14 @@ class CheckpointProcess:
             proc.kill()
         proc.join(timeout=10)
 
-    def _respawn(self) -> None:
+    def _respawn(self, reason: str | None = None) -> None:
         old = self.process.processes[0] if self.process is not None else None
-        logger.warning(
-            "replacing the checkpoint writer subprocess (%s)", _describe_exit(old) if old is not None else "none"
-        )
+        if reason is None:
+            reason = _describe_exit(old) if old is not None else "none"
+        logger.warning("replacing the checkpoint writer subprocess (%s)", reason)
         self._kill()
+        if self.process is not None:
+            self.process.processes[0].close()
         if self._parent_end is not None:
             self._parent_end.close()
         self._create_subprocess(self._config)
@@ -245,9 +258,7 @@ class CheckpointProcess:
             if proc.sentinel in ready:
                 proc.join(timeout=1)
                 self._broken = True
-                raise WriterProcessError(
-                    f"{_DIED}: {_describe_exit(proc)} during {during}", path=path, pid=proc.pid, exitcode=proc.exitcode
-                )
+                raise WriterProcessError(_died(proc, during), path=path, pid=proc.pid, exitcode=proc.exitcode)
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
@@ -262,7 +273,7 @@ class CheckpointProcess:
             proc.join(timeout=1)
             cause = f" ({type(e).__name__}: {e})" if str(e) else ""
             raise WriterProcessError(
-                f"{_DIED}: {_describe_exit(proc)} during {during}{cause}",
+                _died(proc, during, cause),
                 path=path,
                 pid=proc.pid,
                 exitcode=proc.exitcode,
@@ -299,9 +310,16 @@ class CheckpointProcess:
         stats = kwargs.get(STATS_KWARG)
         if isinstance(stats, dict) and "called_at" in stats:
             stats["stall_s"] = time.perf_counter() - stats.pop("called_at")
-        if not self._alive() and not (self._parent_end is not None and self._parent_end.closed):
+        payload = {"state_dict": sd, "path": os.fspath(path), "kwargs": kwargs}
+        from_main = [] if self._import_main else names_from_main(payload)
+        if from_main:
+            # The writer cannot unpickle them without the training script: restart it with the script imported.
+            self._import_main = True
+            self._respawn(f"the save of {path} holds {', '.join(from_main)} from the training script (__main__): "
+                          "the new writer imports the script")  # fmt: skip
+        elif not self._alive() and not (self._parent_end is not None and self._parent_end.closed):
             self._respawn()
-        self._send(RequestType.WRITE_CHECKPOINT, {"state_dict": sd, "path": os.fspath(path), "kwargs": kwargs})
+        self._send(RequestType.WRITE_CHECKPOINT, payload)
         timeout = self._config.write_timeout_secs
         during = f"the write of {path}"
         if not self._await_response(timeout, during=during, path=os.fspath(path)):
@@ -333,6 +351,7 @@ class CheckpointProcess:
                 logger.warning("writer subprocess %d ended with an error: %s", pid, e)
         if self.process is not None:
             self.process.processes[0].join(timeout=10)
+            self.process.processes[0].close()
         if self._parent_end is not None:
             self._parent_end.close()
         logger.debug("checkpoint process closed")
@@ -350,134 +369,10 @@ class CheckpointProcess:
         checkpoint_writer_init_args: dict[str, Any],
         parent_pid: int | None = None,
     ) -> None:
+        """The writer's request loop (run by :func:`torchckpt.writer_subprocess.main` in the writer subprocess)."""
         if parent_pid is not None:
-            _watch_parent(parent_pid)
-        _WriterLoop(
-            rank_info, parent_pipe, subprocess_init_fn, subprocess_init_args,
+            watch_parent(parent_pid)
+        WriterLoop(
+            parent_pipe, rank_info, subprocess_init_fn, subprocess_init_args,
             checkpoint_writer_init_fn, checkpoint_writer_init_args,
         ).run()  # fmt: skip
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Exit when the training process is gone (a killed parent must not leave a writer behind)."""
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(0.2)
-
-    if os.getppid() != parent_pid:
-        os._exit(1)
-    threading.Thread(target=watch, name="torchckpt-parent-watch", daemon=True).start()
-
-
-class _WriterLoop:
-    """The subprocess side: initialise, then serve requests until told to exit."""
-
-    def __init__(
-        self,
-        rank_info: RankInfo,
-        pipe: Connection,
-        init_fn: Callable[..., None],
-        init_args: tuple[Any, ...],
-        writer_init_fn: Callable[..., CheckpointWriter],
-        writer_init_args: dict[str, Any],
-    ) -> None:
-        self.rank_info = rank_info
-        self.pipe = pipe
-        self.init_fn = init_fn
-        self.init_args = init_args
-        self.writer_init_fn = writer_init_fn
-        self.writer_init_args = writer_init_args
-        self.keep_alive: Any = None
-
-    def run(self) -> None:
-        request = WorkerRequest(RequestType.PING, {})
-        try:
-            self.init_fn(*self.init_args)
-            args = dict(self.writer_init_args)
-            args.setdefault("rank_info", self.rank_info)
-            writer = self.writer_init_fn(**args)
-        except Exception as e:  # noqa: BLE001 - reported to the parent
-            self._fail(request, e)
-            return
-        while True:
-            try:
-                request = self.pipe.recv()
-            except (EOFError, OSError):
-                break  # the parent is gone
-            try:
-                if request.request_type == RequestType.PING:
-                    self.pipe.send(WorkerResponse(RequestType.PING, success=True))
-                elif request.request_type == RequestType.WRITE_CHECKPOINT:
-                    self._write(writer, request.payload)
-                    self.pipe.send(WorkerResponse(RequestType.WRITE_CHECKPOINT, success=True))
-                elif request.request_type == RequestType.TERMINATE_PROCESS:
-                    self.pipe.send(WorkerResponse(RequestType.TERMINATE_PROCESS, success=True))
-                    break
-                else:
-                    raise ValueError(f"Unknown request type: {request.request_type}")
-            except Exception as e:  # noqa: BLE001 - reported to the parent; keep serving
-                if not self._fail(request, e):
-                    break
-        writer.close()
-
-    def _fail(self, request: WorkerRequest, e: Exception) -> bool:
-        text = traceback.format_exc()
-        if isinstance(e, CheckpointError):
-            # Expected and self-explaining (it names rank, operation, path): the caller raises it.
-            logger.warning("checkpoint writer subprocess: %s failed: %s", request.request_type.value, e)
-            logger.debug("%s", text)
-        else:
-            logger.error("checkpoint writer subprocess: %s failed: %s", request.request_type.value, text)
-        for payload in ({"error": e}, None):
-            try:
-                self.pipe.send(WorkerResponse(request.request_type, success=False, error_msg=text, payload=payload))
-                return True
-            except Exception:  # noqa: BLE001 - the error itself may not pickle
-                continue
-        return False
-
-    def _write(self, writer: CheckpointWriter, payload: dict[str, Any]) -> None:
-        state_dict = payload["state_dict"]
-        # Keep the previous request's shared storages mapped until this one is
-        # unpickled (done by now): a reused staging arena is then found in
-        # torch's cache of shared storages instead of being mapped again.
-        self.keep_alive = state_dict
-        kwargs = payload["kwargs"]
-        if type(writer).write is not CheckpointWriter.write:
-            # A user's writer gets only the user's keyword arguments.
-            kwargs = {k: v for k, v in kwargs.items() if k not in (STATS_KWARG, SAVE_NUMBER_KWARG)}
-        writer.write(path=payload["path"], state_dict=_own_storages(state_dict), **kwargs)
-
-
-def _own_storages(obj: Any, memo: dict[int, Any] | None = None) -> Any:
-    """``obj`` with every tensor that is a slice of a larger storage (a staging arena) given its own storage.
-
-    Zero-copy: each new storage aliases the tensor's bytes in the arena. Without
-    it, ``torch.save`` would write the whole arena once per checkpoint (padding
-    and stale bytes included) and refuse an arena viewed as several dtypes
-    ("Cannot save multiple tensors or storages that view the same data as
-    different types"). A tensor reached twice (tied) stays one object.
-    """
-    if memo is None:
-        memo = {}
-    if id(obj) in memo:
-        return memo[id(obj)]
-    if isinstance(obj, torch.Tensor):
-        out = obj
-        nbytes = obj.numel() * obj.element_size()
-        storage = obj.untyped_storage()
-        if obj.device.type == "cpu" and nbytes and obj.is_contiguous() and storage.nbytes() != nbytes:
-            start = obj.storage_offset() * obj.element_size()
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage[start : start + nbytes], 0, (nbytes,), (1,))
-            out = raw.view(obj.dtype).view(obj.shape)
-    elif type(obj) in (dict, OrderedDict):
-        out = type(obj)((k, _own_storages(v, memo)) for k, v in obj.items())
-    elif type(obj) in (list, tuple):
-        out = type(obj)(_own_storages(v, memo) for v in obj)
-    else:
-        return obj
-    memo[id(obj)] = out
-    return out

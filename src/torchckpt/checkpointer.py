@@ -89,8 +89,14 @@ class Checkpointer(abc.ABC):
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an exception is leaving the block (a Ctrl-C too): it stays the one raised
+            self.close()
+        except Exception as e:  # noqa: BLE001 - logged: the caller's own exception propagates
+            logger.warning("closing the checkpointer after %s failed: %s", exc_type.__name__, e)
 
 
 class SyncCheckpointer(Checkpointer):

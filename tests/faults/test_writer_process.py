@@ -9,7 +9,6 @@ resident memory is left behind.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -234,8 +233,7 @@ def test_fifty_async_saves_do_not_leak(tmp_path, fmt: str) -> None:
             "shm": at.shm_count(),
             "children": at.writer_children(),
         }
-        assert set(base["children"]) == children_before | {pid}
-        assert pid in [p.pid for p in multiprocessing.active_children()]
+        assert set(base["children"]) == children_before | {pid}  # a direct child, and the only new one
         for step in range(1, 50):
             with torch.no_grad():
                 sd["layer0"].fill_(float(step))
@@ -265,8 +263,7 @@ def test_fifty_async_saves_do_not_leak(tmp_path, fmt: str) -> None:
     finally:
         ckpt.close()
     assert at.process_state(pid) is None
-    assert_no_new_children(children_before)  # before active_children(), which would reap a zombie
-    assert pid not in [p.pid for p in multiprocessing.active_children()]
+    assert_no_new_children(children_before)  # no zombie either
     assert at.shm_count() <= base["shm"]
     assert time.monotonic() - started < 40
 
