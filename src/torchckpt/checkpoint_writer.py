@@ -190,7 +190,7 @@ class CheckpointWriter:
         try:
             local_error: BaseException | None = None
             try:
-                self._check_keywords(path, kwargs)
+                self.check_keywords(path, kwargs, warn_only=True)
                 commit.prepare(coordinator=rank == 0)
                 entry, stats = self._write_rank(commit.pending, state_dict, kwargs.get("allow_pickle"))
                 stats.update(extra_stats)
@@ -240,12 +240,20 @@ class CheckpointWriter:
             stats.get("write_s", 0.0), stats.get("fsync_s", 0.0), _secs(stats.get("commit_s")),
         )  # fmt: skip
 
-    def _check_keywords(self, path: str, kwargs: dict[str, Any]) -> None:
-        """Refuse a keyword that neither torchckpt nor the commit hook takes (see ``keywords.py``)."""
+    def check_keywords(self, path: str, kwargs: dict[str, Any], *, warn_only: bool = False) -> None:
+        """Refuse (or, ``warn_only``, warn about) a keyword that neither torchckpt nor the commit hook takes.
+
+        ``write`` itself only warns, as the reference's writer takes any keyword;
+        ``SyncCheckpointer.save`` calls this first and raises (see ``keywords.py``).
+
+        Raises:
+            TypeError: An unknown keyword (named), unless ``warn_only``.
+        """
         hook = type(self._commit_hook).__name__ if self._commit_hook is not None else None
         check_keywords(
-            kwargs, call="save", path=path, known=WRITE_KEYWORDS, hook_keywords=self._hook_keywords, hook_name=hook
-        )
+            kwargs, call="save", path=path, known=WRITE_KEYWORDS, hook_keywords=self._hook_keywords, hook_name=hook,
+            warn_only=warn_only,
+        )  # fmt: skip
 
     def _store(self) -> Any:
         """The key-value store the ranks agree through: the barrier's, else the process group's."""

@@ -118,6 +118,8 @@ class SyncCheckpointer(Checkpointer):
             CheckpointIOError: The location is read-only or not writable (operation
                 ``"prepare"``, before anything is written), or a write failed.
         """
+        if isinstance(self._writer, CheckpointWriter):
+            self._writer.check_keywords(os.fspath(path), kwargs)
         if isinstance(path, (str, os.PathLike)):
             check_writable(path, rank=_rank_of(self._writer))
         self._writer.write(path, state_dict, **kwargs)

@@ -3,7 +3,10 @@
 ``save(path, state_dict, **kwargs)`` hands its keywords to the writer's commit
 hook, as the reference does; torchckpt itself acts on :data:`WRITE_KEYWORDS`.
 A keyword that neither torchckpt nor the hook takes is a ``TypeError`` naming
-it (a misspelled ``allow_pickle`` must not pass silently). A hook method with
+it when given to a checkpointer's ``save`` or ``load`` (a misspelled
+``allow_pickle`` must not pass silently); given to ``CheckpointWriter.write``
+directly (the reference's low-level API, which accepts any keyword) it is a
+``UserWarning`` naming it. A hook method with
 ``**kwargs`` takes every keyword; one without gets only those it names.
 ``load(path, ..., **kwargs)`` knows :data:`READ_KEYWORDS`.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -60,6 +64,7 @@ def check_keywords(
     known: Collection[str],
     hook_keywords: Collection[str] | None = frozenset(),
     hook_name: str | None = None,
+    warn_only: bool = False,
 ) -> None:
     """Raise ``TypeError`` for a keyword that neither torchckpt nor the hook takes.
 
@@ -70,6 +75,7 @@ def check_keywords(
         known: The keywords torchckpt acts on.
         hook_keywords: The keywords the hook takes; None: any (``**kwargs``).
         hook_name: The hook's class name (None: there is no hook).
+        warn_only: Warn (``UserWarning``) about an unknown keyword instead of raising.
 
     Raises:
         TypeError: An unknown keyword (named, with the nearest known one) or an
@@ -92,7 +98,10 @@ def check_keywords(
             hook = f"the commit hook {hook_name} takes {', '.join(sorted(hook_keywords))}"
         else:
             hook = f"the commit hook {hook_name} takes none"
-        raise TypeError(
+        message = (
             f"{call}() of {path} got an unexpected keyword argument {name!r}{hint}; torchckpt's keywords are "
             f"{', '.join(sorted(known))} and {hook}"
         )
+        if not warn_only:
+            raise TypeError(message)
+        warnings.warn(message + " (ignored)", UserWarning, stacklevel=4)
