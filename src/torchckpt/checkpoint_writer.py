@@ -39,7 +39,7 @@ from .storage.local import DirectoryCommit, write_file_durably
 from .types import STATE_DICT, RankInfo
 from .utils import call_with_stack
 
-__all__ = ["CheckpointFormat", "CheckpointWriter", "CheckpointWriterConfig", "WriterHook"]
+__all__ = ["CheckpointFormat", "CheckpointWriter", "CheckpointWriterConfig", "WriterHook", "check_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,10 +187,12 @@ class CheckpointWriter:
         commit = DirectoryCommit(path, rank=rank, lock_timeout_s=self._config.write_barrier_timeout_secs)
         store = self._store() if world > 1 else None
         stats: dict[str, Any] = {}
+        metadata: dict[str, Any] = {}
         try:
             local_error: BaseException | None = None
             try:
                 self.check_keywords(path, kwargs, warn_only=True)
+                metadata = check_metadata(kwargs.get("metadata"), path)  # before a byte is written
                 commit.prepare(coordinator=rank == 0)
                 entry, stats = self._write_rank(commit.pending, state_dict, kwargs.get("allow_pickle"))
                 stats.update(extra_stats)
@@ -212,7 +214,7 @@ class CheckpointWriter:
                         layout=str(CheckpointFormat(self._config.format).value),
                         ranks=entries,
                         chunk_bytes=CHUNK_BYTES,
-                        metadata=_metadata(kwargs.get("metadata"), path),
+                        metadata=metadata,
                         stats=stats,
                     )
                 commit.commit(manifest)
@@ -323,7 +325,12 @@ def _secs(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}s"
 
 
-def _metadata(metadata: Any, path: str) -> dict[str, Any]:
+def check_metadata(metadata: Any, path: str) -> dict[str, Any]:
+    """The ``metadata`` keyword of a save, checked to be storable in the manifest (plain, finite JSON).
+
+    Raises:
+        ConfigError: It nests too deep, is not JSON (NaN and infinities included) or not a dict.
+    """
     if metadata is None:
         return {}
     too_deep = deepest_key(metadata)  # first: bounded even for a cycle, where JSON would recurse

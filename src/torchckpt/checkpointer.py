@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .checkpoint_reader import CheckpointReader
-from .checkpoint_writer import STATS_KWARG, CheckpointWriter
+from .checkpoint_writer import STATS_KWARG, CheckpointWriter, check_metadata
 from .errors import MissingKeysError
 from .format.tree import STACK_FRAMES_NEEDED
 from .keywords import READ_KEYWORDS, WRITE_KEYWORDS, check_keywords
@@ -202,6 +202,7 @@ class AsyncCheckpointer(Checkpointer):
         check_keywords(
             kwargs, call="save", path=str(path), known=WRITE_KEYWORDS, hook_keywords=self._hook_keywords
         )
+        check_metadata(kwargs.get("metadata"), str(path))  # in the writer it would fail after the copy
         if isinstance(path, (str, os.PathLike)):
             check_writable(path, rank=_rank_of(self._checkpoint_process))
         # Staging walks the state once per level: run it where that fits.

@@ -330,3 +330,22 @@ def test_an_error_nobody_received_is_raised_once(tmp_path: Path) -> None:
         mgr.close()  # never lost
     mgr.close()
     assert mgr.steps() == [2]
+
+
+# -- the checkpointers' own metadata keyword -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_checkpointer_metadata_that_cannot_be_stored_is_refused_before_anything_is_written(tmp_path, mode) -> None:
+    import torchckpt as tc
+    from torchckpt.errors import ConfigError
+
+    path = tmp_path / "ckpt"
+    ckpt = tc.make_sync_checkpointer() if mode == "sync" else tc.make_async_checkpointer()
+    try:
+        with pytest.raises(ConfigError, match=f"metadata of the checkpoint {path} must be JSON-serialisable"):
+            ckpt.save(str(path), {"w": torch.ones(2)}, metadata={"loss": float("nan")})
+        assert not path.exists()
+        assert not [n for n in os.listdir(tmp_path) if "pending" in n]
+    finally:
+        ckpt.close()
