@@ -293,7 +293,8 @@ class CheckpointManager:
                 )
             if inflight is not None:
                 inflight._deliver()  # one save at a time, in order; an error nobody has seen is raised here
-            if not overwrite and os.path.lexists(path):
+            # A link at a step's name is no step: the writer refuses it as a link (never followed).
+            if not overwrite and os.path.lexists(path) and not os.path.islink(path):
                 raise CheckpointExistsError(
                     f"step {step} already exists under {self.root} ({path}); pass overwrite=True to replace it",
                     path=path,
