@@ -16,7 +16,7 @@ from .format.tree import STACK_FRAMES_NEEDED
 from .keywords import READ_KEYWORDS, WRITE_KEYWORDS, check_keywords
 from .storage.writable import check_writable
 from .types import STATE_DICT
-from .utils import call_with_stack, wrap_future
+from .utils import call_with_stack, close_on_exit, wrap_future
 
 __all__ = ["AsyncCheckpointer", "Checkpointer", "SyncCheckpointer"]
 
@@ -90,13 +90,7 @@ class Checkpointer(abc.ABC):
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:  # an exception is leaving the block (a Ctrl-C too): it stays the one raised
-            self.close()
-        except Exception as e:  # noqa: BLE001 - logged: the caller's own exception propagates
-            logger.warning("closing the checkpointer after %s failed: %s", exc_type.__name__, e)
+        close_on_exit(self.close, exc_type, "checkpointer")
 
 
 class SyncCheckpointer(Checkpointer):

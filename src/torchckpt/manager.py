@@ -49,6 +49,7 @@ from .storage import fs
 from .storage.local import make_dirs_durably, restore_interrupted_swaps
 from .storage.paths import local_path
 from .types import RankInfo
+from .utils import close_on_exit
 
 __all__ = ["CheckpointManager", "SaveHandle"]
 
@@ -574,13 +575,7 @@ class CheckpointManager:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:  # an exception is leaving the block (a Ctrl-C too): it stays the one raised
-            self.close()
-        except Exception as e:  # noqa: BLE001 - logged: the caller's own exception propagates
-            logger.warning("closing the checkpoint manager after %s failed: %s", exc_type.__name__, e)
+        close_on_exit(self.close, exc_type, "checkpoint manager")
 
 
 def _current_rank() -> int:

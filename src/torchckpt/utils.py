@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -9,7 +10,9 @@ from concurrent.futures import Future
 from types import FrameType
 from typing import Any, TypeVar
 
-__all__ = ["call_with_stack", "stack_depth", "wrap_future"]
+__all__ = ["call_with_stack", "close_on_exit", "stack_depth", "wrap_future"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -94,3 +97,18 @@ def call_with_stack(frames_needed: int, fn: Callable[..., T], *args: Any, **kwar
     if failure:
         raise failure[0]
     return outcome[0]  # type: ignore[no-any-return]
+
+
+def close_on_exit(close: Callable[[], None], exc_type: type[BaseException] | None, what: str) -> None:
+    """``close()`` at the end of a ``with`` block, never replacing the exception that leaves it.
+
+    With no exception in flight, an error of ``close`` is raised; with one (a
+    Ctrl-C too), it is logged and the caller's own exception propagates.
+    """
+    if exc_type is None:
+        close()
+        return
+    try:
+        close()
+    except Exception as e:  # noqa: BLE001 - logged: the caller's own exception propagates
+        logger.warning("closing the %s after %s failed: %s", what, exc_type.__name__, e)
