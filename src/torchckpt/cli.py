@@ -111,6 +111,13 @@ def _time_text(unix_s: Any) -> str:
         return str(unix_s)
 
 
+def _metrics_of(raw: Any) -> Any:
+    """A step's metrics (non-finite numbers decoded); anything but a dict, as the manifest holds it."""
+    if isinstance(raw, dict):
+        return decode_metrics(raw)
+    return {} if raw is None else raw
+
+
 def _ls_row(step: int, path: str, verify: bool) -> dict[str, Any]:
     try:
         man = read_manifest(path)
@@ -126,7 +133,7 @@ def _ls_row(step: int, path: str, verify: bool) -> dict[str, Any]:
         "format": man.layout,
         "stall_s": man.stats.get("stall_s"),
         "write_s": man.stats.get("write_s"),
-        "metrics": decode_metrics(man.metadata.get("metrics")),
+        "metrics": _metrics_of(man.metadata.get("metrics")),
     }
     if verify:
         from .verify import verify_checkpoint

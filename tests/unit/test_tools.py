@@ -67,16 +67,15 @@ def test_manifests_the_public_api_wrote_always_display(
     tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = str(tmp_path / "run")
-    mgr = tc.CheckpointManager(root, async_save=False)
-    try:
-        for step, when in enumerate(ODD_TIMES):
-            monkeypatch.setattr(manifest_module.time, "time", lambda when=when: when)  # a clock set wrong
-            mgr.save(step, {"w": torch.ones(2)}, metrics=ODD_METRICS)
-    finally:
-        mgr.close()
+    # The manager takes only numbers as metrics; the checkpointers' metadata stores any JSON under "metrics".
+    ck = checkpointer("safetensors")
+    for step, when in enumerate(ODD_TIMES):
+        monkeypatch.setattr(manifest_module.time, "time", lambda when=when: when)  # a clock set wrong
+        path = os.path.join(root, f"step_{step:010d}")
+        ck.save(path, {"w": torch.ones(2)}, metadata={"step": step, "metrics": ODD_METRICS})
     monkeypatch.undo()
     odd = str(tmp_path / "odd")  # metrics that are no dict, through the reference API's metadata
-    checkpointer("torch_save").save(os.path.join(odd, "step_00000001"), {"w": 1}, metadata={"metrics": [1, "two"]})
+    checkpointer("torch_save").save(os.path.join(odd, "step_0000000001"), {"w": 1}, metadata={"metrics": [1, "two"]})
     for where in (root, odd):
         rc, out, err = _run(capsys, "ls", where)
         assert rc == 0 and not err, err
