@@ -297,6 +297,14 @@ class DirectoryCommit:
     def _discard_old(self, old: str) -> None:
         # Move the old generation out of the way first (instant), so the next save can start at once.
         prefix = _TRASH_PREFIX.format(name=self.name)
+        # Its manifest goes first, here (one unlink): a trash directory never looks like a checkpoint,
+        # even when the process exits before the background deletion runs.
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                _unlink_manifest_at(dir_fd)
+            finally:
+                os.close(dir_fd)
         trash = old
         if not os.path.basename(old).startswith(prefix):  # not already aside (the no-exchange fallback)
             trash = os.path.join(self.parent, prefix + uuid.uuid4().hex)
@@ -317,6 +325,13 @@ class DirectoryCommit:
         if self._lock_fd is not None:
             fs.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _unlink_manifest_at(dir_fd: int) -> None:
+    """Remove the manifest (and its temporary file) of the directory open as ``dir_fd``; errors are ignored."""
+    for name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
 
 
 def remove_generation(directory: str) -> None:
@@ -340,9 +355,7 @@ def remove_generation(directory: str) -> None:
         dir_fd = None  # a directory this process may not read: rmtree tries what it can
     if dir_fd is not None:
         try:
-            for name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
-                with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=dir_fd)
+            _unlink_manifest_at(dir_fd)
         finally:
             os.close(dir_fd)
     shutil.rmtree(directory, ignore_errors=True)
