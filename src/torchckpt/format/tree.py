@@ -134,13 +134,7 @@ class _Flattener:
         del self._open[id(value)]
 
     def tensor(self, t: torch.Tensor, path: str) -> dict[str, int]:
-        if not (
-            type(t) in _PLAIN_TENSOR_TYPES
-            and t.layout is torch.strided
-            and not t.is_quantized
-            and not t.is_meta
-            and t.dim() <= MAX_DIMS
-        ):
+        if not _plainly_saveable(t):
             _check_tensor(t, path)  # raises, naming what is wrong
         key = _tie_key(t)
         if key is not None and key in self._seen:
@@ -248,6 +242,17 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
 MAX_DIMS = 64
 
 
+def _plainly_saveable(t: torch.Tensor) -> bool:
+    """The fast path: a plain, strided, dense tensor that ``_check_tensor`` would accept without a word."""
+    return (
+        type(t) in _PLAIN_TENSOR_TYPES
+        and t.layout is torch.strided
+        and not t.is_quantized
+        and not t.is_meta
+        and t.dim() <= MAX_DIMS
+    )
+
+
 def _check_tensor(t: torch.Tensor, path: str) -> None:
     where = path or "[root]"
     if t.layout != torch.strided:
@@ -287,13 +292,7 @@ class _Checker(_Flattener):
         self._ties: set[tuple[Any, ...]] = set()
 
     def tensor(self, t: torch.Tensor, path: str) -> None:  # type: ignore[override]
-        if not (
-            type(t) in _PLAIN_TENSOR_TYPES
-            and t.layout is torch.strided
-            and not t.is_quantized
-            and not t.is_meta
-            and t.dim() <= MAX_DIMS
-        ):
+        if not _plainly_saveable(t):
             _check_tensor(t, path)
         key = _tie_key(t)
         if key is None or key not in self._ties:
