@@ -44,6 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from ..errors import CheckpointIOError
 from . import fs
@@ -478,3 +479,22 @@ def save_lock_if_free(parent: str) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
+
+
+class LocalStorage:
+    """A checkpoint directory on a local file system, as a :class:`~.base.Storage`.
+
+    Args:
+        path: The checkpoint directory (a local path; a URL is refused).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.location = local_path(path)
+
+    def begin_save(self, *, rank: int, coordinator: bool, timeout_s: float) -> Any:
+        """Start this rank's part of a save (see ``storage/base.py``)."""
+        raise NotImplementedError("LocalStorage.begin_save")
+
+    def open_generation(self) -> Any:
+        """The committed generation, held open (see ``storage/base.py``)."""
+        raise NotImplementedError("LocalStorage.open_generation")

@@ -1,0 +1,175 @@
+"""What a checkpoint needs from the place its bytes live: the ``Storage`` protocol.
+
+A checkpoint is one *generation* of named objects at a location: the rank
+files, small per-rank records, and one *marker* (the manifest) whose presence
+says the generation is complete. Storage moves bytes and makes a generation
+visible atomically; it knows no file names of the format (the writer names
+every object, the marker included) and nothing above it knows which storage
+it talks to. ``storage/local.py`` is the local-directory implementation.
+
+Call order of a save (``CheckpointWriter.write``)::
+
+    every rank    session = storage.begin_save(rank=r, coordinator=r == 0, timeout_s=t)
+                      (coordinator: waits for the location's lock, settles what an
+                      interrupted save left, starts a clean pending generation;
+                      every rank: the pending generation exists when this returns)
+    every rank    out = session.create(name)          # one per object it writes
+                      out.write_at(views, offset)     # positional, from any thread, any order
+                      out.sync(); out.close()         # durable once sync returns
+    every rank    session.put(name, data)             # a small durable object (a rank's record)
+    (barrier: every rank's objects are durable)
+    coordinator   session.get(name) / session.delete(name)   # the ranks' records
+    coordinator   session.commit(marker, data, owned=is_format_object)
+                      # marker written last; the generation replaces the old one atomically;
+                      # objects of the old generation for which ``owned`` is False are kept
+    every rank    session.close(discard=...)          # always, in a finally block
+
+Call order of a load (``CheckpointReader.read``, ``verify``, the tools)::
+
+    gen = storage.open_generation()      # the generation committed now (a snapshot)
+    src = gen.open(name)                 # FileNotFoundError when it has no such object
+    src.size; src.read_into(views, offset); src.read(offset, nbytes)
+    src.close()
+    gen.replaced()                       # a missing object: another save replaced the
+                                         # generation (read again), or corruption
+    gen.close()
+
+Errors: storage raises ``OSError`` (with ``errno``) for what the system
+refuses; the callers turn it into ``CheckpointIOError`` / ``CorruptCheckpointError``
+naming rank, operation and path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+__all__ = ["Generation", "ObjectReader", "ObjectWriter", "SaveSession", "Storage"]
+
+
+class ObjectWriter(Protocol):
+    """One object being written in a pending generation."""
+
+    #: Where the object is, for messages (a path or a URL).
+    location: str
+
+    def write_at(self, views: Sequence[memoryview], offset: int) -> int:
+        """Write ``views`` back to back starting at byte ``offset``; return the bytes written.
+
+        May be called from several threads at once for disjoint ranges; a short
+        write is returned as such (the caller writes the rest).
+        """
+        ...
+
+    def start_writeback(self, offset: int, nbytes: int) -> None:
+        """Hint that ``[offset, offset + nbytes)`` is complete and may go to the device now (may do nothing)."""
+        ...
+
+    def sync(self) -> None:
+        """Make everything written so far durable."""
+        ...
+
+    def close(self) -> None:
+        """Release the object (idempotent); unsynced bytes may be lost."""
+        ...
+
+
+class SaveSession(Protocol):
+    """One save of a generation at a location, from ``begin_save`` to ``close``."""
+
+    #: The pending generation, for messages.
+    location: str
+
+    def create(self, name: str) -> ObjectWriter:
+        """Create (or truncate) the object ``name`` in the pending generation."""
+        ...
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write the small object ``name`` whole and durably (atomic: all of ``data`` or nothing)."""
+        ...
+
+    def get(self, name: str) -> bytes:
+        """The bytes of the small object ``name`` of the pending generation (FileNotFoundError: none)."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove the object ``name`` from the pending generation (absent: nothing to do)."""
+        ...
+
+    def commit(self, marker: str, data: bytes, *, owned: Callable[[str], bool]) -> None:
+        """Write ``marker`` last and make the pending generation the committed one, atomically.
+
+        Args:
+            marker: The name of the object whose presence means "complete".
+            data: Its bytes.
+            owned: Whether an object name belongs to the format; the old
+                generation's objects that are not owned are carried over.
+        """
+        ...
+
+    def close(self, *, discard: bool) -> None:
+        """End the session: drop the lock; ``discard`` removes an uncommitted pending generation."""
+        ...
+
+
+class ObjectReader(Protocol):
+    """One object of a committed generation, open for reading."""
+
+    #: Its size in bytes when opened.
+    size: int
+    #: Where the object is, for messages.
+    location: str
+
+    def read_into(self, views: Sequence[memoryview], offset: int) -> int:
+        """Fill ``views`` back to back from byte ``offset``; return the bytes read (fewer at the end)."""
+        ...
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        """Up to ``nbytes`` bytes from ``offset``."""
+        ...
+
+    def reopen(self) -> ObjectReader:
+        """Another handle on the same object with its own read-ahead, for a reading thread of its own."""
+        ...
+
+    def fileno(self) -> int | None:
+        """An OS file descriptor of the object when it is a local file (for ``mmap``), else None."""
+        ...
+
+    def close(self) -> None:
+        """Release the handle (idempotent)."""
+        ...
+
+
+class Generation(Protocol):
+    """The committed generation at a location, held open: a snapshot for one read."""
+
+    #: The location, for messages.
+    location: str
+
+    def open(self, name: str) -> ObjectReader:
+        """Open the object ``name`` (FileNotFoundError: the generation has none)."""
+        ...
+
+    def replaced(self) -> bool:
+        """Whether the location now holds another generation than this one."""
+        ...
+
+    def close(self) -> None:
+        """Release the generation (idempotent)."""
+        ...
+
+
+class Storage(Protocol):
+    """A checkpoint location: where one checkpoint's generations are written and read."""
+
+    #: The location, for messages.
+    location: str
+
+    def begin_save(self, *, rank: int, coordinator: bool, timeout_s: float) -> SaveSession:
+        """Start this rank's part of a save (see the module's call order)."""
+        ...
+
+    def open_generation(self) -> Generation:
+        """The committed generation, held open (FileNotFoundError: nothing committed at the location)."""
+        ...
