@@ -24,6 +24,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .errors import BarrierTimeoutError, ConfigError
+from .stores import start_store
 
 __all__ = [
     "BARRIER_REGISTRY",
@@ -197,8 +198,6 @@ class TCPStoreBarrier(Barrier):
         if global_rank == 0 and isinstance(store_cls, type) and issubclass(store_cls, _TCPSTORE):
             # A plain TCPStore server listens on every interface, whatever its host
             # argument: hand it a socket bound to master_address instead.
-            from .builder import start_store
-
             self._tcp_store = start_store(
                 master_address, global_world_size, port=int(tcpstore_port), timeout_s=timeout_barrier_init_secs
             )

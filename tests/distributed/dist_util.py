@@ -343,7 +343,7 @@ def tcp_barriers(
 def store_barriers(world: int, timeout_s: float, host: str = "127.0.0.1") -> tuple[Any, list[Any]]:
     """A store started by torchckpt on ``host`` and ``world`` StoreBarriers joined to it."""
     from torchckpt.barriers import StoreBarrier
-    from torchckpt.builder import start_store
+    from torchckpt.stores import start_store
 
     server = start_store(host, world)
 
