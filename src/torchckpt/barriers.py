@@ -17,12 +17,12 @@ import itertools
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
+from .config import BarrierConfig
 from .errors import BarrierTimeoutError, ConfigError
 from .stores import start_store
 
@@ -53,22 +53,6 @@ def register_barrier(barrier_class: type) -> type:
     if name is not None:
         BARRIER_REGISTRY[name] = barrier_class
     return barrier_class
-
-
-@dataclass
-class BarrierConfig:
-    """Which barrier a checkpointer uses.
-
-    Attributes:
-        barrier_type: A registered name (``"dist_barrier"``, ``"tcp_store"``), or
-            None for no barrier (a single rank).
-        barrier_args: Keyword arguments of the barrier's constructor. Rank
-            fields (``global_rank``, ``global_world_size``) left out are filled
-            in from the checkpointer's rank information by the builders.
-    """
-
-    barrier_type: str | None = None
-    barrier_args: dict[str, Any] = field(default_factory=dict)
 
 
 def create_barrier_from_config(barrier_config: BarrierConfig) -> Barrier | None:
