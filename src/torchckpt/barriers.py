@@ -144,7 +144,9 @@ class TCPStoreBarrier(Barrier):
         global_world_size: Number of ranks.
         barrier_prefix: Names this barrier's keys in the store.
         timeout_barrier_init_secs: Longest wait to connect to the store.
-        use_checkpoint_barrier_tcpstore_libuv: Use the libuv store backend.
+        use_checkpoint_barrier_tcpstore_libuv: Serve the store that rank 0 hosts
+            through torch's libuv backend (True) or its older one (False). The
+            other ranks are clients of that store: for them it changes nothing.
         tcpstore_port: Port of the store.
         master_address: Host of the store (rank 0 listens on this address only).
         timeout_secs: Longest wait for the other ranks at each barrier (enforced).
@@ -183,8 +185,9 @@ class TCPStoreBarrier(Barrier):
             # A plain TCPStore server listens on every interface, whatever its host
             # argument: hand it a socket bound to master_address instead.
             self._tcp_store = start_store(
-                master_address, global_world_size, port=int(tcpstore_port), timeout_s=timeout_barrier_init_secs
-            )
+                master_address, global_world_size, port=int(tcpstore_port), timeout_s=timeout_barrier_init_secs,
+                use_libuv=bool(use_checkpoint_barrier_tcpstore_libuv),
+            )  # fmt: skip
         else:
             self._tcp_store = store_cls(
                 master_address,
