@@ -6,8 +6,18 @@ and before the coordinator commits. It returns once every rank has arrived,
 or raises :class:`~torchckpt.errors.BarrierTimeoutError` naming the ranks
 that did not arrive within the timeout.
 
-Barrier types are found by name through a registry, so a
-:class:`BarrierConfig` can name them: ``"dist_barrier"`` and ``"tcp_store"``.
+Call order of the extension point: a :class:`Barrier` subclass is made
+available by name with :func:`register_barrier` (at import time); the
+builders turn a :class:`BarrierConfig` into an instance with
+:func:`create_barrier_from_config` once per writer (in the writer subprocess
+for async checkpointers), calling ``__init__(**barrier_args)``; the writer
+then calls ``execute_barrier()`` once per write, as above.
+
+Built in: ``"dist_barrier"`` (:class:`DistBarrier`, the default process
+group's store), ``"tcp_store"`` (:class:`TCPStoreBarrier`, a store rank 0
+serves through :func:`torchckpt.stores.start_store`) and ``"store"``
+(:class:`StoreBarrier`, joins a store the job already runs).
+:class:`BarrierConfig` is defined in :mod:`torchckpt.config` and re-exported here.
 """
 
 from __future__ import annotations
