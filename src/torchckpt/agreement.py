@@ -151,32 +151,61 @@ def run_collective(
 ) -> None:
     """Barrier, status exchange, commit on the coordinator, one outcome for all.
 
+    Every rank calls it once per save, after writing its data (``local_error``:
+    what went wrong doing that, or None). The steps, in order: the barrier
+    (:func:`_pass_barrier`); this rank's status (:meth:`Agreement.publish`);
+    then on the coordinator :func:`_coordinate` (gather, ``commit`` only if
+    every rank succeeded, announce), on the others :func:`_hear_outcome`.
+
     Raises:
         DistributedCheckpointError: On every rank when any rank failed (the
             local error, if any, is its cause).
     """
-    failures: dict[int, str] = {}
-    cause = local_error
     started = time.monotonic()
-    barrier_failed = False
-    if barrier is not None:
-        try:
-            barrier()
-        except Exception as e:  # noqa: BLE001 - reported as this rank's view of the failure
-            cause = cause or e
-            barrier_failed = True
-            # A barrier names who did not arrive; this rank did arrive, whatever a parsed message says.
-            missing = [r for r in getattr(e, "missing_ranks", None) or [] if r != agreement.rank]
-            for r in missing:
-                failures[r] = f"did not reach the barrier ({describe_error(e)})"
-            if not missing:
-                # E.g. gloo's "Connection closed by peer", which names no rank. This rank's
-                # own part is fine: the status exchange below (itself bounded) names whoever
-                # did not report, and commits only if every rank did, successfully.
-                logger.warning(
-                    "rank %d: the barrier before the commit of %s failed (%s); waiting for the other ranks' status",
-                    agreement.rank, agreement.path, describe_error(e),
-                )  # fmt: skip
+    failures, barrier_error = _pass_barrier(agreement, barrier)
+    cause = local_error or barrier_error
+    _publish(agreement, local_error, failures, cause)
+    if agreement.rank == 0:
+        # When the barrier failed early here (a peer's connection closed), the others may
+        # still be inside theirs until it times out: give them that long to report too.
+        deadline = started + OUTCOME_WAIT_FACTOR * agreement.timeout_s if barrier_error is not None else None
+        cause = _coordinate(agreement, failures, commit=commit, cause=cause, deadline=deadline)
+    else:
+        failures = _hear_outcome(agreement, failures)
+    if failures:
+        raise agreement.error(failures) from cause
+
+
+def _pass_barrier(
+    agreement: Agreement, barrier: Callable[[], None] | None
+) -> tuple[dict[int, str], BaseException | None]:
+    """Wait at ``barrier``; return the failures it names (``{rank: cause}``) and its error, if any."""
+    failures: dict[int, str] = {}
+    if barrier is None:
+        return failures, None
+    try:
+        barrier()
+    except Exception as e:  # noqa: BLE001 - reported as this rank's view of the failure
+        # A barrier names who did not arrive; this rank did arrive, whatever a parsed message says.
+        missing = [r for r in getattr(e, "missing_ranks", None) or [] if r != agreement.rank]
+        for r in missing:
+            failures[r] = f"did not reach the barrier ({describe_error(e)})"
+        if not missing:
+            # E.g. gloo's "Connection closed by peer", which names no rank. This rank's
+            # own part is fine: the status exchange after it (itself bounded) names whoever
+            # did not report, and commits only if every rank did, successfully.
+            logger.warning(
+                "rank %d: the barrier before the commit of %s failed (%s); waiting for the other ranks' status",
+                agreement.rank, agreement.path, describe_error(e),
+            )  # fmt: skip
+        return failures, e
+    return failures, None
+
+
+def _publish(
+    agreement: Agreement, local_error: BaseException | None, failures: dict[int, str], cause: BaseException | None
+) -> None:
+    """Publish this rank's status; when the store does not answer, raise the error every rank will see."""
     try:
         agreement.publish(local_error)
     except Exception as e:  # noqa: BLE001 - the store is gone or hung (its host died or stopped)
@@ -187,27 +216,41 @@ def run_collective(
             f"({describe_error(e)}); the checkpoint may or may not be committed"
         )
         raise agreement.error(failures) from (cause or e)
-    if agreement.rank == 0:
-        # When the barrier failed early here (a peer's connection closed), the others may
-        # still be inside theirs until it times out: give them that long to report too.
-        deadline = started + OUTCOME_WAIT_FACTOR * agreement.timeout_s if barrier_failed else None
-        failures.update(agreement.gather_failures(failures, deadline=deadline))
-        if not failures:
-            try:
-                commit()
-            except Exception as e:  # noqa: BLE001 - every rank must hear of it
-                failures[0] = f"commit failed: {describe_error(e)}"
-                cause = cause or e
+
+
+def _coordinate(
+    agreement: Agreement,
+    failures: dict[int, str],
+    *,
+    commit: Callable[[], None],
+    cause: BaseException | None,
+    deadline: float | None,
+) -> BaseException | None:
+    """Coordinator: gather every status into ``failures``, commit if there is none, announce the outcome.
+
+    Returns:
+        The cause to raise the shared error from (the commit's error when it
+        was the only failure).
+    """
+    failures.update(agreement.gather_failures(failures, deadline=deadline))
+    if not failures:
         try:
-            agreement.announce(failures)
-        except Exception as e:  # noqa: BLE001 - the others then time out naming the coordinator
-            logger.warning("could not announce the outcome of the save of %s: %s", agreement.path, describe_error(e))
-    else:
-        announced = agreement.await_outcome()
-        if agreement.outcome_known:
-            # The coordinator's outcome merges every rank's report: the same error on every rank.
-            failures = announced
-        else:
-            failures.update(announced)
-    if failures:
-        raise agreement.error(failures) from cause
+            commit()
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it
+            failures[0] = f"commit failed: {describe_error(e)}"
+            cause = cause or e
+    try:
+        agreement.announce(failures)
+    except Exception as e:  # noqa: BLE001 - the others then time out naming the coordinator
+        logger.warning("could not announce the outcome of the save of %s: %s", agreement.path, describe_error(e))
+    return cause
+
+
+def _hear_outcome(agreement: Agreement, failures: dict[int, str]) -> dict[int, str]:
+    """Non-coordinators: the failures of the save, as the coordinator announced them."""
+    announced = agreement.await_outcome()
+    if agreement.outcome_known:
+        # The coordinator's outcome merges every rank's report: the same error on every rank.
+        return announced
+    failures.update(announced)
+    return failures

@@ -6,8 +6,18 @@ and before the coordinator commits. It returns once every rank has arrived,
 or raises :class:`~torchckpt.errors.BarrierTimeoutError` naming the ranks
 that did not arrive within the timeout.
 
-Barrier types are found by name through a registry, so a
-:class:`BarrierConfig` can name them: ``"dist_barrier"`` and ``"tcp_store"``.
+Call order of the extension point: a :class:`Barrier` subclass is made
+available by name with :func:`register_barrier` (at import time); the
+builders turn a :class:`BarrierConfig` into an instance with
+:func:`create_barrier_from_config` once per writer (in the writer subprocess
+for async checkpointers), calling ``__init__(**barrier_args)``; the writer
+then calls ``execute_barrier()`` once per write, as above.
+
+Built in: ``"dist_barrier"`` (:class:`DistBarrier`, the default process
+group's store), ``"tcp_store"`` (:class:`TCPStoreBarrier`, a store rank 0
+serves through :func:`torchckpt.stores.start_store`) and ``"store"``
+(:class:`StoreBarrier`, joins a store the job already runs).
+:class:`BarrierConfig` is defined in :mod:`torchckpt.config` and re-exported here.
 """
 
 from __future__ import annotations
@@ -17,13 +27,14 @@ import itertools
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
+from .config import BarrierConfig
 from .errors import BarrierTimeoutError, ConfigError
+from .stores import start_store
 
 __all__ = [
     "BARRIER_REGISTRY",
@@ -52,22 +63,6 @@ def register_barrier(barrier_class: type) -> type:
     if name is not None:
         BARRIER_REGISTRY[name] = barrier_class
     return barrier_class
-
-
-@dataclass
-class BarrierConfig:
-    """Which barrier a checkpointer uses.
-
-    Attributes:
-        barrier_type: A registered name (``"dist_barrier"``, ``"tcp_store"``), or
-            None for no barrier (a single rank).
-        barrier_args: Keyword arguments of the barrier's constructor. Rank
-            fields (``global_rank``, ``global_world_size``) left out are filled
-            in from the checkpointer's rank information by the builders.
-    """
-
-    barrier_type: str | None = None
-    barrier_args: dict[str, Any] = field(default_factory=dict)
 
 
 def create_barrier_from_config(barrier_config: BarrierConfig) -> Barrier | None:
@@ -159,7 +154,9 @@ class TCPStoreBarrier(Barrier):
         global_world_size: Number of ranks.
         barrier_prefix: Names this barrier's keys in the store.
         timeout_barrier_init_secs: Longest wait to connect to the store.
-        use_checkpoint_barrier_tcpstore_libuv: Use the libuv store backend.
+        use_checkpoint_barrier_tcpstore_libuv: Serve the store that rank 0 hosts
+            through torch's libuv backend (True) or its older one (False). The
+            other ranks are clients of that store: for them it changes nothing.
         tcpstore_port: Port of the store.
         master_address: Host of the store (rank 0 listens on this address only).
         timeout_secs: Longest wait for the other ranks at each barrier (enforced).
@@ -197,11 +194,10 @@ class TCPStoreBarrier(Barrier):
         if global_rank == 0 and isinstance(store_cls, type) and issubclass(store_cls, _TCPSTORE):
             # A plain TCPStore server listens on every interface, whatever its host
             # argument: hand it a socket bound to master_address instead.
-            from .builder import start_store
-
             self._tcp_store = start_store(
-                master_address, global_world_size, port=int(tcpstore_port), timeout_s=timeout_barrier_init_secs
-            )
+                master_address, global_world_size, port=int(tcpstore_port), timeout_s=timeout_barrier_init_secs,
+                use_libuv=bool(use_checkpoint_barrier_tcpstore_libuv),
+            )  # fmt: skip
         else:
             self._tcp_store = store_cls(
                 master_address,

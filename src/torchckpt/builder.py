@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -16,6 +14,7 @@ from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import CheckpointWriter, CheckpointWriterConfig, WriterHook
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
 from .staging import DefaultStager
+from .stores import start_store
 from .config import CheckpointerConfig
 from .types import RankInfo
 
@@ -51,28 +50,6 @@ def _job_store_address() -> tuple[str, int]:
         box[0] = _OWN_STORES[-1].port
     dist.broadcast_object_list(box, src=0)
     return host, int(box[0])
-
-
-def start_store(host: str, world_size: int, *, port: int = 0, timeout_s: float = 600) -> dist.TCPStore:
-    """Start a TCPStore server that listens on ``host`` only (not on every interface)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    fd = sock.detach()
-    return dist.TCPStore(
-        host, sock_port(fd), world_size=world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
-        wait_for_workers=False, master_listen_fd=fd, use_libuv=True,
-    )  # fmt: skip
-
-
-def sock_port(fd: int) -> int:
-    s = socket.socket(fileno=os.dup(fd))
-    try:
-        return int(s.getsockname()[1])
-    finally:
-        s.close()
 
 
 def resolve_barrier_config(config: CheckpointerConfig, rank_info: RankInfo, *, in_subprocess: bool) -> BarrierConfig:

@@ -35,13 +35,13 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import KW_ONLY, dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from .checkpoint_writer import SAVE_NUMBER_KWARG, STATS_KWARG, CheckpointWriter
-from .errors import ConfigError, WriterProcessError
+from .config import CheckpointProcessConfig
+from .errors import WriterProcessError
 from .types import STATE_DICT, RankInfo
 from .writer_launch import WriterProcesses, names_from_main, start_message, start_writer
 from .writer_subprocess import (
@@ -59,30 +59,6 @@ logger = logging.getLogger(__name__)
 
 _DIED = "Child process terminated unexpectedly"
 _WHERE = "the writer's own messages, if any, are on this process's standard error"
-
-
-@dataclass(frozen=True)
-class CheckpointProcessConfig:
-    """Options of the writer subprocess.
-
-    Attributes:
-        subprocess_init_timeout_secs: Longest wait for the subprocess to start and initialise.
-        subprocess_shutdown_timeout_secs: Longest wait for it to exit on ``close`` before it is killed.
-        write_timeout_secs: Longest wait for one write; past it the writer is killed and the
-            write fails (None: no limit beyond the writer's own barrier timeouts).
-    """
-
-    subprocess_init_timeout_secs: int = 30
-    subprocess_shutdown_timeout_secs: int = 60
-    # Positional as in the reference up to here; torchckpt's own options are keyword-only.
-    _: KW_ONLY
-    write_timeout_secs: float | None = 3600.0
-
-    def __post_init__(self) -> None:
-        for name in ("subprocess_init_timeout_secs", "subprocess_shutdown_timeout_secs", "write_timeout_secs"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"CheckpointProcessConfig.{name} must be > 0, got {value}", field=name)
 
 
 class _RemoteTraceback(Exception):

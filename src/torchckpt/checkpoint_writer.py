@@ -14,18 +14,17 @@ A write goes (DESIGN.md §2):
 from __future__ import annotations
 
 import abc
-import enum
 import json
 import logging
 import os
 import time
-from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch.distributed as dist
 
 from .agreement import Agreement, run_collective
 from .barriers import Barrier
+from .config import CheckpointFormat, CheckpointWriterConfig
 from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError
 from .format.gcpause import paused_gc
 from .format.manifest import RankEntry, build_manifest, parse_rank_entry
@@ -49,15 +48,6 @@ STATS_KWARG = "_torchckpt_stats"
 SAVE_NUMBER_KWARG = "_torchckpt_save_number"
 
 
-class CheckpointFormat(str, enum.Enum):
-    """The on-disk layout of a checkpoint's rank files."""
-
-    #: ``checkpoint_<rank>.pt`` written by ``torch.save`` (what the reference writes).
-    TORCH_SAVE = "torch_save"
-    #: One safetensors file per rank, checksummed, with typed-JSON structure (native).
-    SAFETENSORS = "safetensors"
-
-
 class WriterHook(abc.ABC):
     """Callbacks around the commit of a checkpoint.
 
@@ -79,44 +69,6 @@ class WriterHook(abc.ABC):
     @abc.abstractmethod
     def post_commit(self, path: str, **kwargs: Any) -> None:
         """Runs after the checkpoint is committed."""
-
-
-@dataclass(frozen=True)
-class CheckpointWriterConfig:
-    """Options of :class:`CheckpointWriter`.
-
-    Attributes:
-        write_barrier_timeout_secs: Longest wait, in seconds, for the other ranks
-            (and for another save holding the same path).
-        format: Layout of the rank files: ``"torch_save"`` (default, what the
-            reference writes) or ``"safetensors"`` (native: parallel, checksummed
-            per tensor, partial loads read only what they need).
-        allow_pickle: Store values that have no safe form with pickle instead of
-            refusing them at save time. Loading them then needs ``allow_pickle`` too.
-        io_threads: Threads writing one rank file in parallel (native format).
-    """
-
-    write_barrier_timeout_secs: int = 600
-    # Positional as in the reference up to here; torchckpt's own options are keyword-only.
-    _: KW_ONLY
-    format: CheckpointFormat | str = CheckpointFormat.TORCH_SAVE
-    allow_pickle: bool = False
-    io_threads: int = 2
-
-    def __post_init__(self) -> None:
-        if self.write_barrier_timeout_secs <= 0:
-            raise ConfigError(
-                f"CheckpointWriterConfig.write_barrier_timeout_secs must be > 0, got {self.write_barrier_timeout_secs}",
-                field="write_barrier_timeout_secs",
-            )
-        if self.format not in tuple(CheckpointFormat):
-            raise ConfigError(
-                f"CheckpointWriterConfig.format must be one of {[f.value for f in CheckpointFormat]}, "
-                f"got {self.format!r}",
-                field="format",
-            )
-        if self.io_threads < 1:
-            raise ConfigError(f"CheckpointWriterConfig.io_threads must be >= 1, got {self.io_threads}", field="io_threads")
 
 
 class CheckpointWriter:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .config import CheckpointStagerConfig
 from .format.gcpause import paused_gc
 from .format.tree import Flattened, flatten, unflatten
 from .shm import SharedArena, pack
@@ -99,48 +99,6 @@ class CheckpointStager(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release staging memory and threads."""
-
-
-@dataclass(frozen=True)
-class CheckpointStagerConfig:
-    """Options of the stager. A field left at None adapts to the machine.
-
-    Attributes:
-        use_pinned_memory: Page-locked staging memory, for fast device-to-host
-            copies (default: when an accelerator exists).
-        use_shared_memory: Stage into shared memory that the writer subprocess
-            maps (default True).
-        use_async_staging: Copy in a background thread; ``stage`` returns a
-            future (default True).
-        use_non_blocking_copy: Non-blocking device-to-host copies on a staging
-            stream (default: when an accelerator exists; True without one is an error).
-    """
-
-    use_pinned_memory: bool | None = None
-    use_shared_memory: bool | None = None
-    use_async_staging: bool | None = None
-    use_non_blocking_copy: bool | None = None
-
-    def resolved(self) -> CheckpointStagerConfig:
-        """This config with every None replaced by what this machine supports.
-
-        Raises:
-            ConfigError: ``use_non_blocking_copy=True`` and no accelerator is available
-                (also an ``AssertionError``, as the reference raised).
-        """
-        accel = _accelerator_available()
-        if self.use_non_blocking_copy and not accel:
-            raise ConfigError(
-                "CheckpointStagerConfig.use_non_blocking_copy=True: Non-blocking copy requires that the current "
-                "accelerator is available, and none is (leave it at None to adapt)",
-                field="use_non_blocking_copy",
-            )
-        return CheckpointStagerConfig(
-            use_pinned_memory=accel if self.use_pinned_memory is None else self.use_pinned_memory,
-            use_shared_memory=True if self.use_shared_memory is None else self.use_shared_memory,
-            use_async_staging=True if self.use_async_staging is None else self.use_async_staging,
-            use_non_blocking_copy=accel if self.use_non_blocking_copy is None else self.use_non_blocking_copy,
-        )
 
 
 @dataclass

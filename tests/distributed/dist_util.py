@@ -318,9 +318,9 @@ def in_threads(fns: list[Callable[[], Any]], timeout_s: float = 30) -> list[Any]
 
 
 def tcp_barriers(
-    world: int, prefix: str, timeout_s: float, port: int | None = None, host: str = "127.0.0.1"
+    world: int, prefix: str, timeout_s: float, port: int | None = None, host: str = "127.0.0.1", libuv: bool = True
 ) -> list[Any]:
-    """``world`` TCPStoreBarriers (rank 0 hosts the store on ``host``), built concurrently."""
+    """``world`` TCPStoreBarriers (rank 0 hosts the store on ``host``, libuv or not), built concurrently."""
     from torchckpt.barriers import TCPStoreBarrier
 
     port = port or free_port()
@@ -331,7 +331,7 @@ def tcp_barriers(
             global_world_size=world,
             barrier_prefix=prefix,
             timeout_barrier_init_secs=20,
-            use_checkpoint_barrier_tcpstore_libuv=True,
+            use_checkpoint_barrier_tcpstore_libuv=libuv,
             tcpstore_port=port,
             master_address=host,
             timeout_secs=timeout_s,
@@ -343,7 +343,7 @@ def tcp_barriers(
 def store_barriers(world: int, timeout_s: float, host: str = "127.0.0.1") -> tuple[Any, list[Any]]:
     """A store started by torchckpt on ``host`` and ``world`` StoreBarriers joined to it."""
     from torchckpt.barriers import StoreBarrier
-    from torchckpt.builder import start_store
+    from torchckpt.stores import start_store
 
     server = start_store(host, world)
 

@@ -46,6 +46,14 @@ def test_tcpstore_barrier_sequence_numbers_are_per_prefix() -> None:
     assert dict(barriers[0]._tcp_store_barrier_seq) == {"a": 2, "b": 1}
 
 
+@pytest.mark.parametrize("libuv", [True, False])
+def test_tcpstore_barrier_serves_its_store_with_the_backend_asked_for(libuv: bool) -> None:
+    barriers = tcp_barriers(2, "uv", timeout_s=20, libuv=libuv)
+    assert barriers[0].store.libuvBackend is libuv  # rank 0 hosts the store
+    for _ in range(2):
+        in_threads([b.execute_barrier for b in barriers])
+    assert store_count(barriers[0].store, "uv1/num_members") == 2
+
 # -- StoreBarrier: joins a store someone else runs -----------------------------------------
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dist_util import free_port, in_threads, launch, store_barriers, tcp_barriers, tcp_listeners, values
 
 from torchckpt.barriers import DistBarrier, StoreBarrier
-from torchckpt.builder import start_store
+from torchckpt.stores import start_store
 from torchckpt.errors import BarrierTimeoutError
 
 pytestmark = pytest.mark.timeout(60)

@@ -18,6 +18,7 @@ import torch.distributed.checkpoint._experimental.staging as ref_staging
 from ckpt_testutil import FORMATS, assert_state_equal
 
 import torchckpt as tc
+import torchckpt.config as tc_config
 from torchckpt.errors import ConfigError, UnsafeObjectError
 from torchckpt.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig
 from torchckpt.types import RankInfo
@@ -76,6 +77,86 @@ def test_writer_config_extras_stay_keyword_only() -> None:
     process = tc.CheckpointProcessConfig(5, 6, write_timeout_secs=7.0)
     assert (process.subprocess_init_timeout_secs, process.subprocess_shutdown_timeout_secs) == (5, 6)
     assert process.write_timeout_secs == 7.0
+
+
+# (module of the reference that defines the config, name)
+_CONFIG_HOMES = [
+    ("torchckpt.checkpoint_writer", "CheckpointWriterConfig"),
+    ("torchckpt.checkpoint_writer", "CheckpointFormat"),
+    ("torchckpt.barriers", "BarrierConfig"),
+    ("torchckpt.checkpoint_process", "CheckpointProcessConfig"),
+    ("torchckpt.staging", "CheckpointStagerConfig"),
+    ("torchckpt.config", "CheckpointerConfig"),
+]
+
+
+@pytest.mark.parametrize(("module", "name"), _CONFIG_HOMES)
+def test_each_config_is_one_class_importable_from_the_reference_module(module: str, name: str) -> None:
+    import importlib
+
+    home = importlib.import_module(module)
+    assert getattr(home, name) is getattr(tc_config, name) is getattr(tc, name)
+    assert name in home.__all__
+    assert name in tc_config.__all__
+
+
+@pytest.mark.parametrize("name", [n for _, n in _CONFIG_HOMES if n not in ("CheckpointFormat", "CheckpointerConfig")])
+def test_component_configs_are_frozen(name: str) -> None:
+    cls = getattr(tc_config, name)
+    config = cls()
+    field_name = dataclasses.fields(cls)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(config, field_name, getattr(config, field_name))
+
+
+def test_checkpointer_config_stays_assignable() -> None:
+    config = tc.CheckpointerConfig()
+    staging = tc.CheckpointStagerConfig(use_async_staging=False)
+    config.staging_config = staging  # what the reference's own tests do
+    assert config.staging_config is staging
+
+
+def test_barrier_config_keeps_its_values() -> None:
+    args = {"timeout_secs": 5}
+    config = tc.BarrierConfig("tcp_store", args)
+    assert (config.barrier_type, config.barrier_args) == ("tcp_store", args)
+    assert config.barrier_args is args  # validated, never rewritten
+    assert tc.BarrierConfig() == tc.BarrierConfig(None, {})
+
+
+_BAD_TYPE = "BarrierConfig.barrier_type must be a barrier's registered name or None"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "message"),
+    [
+        ({"barrier_type": 3}, "barrier_type", f"{_BAD_TYPE}, got 3"),
+        ({"barrier_type": ""}, "barrier_type", f"{_BAD_TYPE}, got ''"),
+        (
+            {"barrier_type": "tcp_store", "barrier_args": [("timeout_secs", 5)]},
+            "barrier_args",
+            "BarrierConfig.barrier_args must be a dict of the barrier's keyword arguments, "
+            "got list [('timeout_secs', 5)]",
+        ),
+        (
+            {"barrier_type": "tcp_store", "barrier_args": {1: 5}},
+            "barrier_args",
+            "BarrierConfig.barrier_args must have keyword names (str) as keys, got 1",
+        ),
+    ],
+)
+def test_barrier_config_refuses_bad_values_naming_the_field(kwargs: dict[str, Any], field: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        tc.BarrierConfig(**kwargs)
+    assert str(info.value) == message
+    assert info.value.field == field
+    assert isinstance(info.value, (ValueError, AssertionError))
+
+
+def test_an_unregistered_barrier_type_is_refused_when_the_barrier_is_built() -> None:
+    config = tc.BarrierConfig("no_such_barrier")  # a name may be registered after the config is made
+    with pytest.raises(ConfigError, match="Unknown barrier type: no_such_barrier. Available types: "):
+        tc.create_barrier_from_config(config)
 
 
 # -- keywords of save and load ---------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ import torch
 
 import torchckpt as tc
 from torchckpt.errors import CheckpointError, ConfigError
-from torchckpt.staging import _accelerator_available
+from torchckpt.config import accelerator_available
 
 #: Longest wait for one small async save in these tests.
 WAIT_S = 60
 
-needs_no_accelerator = pytest.mark.skipif(_accelerator_available(), reason="checks the CPU-only defaults")
+needs_no_accelerator = pytest.mark.skipif(accelerator_available(), reason="checks the CPU-only defaults")
 
 
 def mixed_state(seed: int = 0, scale: int = 1) -> dict:

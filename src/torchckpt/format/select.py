@@ -76,61 +76,93 @@ def merge(
         StateDictMismatchError: The template has a tensor or container where the
             checkpoint has something else.
     """
-    missing: list[str] = []
-    writes: list[tuple[dict[Any, Any], Any, Any]] = []
+    merger = _Merger(is_tensor=is_tensor, tensor=tensor, where=where)
+    merged = merger.merge(template, source, "")
+    return merged, merger.missing, merger.commit
 
-    def whole(src: Any, path: str) -> Any:
-        if is_tensor(src):
-            return tensor(src, None, path)
+
+def _is_sequence(value: Any) -> bool:
+    """A list or tuple that holds items (a ``torch.Size`` is a value, not a container)."""
+    return isinstance(value, (list, tuple)) and not isinstance(value, torch.Size)
+
+
+class _Merger:
+    """The state of one :func:`merge`: the missing keys found and the dict writes it defers."""
+
+    def __init__(
+        self,
+        *,
+        is_tensor: Callable[[Any], bool],
+        tensor: Callable[[Any, torch.Tensor | None, str], Any],
+        where: str,
+    ) -> None:
+        self.is_tensor = is_tensor
+        self.tensor = tensor
+        self.where = where
+        self.missing: list[str] = []
+        self.writes: list[tuple[dict[Any, Any], Any, Any]] = []
+
+    def commit(self) -> None:
+        """Store the merged values into the template's dicts."""
+        for container, key, value in self.writes:
+            container[key] = value
+
+    def mismatch(self, tgt: Any, src: Any, path: str) -> StateDictMismatchError:
+        return _mismatch(type(tgt).__name__, "tensor" if self.is_tensor(src) else type(src).__name__, path, self.where)
+
+    def whole(self, src: Any, path: str) -> Any:
+        """All of ``src`` (no template): its tensors through ``tensor``, its containers rebuilt."""
+        if self.is_tensor(src):
+            return self.tensor(src, None, path)
         if isinstance(src, dict):
             out = type(src)()
             for k, v in src.items():
-                out[k] = whole(v, join_key(path, k))
+                out[k] = self.whole(v, join_key(path, k))
             return out
-        if isinstance(src, (list, tuple)) and not isinstance(src, torch.Size):
-            items = [whole(v, _index_path(path, i)) for i, v in enumerate(src)]
+        if _is_sequence(src):
+            items = [self.whole(v, _index_path(path, i)) for i, v in enumerate(src)]
             return items if isinstance(src, list) else tuple(items)
         return src
 
-    def mismatch(tgt: Any, src: Any, path: str) -> StateDictMismatchError:
-        return _mismatch(type(tgt).__name__, "tensor" if is_tensor(src) else type(src).__name__, path, where)
-
-    def go(tgt: Any, src: Any, path: str) -> Any:
+    def merge(self, tgt: Any, src: Any, path: str) -> Any:
+        """``src`` merged into the template ``tgt`` at ``path``."""
         if tgt is None:
-            return whole(src, path)
-        if is_tensor(src):
+            return self.whole(src, path)
+        if self.is_tensor(src):
             if not isinstance(tgt, torch.Tensor):
-                raise mismatch(tgt, src, path)
-            return tensor(src, tgt, path)
+                raise self.mismatch(tgt, src, path)
+            return self.tensor(src, tgt, path)
         if isinstance(tgt, torch.Tensor):
-            raise mismatch(tgt, src, path)
+            raise self.mismatch(tgt, src, path)
         if isinstance(src, dict):
-            if not isinstance(tgt, dict):
-                raise mismatch(tgt, src, path)
-            for k in list(tgt.keys()):
-                sub = join_key(path, k)
-                if k in src:
-                    writes.append((tgt, k, go(tgt[k], src[k], sub)))
-                else:
-                    missing.append(sub)
-            return tgt
-        if isinstance(src, (list, tuple)) and not isinstance(src, torch.Size):
-            if not isinstance(tgt, (list, tuple)) or isinstance(tgt, torch.Size):
-                raise mismatch(tgt, src, path)
-            items = []
-            for i in range(max(len(tgt), len(src))):
-                if i < len(src):
-                    items.append(go(tgt[i] if i < len(tgt) else None, src[i], _index_path(path, i)))
-                else:
-                    missing.append(_index_path(path, i))
-                    items.append(tgt[i])
-            return items if isinstance(src, list) else tuple(items)
+            return self.merge_dict(tgt, src, path)
+        if _is_sequence(src):
+            return self.merge_sequence(tgt, src, path)
         if isinstance(tgt, (dict, list)):
-            raise mismatch(tgt, src, path)
+            raise self.mismatch(tgt, src, path)
         return src
 
-    def commit() -> None:
-        for container, key, value in writes:
-            container[key] = value
+    def merge_dict(self, tgt: Any, src: dict[Any, Any], path: str) -> Any:
+        """The template's keys, each merged with the checkpoint's (the write deferred to :meth:`commit`)."""
+        if not isinstance(tgt, dict):
+            raise self.mismatch(tgt, src, path)
+        for k in list(tgt.keys()):
+            sub = join_key(path, k)
+            if k in src:
+                self.writes.append((tgt, k, self.merge(tgt[k], src[k], sub)))
+            else:
+                self.missing.append(sub)
+        return tgt
 
-    return go(template, source, ""), missing, commit
+    def merge_sequence(self, tgt: Any, src: list[Any] | tuple[Any, ...], path: str) -> Any:
+        """A new list or tuple (the checkpoint's kind): the items of both, merged; the template's extras missing."""
+        if not _is_sequence(tgt):
+            raise self.mismatch(tgt, src, path)
+        items: list[Any] = []
+        for i in range(max(len(tgt), len(src))):
+            if i < len(src):
+                items.append(self.merge(tgt[i] if i < len(tgt) else None, src[i], _index_path(path, i)))
+            else:
+                self.missing.append(_index_path(path, i))
+                items.append(tgt[i])
+        return items if isinstance(src, list) else tuple(items)
