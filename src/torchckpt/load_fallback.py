@@ -56,7 +56,9 @@ def load_step(root: str, step: int, load: Callable[[int], T]) -> T:
         raise CheckpointNotFoundError(f"step {step} at {path} was deleted while it was being loaded", path=path) from e
 
 
-def load_newest(root: str, steps: Callable[[], list[int]], load: Callable[[int], T], *, fallback: bool) -> tuple[int, T]:
+def load_newest(
+    root: str, steps: Callable[[], list[int]], load: Callable[[int], T], *, fallback: bool
+) -> tuple[int, T]:
     """``(step, load(step))`` of the newest committed step that loads, by the rules of this module.
 
     Call order: ``steps()`` lists the committed steps (ascending); ``load(step)``
