@@ -55,6 +55,7 @@ __all__ = ["CheckpointManager", "SaveHandle"]
 
 logger = logging.getLogger(__name__)
 
+
 class CheckpointManager:
     """Saves numbered steps under ``root``, keeps what the retention policies say, restores the latest.
 

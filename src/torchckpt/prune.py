@@ -3,7 +3,12 @@
 This is what ``torchckpt gc`` runs. The manager's own retention runs inside
 the training job, where a failed delete is logged and retried at the next
 save; here the work is planned first without touching anything (a dry run
-stops there), and every failure is reported with its path and errno.
+stops there), and every failure is reported with its path and errno. The
+steps, the leftovers and their names come from :mod:`.step_dirs`, which
+decides for the manager too; which steps go, from :func:`.retention.doomed`.
+A step is moved aside with :func:`.step_dirs.move_step_aside` and then
+removed here, manifest first, reporting each error (the manager's own
+deletion ignores them).
 
 Leftovers are the hidden directories beside the steps:
 
