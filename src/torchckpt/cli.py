@@ -24,9 +24,9 @@ import torch
 from .checkpoint_reader import read_manifest
 from .errors import CheckpointError, CheckpointIOError, CheckpointNotFoundError
 from .format.manifest import Manifest
-from .storage.paths import local_path
-from .prune import committed_steps, step_of
+from .step_dirs import committed_steps, step_dirs
 from .step_metadata import decode_metrics
+from .storage.paths import local_path
 
 __all__ = ["build_parser", "main"]
 
@@ -89,11 +89,11 @@ def _check_checkpoint(path: str) -> None:
     if not os.path.isdir(path) or os.path.lexists(os.path.join(path, "manifest.json")):
         return  # the reader says what is wrong with it
     try:
-        steps = [c.step for c in committed_steps(path)]
+        infos = committed_steps(path)
     except OSError:
         return
-    if steps:
-        newest = os.path.join(path, f"step_{steps[-1]:010d}")
+    if infos:
+        steps, newest = [c.step for c in infos], infos[-1].path
         raise CheckpointNotFoundError(
             f"{path} holds the steps {_steps_text(steps)} of a CheckpointManager, not one checkpoint: "
             f"give a step's directory (the newest is {newest}); `torchckpt ls {path}` lists them",
@@ -154,13 +154,7 @@ def _seconds_text(v: Any) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     _check_root(args.root)
-    rows = []
-    for name in sorted(os.listdir(args.root)):
-        step = step_of(name)
-        path = os.path.join(args.root, name)
-        if step is not None and os.path.isdir(path):
-            rows.append(_ls_row(step, path, args.verify))
-    rows.sort(key=lambda r: r["step"])
+    rows = [_ls_row(step, path, args.verify) for step, path in step_dirs(args.root) if os.path.isdir(path)]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

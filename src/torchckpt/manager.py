@@ -7,45 +7,45 @@
     ...
     step, state = mgr.load({"model": model, "optim": opt})   # newest good step, restored in place
 
-Each step is a checkpoint directory ``<root>/step_<step:010d>``. Only
-committed checkpoints (with a valid manifest whose step matches the name)
-count; hidden leftovers of crashed saves are ignored and cleaned.
+The manager is a facade; each concern has its own module:
+
+- :mod:`.step_dirs`: the root's layout (``<root>/step_<step:010d>``), which
+  steps are committed, leftovers, deleting a step;
+- :mod:`.step_metadata`: the step, metrics and user metadata in the manifest;
+- :mod:`.retention`: which steps to keep; the manager adds its guards (the
+  newest step, a step being saved or loaded);
+- :mod:`.load_fallback`: which step a load takes (the newest that loads);
+- :mod:`.stateful`: modules, optimizers... to and from state dicts;
+- :mod:`.save_handle`: the outcome of a save;
+- :mod:`.preemption`: exiting on a termination signal;
+- a :class:`.Checkpointer` (sync or async) does every read and write.
+
+Only committed checkpoints (with a valid manifest whose step matches the
+name) count; hidden leftovers of crashed saves are ignored and cleaned.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 import signal
 import threading
-import uuid
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any
 
-import torch
-
 from .builder import make_async_checkpointer, make_sync_checkpointer
-from .checkpoint_reader import read_manifest
 from .checkpoint_writer import CheckpointWriterConfig
 from .checkpointer import Checkpointer
 from .config import CheckpointerConfig
-from .errors import (
-    CheckpointError,
-    CheckpointExistsError,
-    CheckpointIOError,
-    CheckpointNotFoundError,
-    ConfigError,
-    CorruptCheckpointError,
-)
-from .format.tree import MAX_DEPTH
-from .retention import CheckpointInfo, RetentionPolicy, preserved
-from .step_metadata import decode_metrics, step_metadata
-from .storage import fs
+from .errors import CheckpointError, CheckpointExistsError
+from .load_fallback import load_newest, load_step
+from .preemption import PreemptionHandler
+from .retention import CheckpointInfo, RetentionPolicy, doomed
+from .save_handle import SaveHandle
+from .stateful import load_template, restore_objects, to_state_dict
+from .step_dirs import committed_steps, discard_step, remove_trash, step_path
+from .step_metadata import step_metadata
 from .storage.local import make_dirs_durably, restore_interrupted_swaps
 from .storage.paths import local_path
 from .types import RankInfo
@@ -54,98 +54,6 @@ from .utils import close_on_exit
 __all__ = ["CheckpointManager", "SaveHandle"]
 
 logger = logging.getLogger(__name__)
-
-_STEP_DIR = re.compile(r"^step_(\d{1,19})$")
-#: How many times a load lists the steps again when those it listed were deleted under it.
-_LIST_ATTEMPTS = 10
-_LEFTOVER = re.compile(r"^\.step_\d+\.torchckpt-(pending|trash-[0-9a-f]+)$")
-#: What makes a load skip a step and try an older one: the step is damaged (or vanished). A template
-#: that does not fit, a refused pickle or a bad argument is the caller's to fix: raised at once.
-_DAMAGE = (CorruptCheckpointError, CheckpointIOError, CheckpointNotFoundError)
-
-
-class SaveHandle:
-    """The outcome of one ``CheckpointManager.save``.
-
-    An error of the save reaches the caller once: through ``result()`` or
-    ``exception()`` here, or else from the manager's next ``save``, ``wait``
-    or ``close``, whichever comes first.
-
-    Args:
-        step: The step saved.
-        path: Its directory.
-        future: Completes when the checkpoint is durable (None: already is).
-    """
-
-    def __init__(self, step: int, path: str, future: Future[Any] | None) -> None:
-        self.step = step
-        self.path = path
-        self._future = future
-        self._delivered = False  # its error has reached the caller
-
-    def done(self) -> bool:
-        """Whether the save has finished (successfully or not)."""
-        return self._future is None or self._future.done()
-
-    def result(self, timeout: float | None = None) -> None:
-        """Wait until the checkpoint is durable; raise the save's error.
-
-        Raises:
-            TimeoutError: Not finished within ``timeout`` seconds.
-        """
-        error = self.exception(timeout)
-        if error is not None:
-            raise error
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """Wait until the save has finished; return its error (None: committed).
-
-        Raises:
-            TimeoutError: Not finished within ``timeout`` seconds.
-        """
-        if self._future is None:
-            return None
-        error = self._future.exception(timeout)
-        self._delivered = True
-        return error
-
-    def _deliver(self) -> None:
-        """Wait; raise the save's error unless the caller has already received it."""
-        if self._future is None:
-            return
-        error = self._future.exception()
-        if error is not None and not self._delivered:
-            self._delivered = True
-            raise error
-
-
-def _to_state_dict(state: Any) -> Any:
-    """``state`` with every object that has ``state_dict()`` replaced by its state dict, in nested dicts too.
-
-    Iterative; a dict reached twice is copied once, so a cycle stays a cycle
-    (and a dict past ``MAX_DEPTH`` stays as it is): saving then refuses it
-    naming the key, whatever the caller's stack.
-    """
-    if hasattr(state, "state_dict") and callable(state.state_dict):
-        return state.state_dict()
-    if not isinstance(state, dict):
-        return state
-    root: dict[Any, Any] = {}
-    copies = {id(state): root}
-    todo: list[tuple[dict[Any, Any], dict[Any, Any], int]] = [(state, root, 1)]
-    while todo:
-        source, copy, depth = todo.pop()
-        for k, v in source.items():
-            if hasattr(v, "state_dict") and callable(v.state_dict):
-                copy[k] = v.state_dict()
-            elif isinstance(v, dict) and id(v) in copies:
-                copy[k] = copies[id(v)]
-            elif isinstance(v, dict) and depth < MAX_DEPTH:
-                copy[k] = copies[id(v)] = {}
-                todo.append((v, copy[k], depth + 1))
-            else:
-                copy[k] = v
-    return root
 
 
 class CheckpointManager:
@@ -183,57 +91,31 @@ class CheckpointManager:
         self._ckpt = checkpointer
         self._rank = rank_info.global_rank if rank_info is not None else _current_rank()
         self._inflight: SaveHandle | None = None
-        self._saving_sync = False
-        self._exit_requested: int | None = None
         self._loading: set[int] = set()
         self._lock = threading.RLock()
         self._closed = False
+        self._preemption = PreemptionHandler(lambda: self._inflight, self._kill_writer)
         make_dirs_durably(self.root)
         if self._rank == 0:
             restore_interrupted_swaps(self.root)
-            self._clean_leftovers()
+            remove_trash(self.root)
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """The checkpointer every save and load of this manager goes through."""
+        return self._ckpt
 
     # -- naming and listing ---------------------------------------------
 
     def path(self, step: int) -> str:
         """The directory of ``step``."""
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ConfigError(f"step must be a non-negative int, got {step!r}", field="step")
-        return os.path.join(self.root, f"step_{step:010d}")
+        return step_path(self.root, step)
 
     def _infos(self) -> list[CheckpointInfo]:
-        for _ in range(_LIST_ATTEMPTS):
-            infos, vanished = self._list_once()
-            if not vanished:
-                break
-            # A listed step was deleted before its manifest was read (retention in another process),
-            # maybe after a newer one was committed that this listing missed. List again.
-        return infos
-
-    def _list_once(self) -> tuple[list[CheckpointInfo], bool]:
-        """The committed steps, and whether a listed step directory vanished while they were read."""
-        infos = []
-        vanished = False
         try:
-            names = os.listdir(self.root)
+            return committed_steps(self.root)
         except FileNotFoundError:
-            return [], False
-        for name in names:
-            m = _STEP_DIR.match(name)
-            if not m or name != f"step_{int(m.group(1)):010d}":
-                continue  # not a step directory, or not where path(step) points (step_12, step_00000000012)
-            path = os.path.join(self.root, name)
-            try:
-                manifest = read_manifest(path)
-            except (CheckpointError, OSError):
-                vanished = vanished or not os.path.lexists(path)
-                continue  # not committed (or unreadable): not a checkpoint
-            step = int(m.group(1))
-            if manifest.metadata.get("step", step) != step:
-                continue
-            metrics = decode_metrics(manifest.metadata.get("metrics"))
-            infos.append(CheckpointInfo(step, path, metrics, manifest.created_unix_s))
-        return sorted(infos, key=lambda c: c.step), vanished
+            return []
 
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
@@ -285,36 +167,36 @@ class CheckpointManager:
         path = self.path(step)
         md = step_metadata(step, metrics, metadata, f"cannot save step {step} under {self.root}")
         with self._lock:
-            inflight = self._inflight
-            if not overwrite and inflight is not None and inflight.step == step and not inflight.done():
-                raise CheckpointExistsError(
-                    f"step {step} is already being saved under {self.root} ({path}); "
-                    "pass overwrite=True to replace it once that save is done",
-                    path=path,
-                )
-            if inflight is not None:
-                inflight._deliver()  # one save at a time, in order; an error nobody has seen is raised here
-            # A link at a step's name is no step: the writer refuses it as a link (never followed).
-            if not overwrite and os.path.lexists(path) and not os.path.islink(path):
-                raise CheckpointExistsError(
-                    f"step {step} already exists under {self.root} ({path}); pass overwrite=True to replace it",
-                    path=path,
-                )
-            state_dict = _to_state_dict(state)
+            self._refuse_existing(step, path, overwrite)
+            state_dict = to_state_dict(state)
             if not self._async:
                 return self._save_sync(step, path, state_dict, md)
             return self._save_async(step, path, state_dict, md)
 
+    def _refuse_existing(self, step: int, path: str, overwrite: bool) -> None:
+        """Refuse a step being saved or saved already (unless ``overwrite``); wait for the in-flight save."""
+        inflight = self._inflight
+        if not overwrite and inflight is not None and inflight.step == step and not inflight.done():
+            raise CheckpointExistsError(
+                f"step {step} is already being saved under {self.root} ({path}); "
+                "pass overwrite=True to replace it once that save is done",
+                path=path,
+            )
+        if inflight is not None:
+            inflight.raise_if_unseen()  # one save at a time, in order; an error nobody has seen is raised here
+        # A link at a step's name is no step: the writer refuses it as a link (never followed).
+        if not overwrite and os.path.lexists(path) and not os.path.islink(path):
+            raise CheckpointExistsError(
+                f"step {step} already exists under {self.root} ({path}); pass overwrite=True to replace it",
+                path=path,
+            )
+
     def _save_sync(self, step: int, path: str, state_dict: Any, md: dict[str, Any]) -> SaveHandle:
-        self._saving_sync = True
-        try:
+        with self._preemption.deferring():  # a signal during the save: exit at its end, committed or not
             self._ckpt.save(path, state_dict, metadata=md)
             handle = SaveHandle(step, path, None)
             self._inflight = handle
             self._after_commit(step)
-        finally:
-            self._saving_sync = False
-            self._exit_if_requested()  # a signal during the save: exit now, committed or not
         return handle
 
     def _save_async(self, step: int, path: str, state_dict: Any, md: dict[str, Any]) -> SaveHandle:
@@ -344,7 +226,7 @@ class CheckpointManager:
         """Wait for the in-flight save; raise its error unless its handle already gave it to the caller."""
         handle = self._inflight
         if handle is not None:
-            handle._deliver()
+            handle.raise_if_unseen()
 
     def _after_commit(self, step: int) -> None:
         if self._rank == 0:
@@ -356,35 +238,24 @@ class CheckpointManager:
         Never deletes the newest committed step, a step being written or loaded,
         or a step in ``protect``. A failed delete is logged and retried next time.
         """
-        infos = self._infos()
-        if not infos:
-            return []
-        keep = preserved(self._policies, infos)
-        guarded = set(protect or ()) | set(self._loading) | {infos[-1].step}
+        guarded = set(protect or ()) | set(self._loading)
         inflight = self._inflight
         if inflight is not None and not inflight.done():
             guarded.add(inflight.step)
-        doomed = [c for c, k in zip(infos, keep) if not k and c.step not in guarded]
+        to_delete = doomed(self._policies, self._infos(), guarded)
         if dry_run:
-            return [c.step for c in doomed]
+            return [c.step for c in to_delete]
         deleted = []
-        for c in doomed:
-            trash = os.path.join(self.root, f".step_{c.step}.torchckpt-trash-{uuid.uuid4().hex}")
+        for c in to_delete:
             try:
-                fs.rename(c.path, trash)  # atomic: never a half-deleted checkpoint in view
+                discard_step(c)
             except OSError as e:
                 logger.warning("could not delete step %d (%s): %s; will retry", c.step, c.path, e)
                 continue
-            shutil.rmtree(trash, ignore_errors=True)
             deleted.append(c.step)
         if deleted:
             logger.info("retention deleted steps %s under %s", deleted, self.root)
         return deleted
-
-    def _clean_leftovers(self) -> None:
-        for name in os.listdir(self.root):
-            if _LEFTOVER.match(name) and not name.endswith("-pending"):
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     # -- loading --------------------------------------------------------
 
@@ -426,67 +297,30 @@ class CheckpointManager:
                 both shapes or types); ``MissingKeysError`` when ``strict``.
             ValueError: ``rank`` is not a rank of the checkpoint.
         """
-        failed: list[tuple[int, CheckpointError]] = []
-        for _ in range(_LIST_ATTEMPTS):
-            candidates = [step] if step is not None else list(reversed(self.steps()))
-            vanished = False
-            for s in candidates:
-                try:
-                    return s, self._load_guarded(s, state, strict=strict, map_location=map_location, rank=rank)
-                except _DAMAGE as e:
-                    if isinstance(e, CheckpointNotFoundError) or not os.path.isdir(self.path(s)):
-                        # Deleted before or while it was read (retention in another process): not a bad step.
-                        if step is not None:
-                            if isinstance(e, CheckpointNotFoundError):
-                                raise
-                            raise CheckpointNotFoundError(
-                                f"step {s} at {self.path(s)} was deleted while it was being loaded", path=self.path(s)
-                            ) from e
-                        vanished = True
-                        continue
-                    if step is not None or not fallback:
-                        raise
-                    warnings.warn(f"skipping step {s} at {self.path(s)}: {e}", stacklevel=2)
-                    logger.warning("skipping step %d at %s: %s", s, self.path(s), e)
-                    failed.append((s, e))
-            if not vanished:
-                break
-            # Listed steps vanished under this load: newer ones were committed meanwhile. List again.
-        if not failed:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}", path=self.root)
-        # Not a CheckpointNotFoundError: steps exist, and starting afresh is not the answer to damage.
-        raise CorruptCheckpointError(
-            f"no loadable checkpoint under {self.root}: steps {[s for s, _ in failed]} are damaged; "
-            f"the last error: {failed[-1][1]}",
-            path=self.root,
-        ) from failed[-1][1]
 
-    def _load_guarded(self, step: int, state: dict[str, Any] | None, **kw: Any) -> dict[str, Any]:
-        """Load ``step`` while retention in this process leaves it alone."""
+        def load_one(s: int) -> dict[str, Any]:
+            return self._load_guarded(s, state, strict=strict, map_location=map_location, rank=rank)
+
+        if step is not None:
+            return step, load_step(self.root, step, load_one)
+        return load_newest(self.root, self.steps, load_one, fallback=fallback)
+
+    def _load_guarded(
+        self, step: int, state: dict[str, Any] | None, *, strict: bool, map_location: Any, rank: int | None
+    ) -> dict[str, Any]:
+        """Load ``step`` into ``state`` while retention in this process leaves it alone."""
         with self._lock:
             self._loading.add(step)
         try:
-            return self._load_step(step, state, **kw)
+            extra = {} if rank is None else {"rank": rank}
+            loaded = self._ckpt.load(
+                self.path(step), load_template(state), default_map_location=map_location, strict=strict, **extra
+            )
+            restore_objects(state, loaded)
+            return loaded
         finally:
             with self._lock:
                 self._loading.discard(step)
-
-    def _load_step(
-        self, step: int, state: dict[str, Any] | None, *, strict: bool, map_location: Any, rank: int | None
-    ) -> dict[str, Any]:
-        path = self.path(step)
-        template: dict[str, Any] | None = None
-        if state is not None:
-            template = {}
-            for k, v in state.items():
-                template[k] = v.state_dict() if isinstance(v, torch.nn.Module) else None
-        extra = {} if rank is None else {"rank": rank}
-        loaded = self._ckpt.load(path, template, default_map_location=map_location, strict=strict, **extra)
-        if state is not None:
-            for k, v in state.items():
-                if k in loaded and not isinstance(v, torch.nn.Module) and hasattr(v, "load_state_dict"):
-                    v.load_state_dict(loaded[k])
-        return loaded
 
     # -- preemption -----------------------------------------------------
 
@@ -494,58 +328,10 @@ class CheckpointManager:
         """On ``signum``: finish the in-flight save (or, past ``deadline_s``, abandon it cleanly), then exit.
 
         The process exits with ``128 + signum`` after the previous handler, if
-        any, has run. Abandoning leaves the previous checkpoints intact.
+        any, has run. Abandoning leaves the previous checkpoints intact. Call
+        it from the main thread; see :mod:`.preemption` for the order of events.
         """
-        previous = signal.getsignal(signum)
-
-        def handler(sig: int, frame: Any) -> None:
-            if self._saving_sync:
-                logger.warning("signal %d during a save: exiting once it is committed", sig)
-                self._exit_requested = sig
-                return
-            self._finish_or_abandon(deadline_s)
-            self._exit(sig, previous)
-
-        signal.signal(signum, handler)
-        self._previous_handler = previous
-
-    def _finish_or_abandon(self, deadline_s: float) -> None:
-        handle = self._inflight
-        if handle is None or handle.done():
-            logger.warning("termination signal: no save in flight")
-            return
-        try:
-            handle.result(timeout=deadline_s)
-            logger.warning("termination signal: finished the in-flight save of step %d", handle.step)
-        except (TimeoutError, FutureTimeoutError):
-            # Stop the writer now: nothing of this save may commit after we say it did not.
-            self._kill_writer()
-            try:
-                handle.result(timeout=5.0)  # it may have committed just before the kill
-            except Exception:  # noqa: BLE001 - killed (or failed): not committed
-                logger.warning(
-                    "termination signal: abandoned the in-flight save of step %d after %.1fs (not committed)",
-                    handle.step, deadline_s,
-                )  # fmt: skip
-            else:
-                logger.warning("termination signal: finished the in-flight save of step %d", handle.step)
-        except Exception as e:  # noqa: BLE001 - it failed on its own
-            logger.warning("termination signal: the in-flight save of step %d failed: %s", handle.step, e)
-
-    def _exit_if_requested(self) -> None:
-        if self._exit_requested is not None:
-            logger.warning("termination signal: the save is committed; exiting")
-            self._exit(self._exit_requested, getattr(self, "_previous_handler", None))
-
-    def _exit(self, sig: int, previous: Any) -> None:
-        if callable(previous):
-            previous(sig, None)
-        self._abandon()
-        os._exit(128 + sig)
-
-    def _abandon(self) -> None:
-        # Not a graceful close: that waits for an in-flight write (which could then still commit).
-        self._kill_writer()
+        self._preemption.install(deadline_s, signum)
 
     def _kill_writer(self) -> None:
         try:
@@ -582,4 +368,3 @@ def _current_rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-

@@ -3,7 +3,12 @@
 This is what ``torchckpt gc`` runs. The manager's own retention runs inside
 the training job, where a failed delete is logged and retried at the next
 save; here the work is planned first without touching anything (a dry run
-stops there), and every failure is reported with its path and errno.
+stops there), and every failure is reported with its path and errno. The
+steps, the leftovers and their names come from :mod:`.step_dirs`, which
+decides for the manager too; which steps go, from :func:`.retention.doomed`.
+A step is moved aside with :func:`.step_dirs.move_step_aside` and then
+removed here, manifest first, reporting each error (the manager's own
+deletion ignores them).
 
 Leftovers are the hidden directories beside the steps:
 
@@ -21,62 +26,17 @@ Leftovers are the hidden directories beside the steps:
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint_reader import read_manifest
-from .errors import CheckpointError
-from .retention import CheckpointInfo, RetentionPolicy, preserved
+from .retention import CheckpointInfo, RetentionPolicy, doomed
+from .step_dirs import committed_steps, leftover_of, move_step_aside, step_of
 from .storage.local import MANIFEST_NAME, save_lock_if_free
 
-__all__ = ["PrunePlan", "PruneResult", "committed_steps", "plan_prune", "prune", "step_of"]
-
-_STEP_NAME = re.compile(r"^step_(\d{1,19})$")
-_TRASH = re.compile(r"^\.(step_\d{1,19})\.torchckpt-trash-[0-9a-f]+$")
-_PENDING = re.compile(r"^\.(step_\d{1,19})\.torchckpt-pending$")
-
-
-def step_of(name: str) -> int | None:
-    """The step a directory name stands for (``step_0000000012`` -> 12), or None.
-
-    Only the name ``CheckpointManager.path(step)`` gives counts: ``step_12``
-    is not step 12's directory.
-    """
-    m = _STEP_NAME.match(name)
-    if m is None or name != f"step_{int(m.group(1)):010d}":
-        return None
-    return int(m.group(1))
-
-
-def committed_steps(root: str) -> list[CheckpointInfo]:
-    """The committed steps under ``root``, ascending, as the manager lists them.
-
-    A step counts when its directory has the manager's name and a valid
-    manifest whose recorded step (if any) matches the name.
-
-    Raises:
-        OSError: ``root`` cannot be listed.
-    """
-    infos = []
-    for name in os.listdir(root):
-        step = step_of(name)
-        if step is None:
-            continue
-        path = os.path.join(root, name)
-        try:
-            manifest = read_manifest(path)
-        except (CheckpointError, OSError):
-            continue  # not committed, unreadable, or deleted meanwhile
-        if manifest.metadata.get("step", step) != step:
-            continue
-        metrics = manifest.metadata.get("metrics")
-        infos.append(CheckpointInfo(step, path, metrics if isinstance(metrics, dict) else {}, manifest.created_unix_s))
-    return sorted(infos, key=lambda c: c.step)
+__all__ = ["PrunePlan", "PruneResult", "plan_prune", "prune"]
 
 
 @dataclass
@@ -125,40 +85,43 @@ def plan_prune(root: str, policies: Sequence[RetentionPolicy]) -> PrunePlan:
     Raises:
         OSError: ``root`` cannot be listed.
     """
-    plan = PrunePlan(root)
-    infos = committed_steps(root)
-    if infos:
-        keep = preserved(list(policies), infos)
-        plan.steps = [c for c, k in zip(infos[:-1], keep[:-1]) if not k]  # the newest always stays
+    plan = PrunePlan(root, steps=doomed(policies, committed_steps(root)))  # the newest always stays
     pending = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        trash, pend = _TRASH.match(name), _PENDING.match(name)
-        if trash is not None:
-            origin = os.path.join(root, trash.group(1))
+        leftover = leftover_of(name)
+        if leftover is None:
+            continue
+        if leftover.kind == "trash":
+            origin = os.path.join(root, leftover.origin)
             # Retention names its trash after the step number (.step_12.): only an overwrite's, named after
             # the directory (.step_0000000012.), can hold a generation that is nowhere else.
             if (
-                step_of(trash.group(1)) is not None
+                step_of(leftover.origin) is not None
                 and os.path.lexists(os.path.join(path, MANIFEST_NAME))
                 and not os.path.lexists(origin)
             ):
                 plan.kept.append((path, f"it holds the only copy of {origin}; rename it to that name to restore it"))
             else:
                 plan.leftovers.append(path)
-        elif pend is not None and os.path.isdir(path):
+        elif os.path.isdir(path):
             pending.append(path)
     if pending:
-        try:
-            with save_lock_if_free(root) as free:
-                pass
-        except OSError:
-            free = True  # cannot tell here: the deletion will try and report
-        if free:
-            plan.leftovers += pending
-        else:
-            plan.kept += [(p, f"a save into {root} is running") for p in pending]
+        _plan_pending(plan, pending)
     return plan
+
+
+def _plan_pending(plan: PrunePlan, pending: list[str]) -> None:
+    """Plan the deletion of the pending directories, unless a save into the root is running."""
+    try:
+        with save_lock_if_free(plan.root) as free:
+            pass
+    except OSError:
+        free = True  # cannot tell here: the deletion will try and report
+    if free:
+        plan.leftovers += pending
+    else:
+        plan.kept += [(p, f"a save into {plan.root} is running") for p in pending]
 
 
 def prune(plan: PrunePlan) -> PruneResult:
@@ -170,9 +133,8 @@ def prune(plan: PrunePlan) -> PruneResult:
     """
     result = PruneResult(kept=list(plan.kept))
     for info in plan.steps:
-        trash = os.path.join(plan.root, f".step_{info.step}.torchckpt-trash-{uuid.uuid4().hex}")
         try:
-            os.rename(info.path, trash)
+            trash = move_step_aside(info)
         except FileNotFoundError:
             continue  # deleted meanwhile (the training job's own retention)
         except OSError as e:
@@ -181,7 +143,7 @@ def prune(plan: PrunePlan) -> PruneResult:
             continue
         result.steps.append(info.step)
         _remove(trash, result)
-    trash_dirs = [p for p in plan.leftovers if _TRASH.match(os.path.basename(p))]
+    trash_dirs = [p for p in plan.leftovers if _is_trash(p)]
     for path in trash_dirs:
         if _remove(path, result):
             result.leftovers.append(path)
@@ -189,6 +151,11 @@ def prune(plan: PrunePlan) -> PruneResult:
     if pending:
         _remove_pending(plan.root, pending, result)
     return result
+
+
+def _is_trash(path: str) -> bool:
+    leftover = leftover_of(os.path.basename(path))
+    return leftover is not None and leftover.kind == "trash"
 
 
 def _remove_pending(root: str, pending: list[str], result: PruneResult) -> None:

@@ -2,21 +2,23 @@
 
 Each policy is a small object with one method, ``should_preserve(checkpoints)
 -> list[bool]``, over the committed checkpoints in ascending step order. A
-step survives if any policy keeps it. The manager adds its own guards: the
-newest committed step, a step being written and a step being loaded are
-never deleted.
+step survives if any policy keeps it (:func:`preserved`). :func:`doomed` adds
+the guards that hold whatever the policies say: the newest committed step is
+never deleted, nor a step the caller guards (the manager guards a step being
+written and a step being loaded). The manager's retention and ``torchckpt gc``
+both decide through :func:`doomed`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import ConfigError
 
-__all__ = ["CheckpointInfo", "KeepBest", "KeepEvery", "KeepLast", "RetentionPolicy", "preserved"]
+__all__ = ["CheckpointInfo", "KeepBest", "KeepEvery", "KeepLast", "RetentionPolicy", "doomed", "preserved"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +108,22 @@ def preserved(policies: Sequence[RetentionPolicy] | None, checkpoints: Sequence[
             raise ValueError(f"{policy!r} returned {len(decision)} decisions for {len(checkpoints)} checkpoints")
         keep = [a or bool(b) for a, b in zip(keep, decision)]
     return keep
+
+
+def doomed(
+    policies: Sequence[RetentionPolicy] | None,
+    checkpoints: Sequence[CheckpointInfo],
+    guarded: Collection[int] = (),
+) -> list[CheckpointInfo]:
+    """The checkpoints to delete: those no policy keeps, except the newest one and the ``guarded`` steps.
+
+    Args:
+        policies: The retention policies (none: nothing is deleted).
+        checkpoints: The committed checkpoints, ascending steps.
+        guarded: Steps never to delete, whatever the policies say.
+    """
+    if not checkpoints:
+        return []
+    keep = preserved(policies, checkpoints)
+    newest = checkpoints[-1].step
+    return [c for c, k in zip(checkpoints, keep) if not k and c.step != newest and c.step not in guarded]

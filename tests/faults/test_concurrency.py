@@ -343,14 +343,14 @@ def test_a_load_racing_an_overwrite_reads_the_new_generation(tmp_path, monkeypat
 
 def test_a_manager_load_racing_retention_loads_the_newer_step(tmp_path, monkeypatch) -> None:
     """Another process commits step 2 and its retention deletes step 1 while this one lists or loads step 1."""
-    from torchckpt import checkpoint_reader, manager
+    from torchckpt import checkpoint_reader, step_dirs
 
     root = str(tmp_path / "root")
     saver = tc.CheckpointManager(root, keep=tc.KeepLast(1), async_save=False)
     loader = tc.CheckpointManager(root, async_save=False)  # another process, as far as retention knows
     saver.save(1, concurrent_child.step_state(1))
     for module, name, at_rank_file in [
-        (manager, "read_manifest", False),  # the step is deleted between the listing and its manifest
+        (step_dirs, "read_manifest", False),  # the step is deleted between the listing and its manifest
         (checkpoint_reader, "_open_in", True),  # ... after its manifest was read, before its rank file
     ]:
         step = saver.steps()[-1]

@@ -37,7 +37,7 @@ from torchckpt.errors import WriterProcessError
 if __name__ == "__main__":  # (not needed any more; kept so that this tests only the interrupt)
     with tc.CheckpointManager(sys.argv[1], format="torch_save") as mgr:
         mgr.save(1, {"w": torch.ones(32 << 20), "step": 1})
-        print("WRITER", mgr._ckpt._checkpoint_process.process.processes[0].pid, flush=True)
+        print("WRITER", mgr.checkpointer._checkpoint_process.process.processes[0].pid, flush=True)
         if sys.argv[2] == "interrupt":
             time.sleep(120)
 """

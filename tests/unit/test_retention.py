@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchckpt.errors import ConfigError
-from torchckpt.retention import CheckpointInfo, KeepBest, KeepEvery, KeepLast, preserved
+from torchckpt.retention import CheckpointInfo, KeepBest, KeepEvery, KeepLast, doomed, preserved
 
 
 def infos(steps: Sequence[int], metrics: Sequence[dict[str, Any]] | None = None) -> list[CheckpointInfo]:
@@ -189,3 +189,22 @@ def test_keep_best_keeps_the_n_best_scored(cps: list[CheckpointInfo], n: int, mo
         worst_kept = max(sign * c.metrics["loss"] for c in kept_infos)
         best_rejected = min(sign * c.metrics["loss"] for c in rejected)
         assert worst_kept <= best_rejected
+
+
+# -- doomed: the policies plus the guards ----------------------------------------
+
+
+def test_doomed_never_deletes_the_newest_step() -> None:
+    cps = infos([1, 2, 3])
+    assert [c.step for c in doomed([KeepEvery(100)], cps)] == [1, 2]  # no policy keeps 3: still kept
+
+
+def test_doomed_spares_guarded_steps() -> None:
+    cps = infos([1, 2, 3, 4])
+    assert [c.step for c in doomed([KeepLast(1)], cps, guarded={2})] == [1, 3]
+
+
+def test_doomed_without_policies_or_checkpoints_deletes_nothing() -> None:
+    assert doomed([], infos([1, 2, 3])) == []
+    assert doomed(None, infos([1, 2])) == []
+    assert doomed([KeepLast(1)], []) == []
