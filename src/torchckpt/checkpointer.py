@@ -1,4 +1,22 @@
-"""Checkpointers: the object a training loop holds to save and load its state."""
+"""Checkpointers: the object a training loop holds to save and load its state.
+
+``SyncCheckpointer.save`` calls ``CheckpointWriter.write`` in the calling
+thread. ``AsyncCheckpointer.save`` checks the keywords, the metadata and that
+the location is writable, then starts staging and the write, and returns:
+
+* with torchckpt's own ``DefaultStager`` and ``CheckpointProcess``, the state
+  is walked once: ``DefaultStager.stage_flattened`` flattens it and copies its
+  tensors into staging memory, and ``CheckpointProcess.write_staged`` sends that
+  flattened form to the writer subprocess, where
+  ``CheckpointWriter.write_staged`` plans the file from it;
+* with a user's stager or process, the reference's contract: ``stage`` gives a
+  state dict (or a future of one), ``CheckpointProcess.write`` takes it.
+
+``AsyncCheckpointer.abort`` stops the writer subprocess at once
+(``CheckpointProcess.kill``) for a process that must exit without waiting.
+A checkpointer learns the rank it saves for from a :class:`RankAware` writer
+or process (``rank_info``).
+"""
 
 from __future__ import annotations
 
@@ -166,8 +184,8 @@ class AsyncCheckpointer(Checkpointer):
     next ``save`` or by ``close`` — never lost.
 
     Args:
-        checkpoint_stager: Makes the snapshot.
-        checkpoint_process: Writes it in the background.
+        checkpoint_stager: Makes the snapshot (a ``DefaultStager``: in its flattened form).
+        checkpoint_process: Writes it in the background (``abort`` needs a ``CheckpointProcess``).
         reader: Reads checkpoints.
         hook_keywords: The keywords the commit hook of the writer in the
             subprocess takes (empty: it has none), so that ``save`` refuses any

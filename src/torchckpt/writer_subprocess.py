@@ -26,6 +26,11 @@ Start-up, in order:
    failure up to here, and in the init functions, is sent back as the answer
    to the parent's first ``PING``.
 4. Requests are served until ``TERMINATE_PROCESS`` or the end of the pipe.
+   A write goes to torchckpt's own ``CheckpointWriter`` whole
+   (``write_staged``: the staged state as it came, flattened or not, with the
+   save's number and figures); a user's writer (any other writer object, or a
+   class that overrides ``write``) gets ``write(path, state_dict, **kwargs)``
+   with the state dict rebuilt from the flattened form.
 """
 
 from __future__ import annotations
