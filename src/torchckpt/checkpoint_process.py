@@ -10,8 +10,19 @@ script is imported in the writer (as ``spawn`` would) only when the init
 functions, their arguments or a request refer to something defined in it;
 that is logged, and such a script needs the guard.
 
+A write request carries the staged state (the flattened form that
+``DefaultStager.stage_flattened`` made, or a user's stager's state dict), the
+path, the user's keyword arguments, and, as fields of their own, the save's
+number (counted here, so that a replaced writer keeps counting with the other
+ranks) and the figures measured before the write (``stall_s``). The writer
+hands torchckpt's own ``CheckpointWriter`` all of it
+(``CheckpointWriter.write_staged``); a user's writer gets
+``write(path, state_dict, **kwargs)`` only.
+
 Tensors cross to the writer through shared memory, never as bytes through the
-pipe: the request is pickled with torch's multiprocessing reductions, which
+pipe: the request is pickled once (:func:`torchckpt.writer_launch.pickle_for_writer`,
+which also notes whether it refers to the training script) with torch's
+multiprocessing reductions, which
 pass a shared storage's file descriptor (a staged state dict lives in one
 shared arena, :mod:`torchckpt.shm`) and move any other tensor into shared
 memory first. The subprocess keeps the last mapping, so a reused arena is not
@@ -36,14 +47,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
-from multiprocessing.reduction import ForkingPickler
+from dataclasses import dataclass
 from typing import Any
 
-from .checkpoint_writer import SAVE_NUMBER_KWARG, STATS_KWARG, CheckpointWriter
+from .checkpoint_writer import CheckpointWriter
 from .config import CheckpointProcessConfig
 from .errors import WriterProcessError
+from .format.tree import Flattened
 from .types import STATE_DICT, RankInfo
-from .writer_launch import WriterProcesses, names_from_main, start_message, start_writer
+from .writer_launch import WriterProcesses, pickle_for_writer, start_message, start_writer
 from .writer_subprocess import (
     RequestType,
     WorkerRequest,
@@ -68,6 +80,20 @@ class _RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
+
+
+@dataclass(frozen=True)
+class _WriteRequest:
+    """A write as numbered in the training process, before its state is staged."""
+
+    path: str
+    kwargs: dict[str, Any]
+    save_number: int
+    called_at: float | None
+
+
+def _killed_message(rank_info: RankInfo) -> str:
+    return f"the checkpoint writer of rank {rank_info.global_rank} was killed (CheckpointProcess.kill)"
 
 
 def _describe_exit(proc: Any) -> str:
@@ -124,8 +150,14 @@ class CheckpointProcess:
         self._parent_end: Connection | None = None
         self._broken = False
         self._closed = False
+        self._killed = False
         self._writes = 0
         self.process_creation_future: Future[None] = self._executor.submit(self._create_subprocess, config)
+
+    @property
+    def rank_info(self) -> RankInfo:
+        """The rank the writer subprocess writes for, and the world size."""
+        return self._rank_info
 
     # -- lifecycle -------------------------------------------------------
 
@@ -144,20 +176,22 @@ class CheckpointProcess:
             "writer_init_fn": self._checkpoint_writer_init_fn,
             "writer_init_args": self._checkpoint_writer_init_args,
         }
-        from_main = names_from_main(init)
-        if from_main:
+        init_bytes, from_main = pickle_for_writer(init)  # a pickling error is raised here, before any process starts
+        if from_main and not self._import_main:
             self._import_main = True
             logger.info(
                 "the checkpoint writer subprocess imports the training script (__main__) for %s defined there",
                 ", ".join(from_main),
             )
-        init_bytes = ForkingPickler.dumps(init)  # a pickling error is raised here, before any process starts
         self._parent_end, child_end = multiprocessing.Pipe()
         self._broken = False
         # Known workaround for https://github.com/pytorch/pytorch/issues/37377
         os.environ.setdefault("MKL_SERVICE_FORCE_INTEL", "GNU")
         self.process = start_writer(child_end)
         proc = self.process.processes[0]
+        if self._killed:  # kill() ran while this one started: it must not write
+            self._stop_subprocess()
+            raise WriterProcessError(_killed_message(self._rank_info), pid=proc.pid, exitcode=proc.exitcode)
         logger.info("started checkpoint writer subprocess pid %d for rank %d", proc.pid, self._rank_info.global_rank)
         try:
             self._parent_end.send(start_message(self._import_main))
@@ -169,7 +203,7 @@ class CheckpointProcess:
             raise WriterProcessError(_died(proc, "start", f" ({e})"), pid=proc.pid, exitcode=proc.exitcode) from e
         timeout = config.subprocess_init_timeout_secs
         if not self._await_response(timeout, during="start"):
-            self._kill()
+            self._stop_subprocess()
             msg = f"Timed out after {timeout}s waiting for checkpoint subprocess (pid {proc.pid}) to initialize"
             logger.error(msg)
             raise TimeoutError(msg)
@@ -184,7 +218,20 @@ class CheckpointProcess:
             and self.process.processes[0].is_alive()
         )
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
+        """Stop writing at once: SIGKILL the writer subprocess and reap it.
+
+        The write in flight fails (``WriterProcessError``), and so does every
+        later write: no writer is started again, so nothing commits after this
+        returns. ``close`` still releases the rest. Call it from the thread
+        that saves (``AsyncCheckpointer.abort`` does), e.g. before an exit
+        that must not wait for a commit.
+        """
+        self._killed = True  # first: a writer started from now on is stopped by its starter
+        self._stop_subprocess()
+
+    def _stop_subprocess(self) -> None:
+        """SIGKILL the current writer subprocess and reap it (the next write starts another)."""
         if self.process is None:
             return
         proc = self.process.processes[0]
@@ -197,7 +244,7 @@ class CheckpointProcess:
         if reason is None:
             reason = _describe_exit(old) if old is not None else "none"
         logger.warning("replacing the checkpoint writer subprocess (%s)", reason)
-        self._kill()
+        self._stop_subprocess()
         if self.process is not None:
             self.process.processes[0].close()
         if self._parent_end is not None:
@@ -206,11 +253,21 @@ class CheckpointProcess:
 
     # -- messages --------------------------------------------------------
 
-    def _send(self, request_type: RequestType, payload: dict[str, Any]) -> None:
+    def _encode(self, request: WorkerRequest) -> tuple[bytes, list[str]]:
+        """The request pickled for the writer, and the names of ``__main__`` it refers to."""
+        try:
+            return pickle_for_writer(request)
+        except ValueError as e:
+            self._broken = True
+            raise WriterProcessError(
+                f"{_DIED}: could not send the {request.request_type.value} request: {e}", pid=self._pid()
+            ) from e
+
+    def _send_bytes(self, request_type: RequestType, data: bytes) -> None:
         try:
             if self._parent_end is None:
                 raise OSError("pipe to the writer subprocess is not open")
-            self._parent_end.send(WorkerRequest(request_type=request_type, payload=payload))
+            self._parent_end.send_bytes(data)
         except (OSError, ValueError) as e:
             self._broken = True
             raise WriterProcessError(
@@ -275,35 +332,68 @@ class CheckpointProcess:
         Returns:
             A future that completes when the checkpoint is committed, or holds the error.
         """
+        return self.write_staged(state_dict, path, **kwargs)
+
+    def write_staged(
+        self,
+        staged: STATE_DICT | Flattened | Future[STATE_DICT] | Future[Flattened],
+        path: str,
+        *,
+        save_called_at: float | None = None,
+        **kwargs: Any,
+    ) -> Future[None]:
+        """Write what staging made in the subprocess: ``write``, also for the flattened form.
+
+        ``AsyncCheckpointer.save`` calls it with ``DefaultStager.stage_flattened``'s
+        result as soon as staging has started. Call order: the save is numbered
+        here, in the calling thread; a background thread then waits for the
+        staged state, sends it to the writer and waits for the commit. Writes
+        run one at a time, in the order of the calls.
+
+        Args:
+            staged: A state dict or a :class:`~torchckpt.format.tree.Flattened`, or a future of either.
+            path: The checkpoint directory.
+            save_called_at: ``time.perf_counter()`` when the save was called: the time from
+                it until the staged state is ready is stored as the save's ``stall_s``.
+            **kwargs: Passed to the writer (and its hooks).
+
+        Returns:
+            A future that completes when the checkpoint is committed, or holds the error.
+        """
         self.process_creation_future.result()
         # Numbered here, in the training process, so a replaced writer keeps counting with the other ranks.
-        kwargs[SAVE_NUMBER_KWARG] = self._writes
+        request = _WriteRequest(os.fspath(path), kwargs, self._writes, save_called_at)
         self._writes += 1
-        return self._executor.submit(self._write, state_dict, path, **kwargs)
+        return self._executor.submit(self._write, staged, request)
 
-    def _write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> None:
-        sd = state_dict.result() if isinstance(state_dict, Future) else state_dict
-        stats = kwargs.get(STATS_KWARG)
-        if isinstance(stats, dict) and "called_at" in stats:
-            stats["stall_s"] = time.perf_counter() - stats.pop("called_at")
-        payload = {"state_dict": sd, "path": os.fspath(path), "kwargs": kwargs}
-        from_main = [] if self._import_main else names_from_main(payload)
-        if from_main:
+    def _write(self, staged: Any, request: _WriteRequest) -> None:
+        state = staged.result() if isinstance(staged, Future) else staged
+        path = request.path
+        payload = {
+            "state": state, "path": path, "kwargs": request.kwargs, "save_number": request.save_number,
+            "stats": {} if request.called_at is None else {"stall_s": time.perf_counter() - request.called_at},
+        }  # fmt: skip
+        if self._killed:
+            raise WriterProcessError(f"{_killed_message(self._rank_info)}: the save of {path} is abandoned", path=path)
+        data, from_main = self._encode(WorkerRequest(RequestType.WRITE_CHECKPOINT, payload))
+        if isinstance(state, Flattened):  # values stored with pickle were pickled by staging
+            from_main = sorted({*from_main, *(name for value in state.pickled for name in value.from_main)})
+        if from_main and not self._import_main:
             # The writer cannot unpickle them without the training script: restart it with the script imported.
             self._import_main = True
             self._respawn(f"the save of {path} holds {', '.join(from_main)} from the training script (__main__): "
                           "the new writer imports the script")  # fmt: skip
         elif not self._alive() and not (self._parent_end is not None and self._parent_end.closed):
             self._respawn()
-        self._send(RequestType.WRITE_CHECKPOINT, payload)
+        self._send_bytes(RequestType.WRITE_CHECKPOINT, data)
         timeout = self._config.write_timeout_secs
         during = f"the write of {path}"
-        if not self._await_response(timeout, during=during, path=os.fspath(path)):
+        if not self._await_response(timeout, during=during, path=path):
             pid = self._pid()
-            self._kill()
+            self._stop_subprocess()
             self._broken = True
             raise TimeoutError(f"checkpoint writer subprocess (pid {pid}) did not finish writing {path} in {timeout}s")
-        self._recv(during=during, path=os.fspath(path))
+        self._recv(during=during, path=path)
 
     def close(self) -> None:
         """Stop the subprocess: ask it to exit, wait up to the shutdown timeout, then kill it."""

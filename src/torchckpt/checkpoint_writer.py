@@ -1,6 +1,8 @@
 """Writing a checkpoint: this rank's data, then one atomic commit.
 
-A write goes (DESIGN.md §2):
+A write goes (DESIGN.md §2), in ``CheckpointWriter.write_staged`` (which
+``write`` calls, and the writer subprocess calls with the flattened state that
+staging made):
 
 1. prepare  the hidden pending directory beside ``path`` (coordinator: lock, clean)
 2. write    this rank's file (native: parallel positional writes with checksums), fsync
@@ -18,6 +20,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
@@ -30,8 +34,9 @@ from .format.gcpause import paused_gc
 from .format.manifest import RankEntry, build_manifest, parse_rank_entry
 from .format.native import plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
-from .format.tree import MAX_DEPTH, STACK_FRAMES_NEEDED, check_saveable, deepest_key, flatten
+from .format.tree import MAX_DEPTH, STACK_FRAMES_NEEDED, Flattened, check_saveable, deepest_key, flatten, unflatten
 from .keywords import WRITE_KEYWORDS, accepted_keywords, check_keywords, keywords_for
+from .shm import own_storage
 from .storage import fs
 from .storage.io import CHUNK_BYTES
 from .storage.local import DirectoryCommit, write_file_durably
@@ -42,10 +47,6 @@ __all__ = ["CheckpointFormat", "CheckpointWriter", "CheckpointWriterConfig", "Wr
 
 logger = logging.getLogger(__name__)
 
-#: Keyword argument by which the async path hands its figures (stall, staging) to the writer.
-STATS_KWARG = "_torchckpt_stats"
-#: Keyword argument by which the async path numbers its saves (a replaced writer keeps counting).
-SAVE_NUMBER_KWARG = "_torchckpt_save_number"
 
 
 class WriterHook(abc.ABC):
@@ -69,6 +70,18 @@ class WriterHook(abc.ABC):
     @abc.abstractmethod
     def post_commit(self, path: str, **kwargs: Any) -> None:
         """Runs after the checkpoint is committed."""
+
+
+@dataclass
+class _Save:
+    """One ``write`` as it goes through its steps."""
+
+    path: str
+    save_number: int
+    #: Figures of the save, stored in the manifest (those measured before the write first).
+    stats: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    entry: RankEntry | None = None
 
 
 class CheckpointWriter:
@@ -103,8 +116,15 @@ class CheckpointWriter:
     def config(self) -> CheckpointWriterConfig:
         return self._config
 
+    @property
+    def rank_info(self) -> RankInfo:
+        """The rank this writer writes for, and the world size."""
+        return self._rank_info
+
     def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
         """Write ``state_dict`` as this rank's part of the checkpoint at ``path``.
+
+        The same as ``write_staged(path, state_dict, **kwargs)``: the writer numbers the save itself.
 
         Args:
             path: The checkpoint directory (created; an existing checkpoint there
@@ -122,77 +142,140 @@ class CheckpointWriter:
             TypeError: A keyword neither torchckpt nor the commit hook takes (named),
                 before anything is written.
         """
-        # Parts of a save recurse once per level of the state: run it where that fits.
-        call_with_stack(STACK_FRAMES_NEEDED, self._write, path, state_dict, kwargs)
+        self.write_staged(path, state_dict, **kwargs)
 
-    def _write(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> None:
-        extra_stats = kwargs.pop(STATS_KWARG, None) or {}
-        save_number = kwargs.pop(SAVE_NUMBER_KWARG, None)
+    def write_staged(
+        self,
+        path: str,
+        state: STATE_DICT | Flattened,
+        *,
+        save_number: int | None = None,
+        stats: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write a state, or the flattened form staging made of it, as this rank's part of the checkpoint at ``path``.
+
+        ``write`` calls it; the writer subprocess calls it directly with what
+        ``DefaultStager.stage_flattened`` produced, so that the state is not
+        walked again. Call order, on every rank (module docstring): prepare the
+        pending directory, write and fsync this rank's file, ``pre_commit``, the
+        barrier (exactly once), the commit (rank 0), ``post_commit``.
+
+        Args:
+            path: The checkpoint directory.
+            state: A state dict, or a :class:`~torchckpt.format.tree.Flattened` whose tensors
+                hold the state (its values stored with pickle are refused as ``flatten``
+                refuses them unless this save allows pickle).
+            save_number: This save's number, the same on every rank (the ranks agree on a
+                save by it); None: the writer counts its own saves. A writer that replaces
+                one that died is given the number by the process that numbers the saves.
+            stats: Figures measured before the write (``stall_s``), stored with the
+                checkpoint's figures in the manifest.
+            **kwargs: As for ``write``.
+
+        Raises:
+            UnsafeObjectError, CheckpointIOError, TypeError: As ``write``.
+        """
         if save_number is None:
             save_number = self._saves
         self._saves = save_number + 1
+        # Parts of a save recurse once per level of the state: run it where that fits.
+        call_with_stack(
+            STACK_FRAMES_NEEDED, self._write, _Save(os.fspath(path), save_number, dict(stats or {})), state, kwargs
+        )
+
+    def _write(self, save: _Save, state: STATE_DICT | Flattened, kwargs: dict[str, Any]) -> None:
         rank = self._rank_info.global_rank
         world = self._rank_info.global_world_size
         started = time.monotonic()
-        path = os.fspath(path)
-        logger.info("saving checkpoint %s (rank %d of %d)", path, rank, world)
-        commit = DirectoryCommit(path, rank=rank, lock_timeout_s=self._config.write_barrier_timeout_secs)
+        logger.info("saving checkpoint %s (rank %d of %d)", save.path, rank, world)
+        commit = DirectoryCommit(save.path, rank=rank, lock_timeout_s=self._config.write_barrier_timeout_secs)
         store = self._store() if world > 1 else None
-        stats: dict[str, Any] = {}
-        metadata: dict[str, Any] = {}
         try:
-            local_error: BaseException | None = None
-            try:
-                self.check_keywords(path, kwargs, warn_only=True)
-                metadata = check_metadata(kwargs.get("metadata"), path)  # before a byte is written
-                commit.prepare(coordinator=rank == 0)
-                entry, stats = self._write_rank(commit.pending, state_dict, kwargs.get("allow_pickle"))
-                stats.update(extra_stats)
-                if world > 1:
-                    _write_entry_sidecar(commit.pending, entry)
-                if self._commit_hook is not None:
-                    self._commit_hook.pre_commit(path, **keywords_for(self._commit_hook.pre_commit, kwargs))
-            except Exception as e:
-                if store is None:
-                    raise
-                local_error = e  # the others must hear of it: go on to the agreement
-
-            def do_commit() -> None:
-                entries = [entry] if world == 1 else _read_entry_sidecars(commit.pending, world, path)
-                commit_started = time.monotonic()
-                stats["file_bytes"] = sum(e.size_bytes for e in entries)
-                with paused_gc():
-                    manifest = build_manifest(
-                        layout=str(CheckpointFormat(self._config.format).value),
-                        ranks=entries,
-                        chunk_bytes=CHUNK_BYTES,
-                        metadata=metadata,
-                        stats=stats,
-                    )
-                commit.commit(manifest)
-                stats["commit_s"] = time.monotonic() - commit_started
-
-            barrier = self._barrier.execute_barrier if self._barrier is not None else None
-            if store is not None:
-                agreement = Agreement(
-                    store, rank=rank, world_size=world, path=path, save_number=save_number,
-                    timeout_s=self._config.write_barrier_timeout_secs,
-                )  # fmt: skip
-                run_collective(agreement, local_error=local_error, barrier=barrier, commit=do_commit)
-            else:
-                if barrier is not None:
-                    barrier()
-                if rank == 0:
-                    do_commit()
+            local_error = self._write_local(save, commit, state, kwargs, collective=store is not None)
+            self._agree_and_commit(save, commit, store, local_error)
             if self._commit_hook is not None:
-                self._commit_hook.post_commit(path, **keywords_for(self._commit_hook.post_commit, kwargs))
+                self._commit_hook.post_commit(save.path, **keywords_for(self._commit_hook.post_commit, kwargs))
         finally:
             commit.release(remove_pending=world == 1)
+        stats = save.stats
         logger.info(
             "saved checkpoint %s (rank %d): %d bytes in %.3fs (stall %s, write %.3fs, fsync %.3fs, commit %s)",
-            path, rank, stats.get("bytes", 0), time.monotonic() - started, _secs(stats.get("stall_s")),
+            save.path, rank, stats.get("bytes", 0), time.monotonic() - started, _secs(stats.get("stall_s")),
             stats.get("write_s", 0.0), stats.get("fsync_s", 0.0), _secs(stats.get("commit_s")),
         )  # fmt: skip
+
+    def _write_local(
+        self,
+        save: _Save,
+        commit: DirectoryCommit,
+        state: STATE_DICT | Flattened,
+        kwargs: dict[str, Any],
+        *,
+        collective: bool,
+    ) -> Exception | None:
+        """Steps 1-3 on this rank: check, prepare, write this rank's file, ``pre_commit``.
+
+        Returns:
+            This rank's error when the ranks agree through a store (the others must
+            hear of it), else None (the error is raised).
+        """
+        rank = self._rank_info.global_rank
+        try:
+            self.check_keywords(save.path, kwargs, warn_only=True)
+            save.metadata = check_metadata(kwargs.get("metadata"), save.path)  # before a byte is written
+            commit.prepare(coordinator=rank == 0)
+            save.entry, stats = self._write_rank(commit.pending, state, kwargs.get("allow_pickle"))
+            save.stats = {**stats, **save.stats}
+            if self._rank_info.global_world_size > 1:
+                _write_entry_sidecar(commit.pending, save.entry)
+            if self._commit_hook is not None:
+                self._commit_hook.pre_commit(save.path, **keywords_for(self._commit_hook.pre_commit, kwargs))
+        except Exception as e:
+            if not collective:
+                raise
+            return e
+        return None
+
+    def _agree_and_commit(
+        self, save: _Save, commit: DirectoryCommit, store: Any, local_error: Exception | None
+    ) -> None:
+        """Steps 4-5: the barrier and every rank's agreement, then the coordinator's commit."""
+        rank = self._rank_info.global_rank
+        world = self._rank_info.global_world_size
+        barrier = self._barrier.execute_barrier if self._barrier is not None else None
+
+        def do_commit() -> None:
+            self._commit(save, commit)
+
+        if store is not None:
+            agreement = Agreement(
+                store, rank=rank, world_size=world, path=save.path, save_number=save.save_number,
+                timeout_s=self._config.write_barrier_timeout_secs,
+            )  # fmt: skip
+            run_collective(agreement, local_error=local_error, barrier=barrier, commit=do_commit)
+        else:
+            if barrier is not None:
+                barrier()
+            if rank == 0:
+                do_commit()
+
+    def _commit(self, save: _Save, commit: DirectoryCommit) -> None:
+        """Step 5, on the coordinator: the manifest of every rank's entry, committed."""
+        world = self._rank_info.global_world_size
+        entries = [save.entry] if world == 1 else _read_entry_sidecars(commit.pending, world, save.path)
+        commit_started = time.monotonic()
+        save.stats["file_bytes"] = sum(e.size_bytes for e in entries)
+        with paused_gc():
+            manifest = build_manifest(
+                layout=str(CheckpointFormat(self._config.format).value),
+                ranks=entries,
+                chunk_bytes=CHUNK_BYTES,
+                metadata=save.metadata,
+                stats=save.stats,
+            )
+        commit.commit(manifest)
+        save.stats["commit_s"] = time.monotonic() - commit_started
 
     def check_keywords(self, path: str, kwargs: dict[str, Any], *, warn_only: bool = False) -> None:
         """Refuse (or, ``warn_only``, warn about) a keyword that neither torchckpt nor the commit hook takes.
@@ -220,7 +303,7 @@ class CheckpointWriter:
 
     @paused_gc()  # many small objects per entry: see format/gcpause.py
     def _write_rank(
-        self, pending: str, state_dict: STATE_DICT, allow_pickle: bool | None
+        self, pending: str, state_dict: STATE_DICT | Flattened, allow_pickle: bool | None
     ) -> tuple[RankEntry, dict[str, Any]]:
         rank = self._rank_info.global_rank
         t0 = time.monotonic()
@@ -228,10 +311,10 @@ class CheckpointWriter:
         if allow_pickle is None:  # not given to this save: the config's
             allow_pickle = self._config.allow_pickle
         if native:
-            flat = flatten(state_dict, allow_pickle=allow_pickle)
+            flat = _flattened(state_dict, allow_pickle=allow_pickle)
             plan = plan_rank_file(flat, rank=rank)
         else:  # torch.save writes it: only check that it is safe to (the same errors as flatten)
-            nbytes, empty_bytes = check_saveable(state_dict, allow_pickle=allow_pickle)
+            state_dict, nbytes, empty_bytes = _for_torch_save(state_dict, allow_pickle=allow_pickle)
             plan = None
         name = f"rank_{rank:05d}.safetensors" if native else rank_file_name(rank)
         file_path = os.path.join(pending, name)
@@ -271,6 +354,41 @@ class CheckpointWriter:
     def close(self) -> None:
         """Release resources (none are held between writes)."""
         logger.debug("closing checkpoint writer")
+
+
+def _flattened(state: STATE_DICT | Flattened, *, allow_pickle: bool) -> Flattened:
+    """``state`` flattened (a state dict) or checked (a :class:`Flattened` already).
+
+    Raises:
+        UnsafeObjectError: As :func:`~torchckpt.format.tree.flatten` does.
+    """
+    if not isinstance(state, Flattened):
+        return flatten(state, allow_pickle=allow_pickle)
+    if not allow_pickle:
+        state.refuse_pickled()
+    return state
+
+
+def _for_torch_save(state: STATE_DICT | Flattened, *, allow_pickle: bool) -> tuple[STATE_DICT, int, bool]:
+    """What ``torch.save`` writes for ``state``, checked as :func:`~torchckpt.format.tree.check_saveable` checks it.
+
+    A :class:`Flattened` (staged) state is rebuilt as a state dict whose
+    tensors have storages of their own (:func:`torchckpt.shm.own_storage`).
+
+    Returns:
+        The state dict, the bytes of its distinct tensors, and whether it holds an empty ``bytes``.
+
+    Raises:
+        UnsafeObjectError: As :func:`~torchckpt.format.tree.flatten` does.
+    """
+    if not isinstance(state, Flattened):
+        nbytes, empty_bytes = check_saveable(state, allow_pickle=allow_pickle)
+        return state, nbytes, empty_bytes
+    if not allow_pickle:
+        state.refuse_pickled()
+    tensors = [own_storage(t) for t in state.tensors]
+    state_dict = unflatten(state.tree, tensors.__getitem__, allow_pickle=True)
+    return state_dict, sum(t.numel() * t.element_size() for t in tensors), state.empty_bytes
 
 
 def _secs(value: Any) -> str:

@@ -1,4 +1,22 @@
-"""Checkpointers: the object a training loop holds to save and load its state."""
+"""Checkpointers: the object a training loop holds to save and load its state.
+
+``SyncCheckpointer.save`` calls ``CheckpointWriter.write`` in the calling
+thread. ``AsyncCheckpointer.save`` checks the keywords, the metadata and that
+the location is writable, then starts staging and the write, and returns:
+
+* with torchckpt's own ``DefaultStager`` and ``CheckpointProcess``, the state
+  is walked once: ``DefaultStager.stage_flattened`` flattens it and copies its
+  tensors into staging memory, and ``CheckpointProcess.write_staged`` sends that
+  flattened form to the writer subprocess, where
+  ``CheckpointWriter.write_staged`` plans the file from it;
+* with a user's stager or process, the reference's contract: ``stage`` gives a
+  state dict (or a future of one), ``CheckpointProcess.write`` takes it.
+
+``AsyncCheckpointer.abort`` stops the writer subprocess at once
+(``CheckpointProcess.kill``) for a process that must exit without waiting.
+A checkpointer learns the rank it saves for from a :class:`RankAware` writer
+or process (``rank_info``).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +25,37 @@ import logging
 import os
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+from .checkpoint_process import CheckpointProcess
 from .checkpoint_reader import CheckpointReader
-from .checkpoint_writer import STATS_KWARG, CheckpointWriter, check_metadata
+from .checkpoint_writer import CheckpointWriter, check_metadata
 from .errors import MissingKeysError
 from .format.tree import STACK_FRAMES_NEEDED
 from .keywords import READ_KEYWORDS, WRITE_KEYWORDS, check_keywords
+from .staging import DefaultStager
 from .storage.writable import check_writable
-from .types import STATE_DICT
+from .types import STATE_DICT, RankInfo
 from .utils import call_with_stack, close_on_exit, wrap_future
 
-__all__ = ["AsyncCheckpointer", "Checkpointer", "SyncCheckpointer"]
+__all__ = ["AsyncCheckpointer", "Checkpointer", "RankAware", "SyncCheckpointer"]
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class RankAware(Protocol):
+    """A writer or writer process that says which rank it works for.
+
+    ``CheckpointWriter`` and ``CheckpointProcess`` are. A checkpointer reads
+    ``rank_info`` before a save, to name the rank in the error of a location it
+    cannot write to; a writer that is not rank-aware counts as rank 0.
+    """
+
+    @property
+    def rank_info(self) -> RankInfo:
+        """This process's rank and the world size."""
+        ...
 
 
 class Checkpointer(abc.ABC):
@@ -149,8 +184,8 @@ class AsyncCheckpointer(Checkpointer):
     next ``save`` or by ``close`` — never lost.
 
     Args:
-        checkpoint_stager: Makes the snapshot.
-        checkpoint_process: Writes it in the background.
+        checkpoint_stager: Makes the snapshot (a ``DefaultStager``: in its flattened form).
+        checkpoint_process: Writes it in the background (``abort`` needs a ``CheckpointProcess``).
         reader: Reads checkpoints.
         hook_keywords: The keywords the commit hook of the writer in the
             subprocess takes (empty: it has none), so that ``save`` refuses any
@@ -204,10 +239,7 @@ class AsyncCheckpointer(Checkpointer):
 
     def _start_save(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> tuple[Future, Future]:
         called = time.perf_counter()
-        staged = self._checkpoint_stager.stage(state_dict, **kwargs)
-        stage_future = wrap_future(staged)
-        kwargs[STATS_KWARG] = {"called_at": called}  # the writer thread turns it into stall_s
-        inner = self._checkpoint_process.write(staged, path, **kwargs)
+        stage_future, inner = self._stage_and_write(path, state_dict, kwargs, called)
         outer = _WriteFuture()
 
         def done(f: Future) -> None:
@@ -222,6 +254,41 @@ class AsyncCheckpointer(Checkpointer):
         self._write_future = outer
         return stage_future, outer
 
+    def _stage_and_write(
+        self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any], called: float
+    ) -> tuple[Future, Future]:
+        """Start staging and the write: the flattened form when stager and process are torchckpt's own."""
+        stager, process = self._checkpoint_stager, self._checkpoint_process
+        ours = (
+            isinstance(stager, DefaultStager)
+            and type(stager).stage is DefaultStager.stage
+            and isinstance(process, CheckpointProcess)
+            and type(process).write is CheckpointProcess.write
+        )
+        if not ours:  # the reference's contract: a state dict (or its future) from stage() to write()
+            staged = stager.stage(state_dict, **kwargs)
+            return wrap_future(staged), process.write(staged, path, **kwargs)
+        flat = stager.stage_flattened(state_dict)  # walks the state once; nothing else walks it again
+        return wrap_future(flat), process.write_staged(flat, path, save_called_at=called, **kwargs)
+
+    def abort(self) -> None:
+        """Stop the background writer at once, without waiting for the save in flight.
+
+        SIGKILLs the writer subprocess and reaps it (``CheckpointProcess.kill``):
+        the save in flight fails and nothing commits after this returns; its
+        error is not raised again by ``save`` or ``close``. Later saves fail.
+        Call ``close`` afterwards to free the staging memory. Meant for a
+        process about to exit (a termination signal) that must not wait.
+
+        Raises:
+            TypeError: The checkpoint process is not a ``CheckpointProcess``.
+        """
+        process = self._checkpoint_process
+        if not isinstance(process, CheckpointProcess):
+            raise TypeError(f"abort() stops a CheckpointProcess, not a {type(process).__name__}")
+        process.kill()
+        self._write_future = None  # aborted on purpose: its error is no news
+
     def close(self) -> None:
         """Wait for the last write, stop the writer and free staging memory; raise an unseen write error."""
         try:
@@ -232,6 +299,8 @@ class AsyncCheckpointer(Checkpointer):
 
 
 def _rank_of(component: Any) -> int:
-    """The rank a writer or writer process works for (0 when it does not say)."""
-    rank = getattr(getattr(component, "_rank_info", None), "global_rank", 0)
+    """The rank a writer or writer process works for (0 when it is not :class:`RankAware`)."""
+    if not isinstance(component, RankAware):
+        return 0
+    rank = component.rank_info.global_rank
     return rank if isinstance(rank, int) else 0

@@ -36,7 +36,7 @@ from typing import Any
 
 from .builder import make_async_checkpointer, make_sync_checkpointer
 from .checkpoint_writer import CheckpointWriterConfig
-from .checkpointer import Checkpointer
+from .checkpointer import AsyncCheckpointer, Checkpointer
 from .config import CheckpointerConfig
 from .errors import CheckpointError, CheckpointExistsError
 from .load_fallback import load_newest, load_step
@@ -334,12 +334,11 @@ class CheckpointManager:
         self._preemption.install(deadline_s, signum)
 
     def _kill_writer(self) -> None:
-        try:
-            process = getattr(self._ckpt, "_checkpoint_process", None)
-            if process is not None:
-                process._kill()  # SIGKILL the writer subprocess and reap it
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
+        if isinstance(self._ckpt, AsyncCheckpointer):
+            try:
+                self._ckpt.abort()  # SIGKILL the writer subprocess and reap it: nothing commits after this
+            except Exception:  # noqa: BLE001 - exiting anyway
+                logger.warning("could not stop the checkpoint writer subprocess", exc_info=True)
 
     # -- lifetime -------------------------------------------------------
 

@@ -5,7 +5,9 @@ an unlinked shared-memory file, so nothing is left in ``/dev/shm`` even after
 a SIGKILL); staged tensors are views into it. When a staged state dict is
 sent to the writer subprocess, torch's multiprocessing reductions pass the
 storage's file descriptor once per message, not its bytes, and the
-subprocess keeps the mapping cached between saves.
+subprocess keeps the mapping cached between saves. There, :func:`own_storage`
+gives a staged tensor a storage of its own (aliasing its bytes in the arena)
+before ``torch.save`` writes it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 
 import torch
 
-__all__ = ["ALIGN", "SharedArena", "pack"]
+__all__ = ["ALIGN", "SharedArena", "own_storage", "pack"]
 
 #: Alignment of every tensor in an arena (a cache line; enough for any dtype and vectorised copies).
 ALIGN = 64
@@ -59,6 +61,23 @@ class SharedArena:
             _unpin(self.storage)
             self.pinned = False
         self.storage = torch.UntypedStorage(0)
+
+
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or, when it is a contiguous CPU slice of a larger storage (an arena), a view with a storage of its own.
+
+    Zero-copy: the new storage aliases ``t``'s bytes. Without it, ``torch.save``
+    would write the whole arena once per checkpoint (padding and stale bytes
+    included) and refuse an arena viewed as several dtypes ("Cannot save
+    multiple tensors or storages that view the same data as different types").
+    """
+    nbytes = t.numel() * t.element_size()
+    storage = t.untyped_storage()
+    if t.device.type != "cpu" or not nbytes or not t.is_contiguous() or storage.nbytes() == nbytes:
+        return t
+    start = t.storage_offset() * t.element_size()
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage[start : start + nbytes], 0, (nbytes,), (1,))
+    return raw.view(t.dtype).view(t.shape)
 
 
 def _pin(storage: torch.UntypedStorage) -> bool:

@@ -2,6 +2,12 @@
 
 ``DefaultStager`` copies every tensor of a state dict into staging memory and
 returns a state dict of the same structure whose tensors live there. The
+state is walked once, by :func:`torchckpt.format.tree.flatten`:
+:meth:`DefaultStager.stage_flattened` returns that flattened form (the
+typed-JSON tree, and the staged tensors in table order), which is what the
+async path sends to the writer subprocess and what the writer plans its file
+from; :meth:`DefaultStager.stage` (the reference's contract) rebuilds a state
+dict from it. The
 staging memory is allocated once per structure and reused: the second and
 later saves of a state dict with the same keys, shapes and dtypes copy into
 the buffers of the first. By default it is a shared-memory arena
@@ -17,9 +23,10 @@ machine with two or more cores that takes a quarter or more off the stall.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
-import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +39,7 @@ from .format.tree import Flattened, flatten, unflatten
 from .shm import SharedArena, pack
 from .types import STATE_DICT
 
-__all__ = ["CheckpointStager", "CheckpointStagerConfig", "DefaultStager"]
+__all__ = ["CheckpointStager", "CheckpointStagerConfig", "DefaultStager", "staged_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +153,8 @@ class _StateDictStager:
             tensors.append(pool.pop() if pool else torch.empty(t.shape, dtype=t.dtype, pin_memory=pin))
         return _Buffers(self._signature(flat), tensors, None)
 
-    @paused_gc()  # flatten and unflatten build objects per entry: see format/gcpause.py
-    def stage(self, state_dict: STATE_DICT, *, non_blocking: bool) -> STATE_DICT:
+    @paused_gc()  # flatten builds objects per entry: see format/gcpause.py
+    def stage(self, state_dict: STATE_DICT, *, non_blocking: bool) -> Flattened:
         flat = flatten(state_dict, allow_pickle=True)
         if self._buffers is None or self._buffers.signature != self._signature(flat):
             self._buffers = self._allocate(flat)
@@ -163,7 +170,7 @@ class _StateDictStager:
                 _copy_all(mine)
             finally:
                 other.result()  # never return (or raise) while the other half is still copying
-        return unflatten(flat.tree, lambda i: staged[i], allow_pickle=True)
+        return dataclasses.replace(flat, tensors=list(staged))
 
     def _helper(self, nbytes: int) -> ThreadPoolExecutor | None:
         """The thread that copies half of a large host state (None: copy in one thread)."""
@@ -204,7 +211,6 @@ class DefaultStager(CheckpointStager):
         if self._config.use_non_blocking_copy:
             # Created on the calling thread, after the compute stream exists.
             self._staging_stream = torch.Stream()
-        self.last_stage_s: float | None = None
 
     @property
     def config(self) -> CheckpointStagerConfig:
@@ -212,18 +218,41 @@ class DefaultStager(CheckpointStager):
         return self._config
 
     def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
-        """Stage ``state_dict``: its copy, or a future of it when staging is asynchronous."""
+        """Stage ``state_dict``: its copy, or a future of it when staging is asynchronous.
+
+        The copy is :meth:`stage_flattened`'s result rebuilt as a state dict of
+        the same structure (values stored with pickle are copies made by it).
+        """
+        return self._submit(staged_state_dict, state_dict)
+
+    def stage_flattened(self, state_dict: STATE_DICT) -> Flattened | Future[Flattened]:
+        """Stage ``state_dict`` in its flattened form, or a future of it when staging is asynchronous.
+
+        The result's ``tree`` is :func:`~torchckpt.format.tree.flatten`'s (with
+        pickle allowed: whether the save may store values with pickle is the
+        writer's decision, see ``Flattened.refuse_pickled``) and its ``tensors``
+        are the staged copies, in table order. They stay valid until the next
+        ``stage`` or ``stage_flattened`` call, which reuses their memory.
+        ``AsyncCheckpointer.save`` calls it, not ``stage``, when the stager is a
+        ``DefaultStager`` whose ``stage`` is not overridden.
+
+        Raises:
+            UnsafeObjectError: As ``flatten`` does (a bad tensor, a cycle, too deep a
+                state, a value that does not pickle), here or from the future.
+        """
+        return self._submit(lambda flat: flat, state_dict)
+
+    def _submit(self, result: Callable[[Flattened], Any], state_dict: STATE_DICT) -> Any:
         compute_event = None
         if self._staging_stream is not None:
             # Everything the compute stream has queued so far must be in the copy.
             compute_event = torch.Event()
             compute_event.record()
         if self._staging_executor is not None:
-            return self._staging_executor.submit(self._stage, state_dict, compute_event)
-        return self._stage(state_dict, compute_event)
+            return self._staging_executor.submit(lambda: result(self._stage(state_dict, compute_event)))
+        return result(self._stage(state_dict, compute_event))
 
-    def _stage(self, state_dict: STATE_DICT, compute_event: Any) -> STATE_DICT:
-        t0 = time.perf_counter()
+    def _stage(self, state_dict: STATE_DICT, compute_event: Any) -> Flattened:
         non_blocking = bool(self._config.use_non_blocking_copy)
         if self._staging_stream is not None:
             self._staging_stream.wait_event(compute_event)
@@ -235,7 +264,6 @@ class DefaultStager(CheckpointStager):
             self._staging_stream.synchronize()
         else:
             staged = self._state_dict_stager.stage(state_dict, non_blocking=False)
-        self.last_stage_s = time.perf_counter() - t0
         return staged
 
     def close(self) -> None:
@@ -250,6 +278,18 @@ class DefaultStager(CheckpointStager):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@paused_gc()  # unflatten builds objects per entry: see format/gcpause.py
+def staged_state_dict(flat: Flattened, tensor: Callable[[int], torch.Tensor] | None = None) -> STATE_DICT:
+    """The state dict a staged ``flat`` stands for (values stored with pickle are unpickled).
+
+    Args:
+        flat: What :meth:`DefaultStager.stage_flattened` returned.
+        tensor: The tensor of a table index (default: ``flat.tensors[i]``).
+    """
+    tensors = flat.tensors
+    return unflatten(flat.tree, tensor if tensor is not None else tensors.__getitem__, allow_pickle=True)
 
 
 class _StreamCtx:

@@ -12,9 +12,9 @@ resource sharer, which checks it) and torch's sharing strategy.
 
 The user's ``__main__`` module is imported in the writer only when something
 pickled for it refers to ``__main__`` (an init function, a writer factory or a
-hook defined in the training script): :func:`names_from_main` notices it,
-and the writer then imports the script as ``__mp_main__``, exactly as
-``spawn`` does. Such a script needs an ``if __name__ == "__main__":`` guard;
+hook defined in the training script, or a value of a save whose class is):
+:func:`pickle_for_writer` notices it while it pickles the message, and the
+writer then imports the script as ``__mp_main__``, exactly as ``spawn`` does. Such a script needs an ``if __name__ == "__main__":`` guard;
 without one, the writer refuses to start a writer of its own and its start
 fails with that message instead of hanging.
 
@@ -24,6 +24,7 @@ foreground process group) reaches the training process only.
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -40,7 +41,7 @@ import torch.multiprocessing
 
 from .writer_subprocess import PARENT_PID, SHARING_STRATEGY
 
-__all__ = ["WriterChild", "WriterProcesses", "names_from_main", "main_preparation", "start_message", "start_writer"]
+__all__ = ["WriterChild", "WriterProcesses", "main_preparation", "pickle_for_writer", "start_message", "start_writer"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,45 +53,40 @@ _BOOT = (
 )
 
 
-class _Discard:
-    """A file that keeps nothing (the pickle below is only walked, never used)."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
 class _MainNotingPickler(ForkingPickler):
-    """Walks an object as pickling it for the writer would, noting what it takes from ``__main__``.
+    """Pickles as :meth:`multiprocessing.connection.Connection.send` does, noting what it takes from ``__main__``.
 
-    Tensors and storages are not shared or copied: their contents never refer to ``__main__``.
+    Tensors go through torch's reductions (shared memory) as in ``send``: only
+    their class is looked at, their contents never refer to ``__main__``.
     """
 
-    def __init__(self) -> None:
-        super().__init__(_Discard())
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
         self.from_main: set[str] = set()
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, (type, types.FunctionType)):
             if getattr(obj, "__module__", None) == "__main__":
                 self.from_main.add(obj.__qualname__)
-        elif isinstance(obj, (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)):
-            if type(obj).__module__ == "__main__":
-                self.from_main.add(type(obj).__qualname__)
-            return (int, ())
-        return NotImplemented
+        elif isinstance(obj, torch.Tensor) and type(obj).__module__ == "__main__":
+            self.from_main.add(type(obj).__qualname__)
+        return NotImplemented  # pickled as ForkingPickler pickles it
 
 
-def names_from_main(obj: Any) -> list[str]:
-    """The functions and classes defined in ``__main__`` that pickling ``obj`` refers to.
+def pickle_for_writer(obj: Any) -> tuple[bytes, list[str]]:
+    """``obj`` pickled for the writer, and the functions and classes defined in ``__main__`` it refers to.
 
-    An object that does not pickle gives none: sending it fails with the real error.
+    One pass: the bytes are what ``Connection.send`` would send (send them with
+    ``send_bytes``; the writer reads them with ``recv``), and the names say
+    whether the writer must import the training script to unpickle them.
+
+    Raises:
+        Exception: ``obj`` does not pickle (the pickling error, as ``send`` raises it).
     """
-    pickler = _MainNotingPickler()
-    try:
-        pickler.dump(obj)
-    except Exception:  # noqa: BLE001 - reported by the real send
-        return []
-    return sorted(pickler.from_main)
+    buffer = io.BytesIO()
+    pickler = _MainNotingPickler(buffer)
+    pickler.dump(obj)
+    return buffer.getvalue(), sorted(pickler.from_main)
 
 
 def main_preparation() -> dict[str, str]:

@@ -26,6 +26,11 @@ Start-up, in order:
    failure up to here, and in the init functions, is sent back as the answer
    to the parent's first ``PING``.
 4. Requests are served until ``TERMINATE_PROCESS`` or the end of the pipe.
+   A write goes to torchckpt's own ``CheckpointWriter`` whole
+   (``write_staged``: the staged state as it came, flattened or not, with the
+   save's number and figures); a user's writer (any other writer object, or a
+   class that overrides ``write``) gets ``write(path, state_dict, **kwargs)``
+   with the state dict rebuilt from the flattened form.
 """
 
 from __future__ import annotations
@@ -48,8 +53,11 @@ from typing import Any
 import torch
 import torch.multiprocessing
 
-from .checkpoint_writer import SAVE_NUMBER_KWARG, STATS_KWARG, CheckpointWriter
+from .checkpoint_writer import CheckpointWriter
 from .errors import CheckpointError
+from .format.tree import Flattened
+from .shm import own_storage
+from .staging import staged_state_dict
 from .types import RankInfo
 
 __all__ = [
@@ -249,39 +257,39 @@ class WriterLoop:
         return False
 
     def _write(self, writer: CheckpointWriter, payload: dict[str, Any]) -> None:
-        state_dict = payload["state_dict"]
+        """Hand a write request to the writer: all of it to torchckpt's own, the state dict and keywords to a user's."""
+        state = payload["state"]
         # Keep the previous request's shared storages mapped until this one is
         # unpickled (done by now): a reused staging arena is then found in
         # torch's cache of shared storages instead of being mapped again.
-        self.keep_alive = state_dict
-        kwargs = payload["kwargs"]
-        if type(writer).write is not CheckpointWriter.write:
-            # A user's writer gets only the user's keyword arguments.
-            kwargs = {k: v for k, v in kwargs.items() if k not in (STATS_KWARG, SAVE_NUMBER_KWARG)}
-        writer.write(path=payload["path"], state_dict=own_storages(state_dict), **kwargs)
+        self.keep_alive = state
+        path, kwargs = payload["path"], payload["kwargs"]
+        if isinstance(writer, CheckpointWriter) and type(writer).write is CheckpointWriter.write:
+            if not isinstance(state, Flattened):  # a user's stager's state dict
+                state = own_storages(state)
+            writer.write_staged(
+                path, state, save_number=payload["save_number"], stats=payload["stats"], **kwargs
+            )  # fmt: skip
+            return
+        if isinstance(state, Flattened):
+            tensors = [own_storage(t) for t in state.tensors]
+            state_dict = staged_state_dict(state, tensors.__getitem__)
+        else:
+            state_dict = own_storages(state)
+        writer.write(path=path, state_dict=state_dict, **kwargs)
 
 
 def own_storages(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     """``obj`` with every tensor that is a slice of a larger storage (a staging arena) given its own storage.
 
-    Zero-copy: each new storage aliases the tensor's bytes in the arena. Without
-    it, ``torch.save`` would write the whole arena once per checkpoint (padding
-    and stale bytes included) and refuse an arena viewed as several dtypes
-    ("Cannot save multiple tensors or storages that view the same data as
-    different types"). A tensor reached twice (tied) stays one object.
+    Zero-copy (:func:`torchckpt.shm.own_storage`). A tensor reached twice (tied) stays one object.
     """
     if memo is None:
         memo = {}
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        out = obj
-        nbytes = obj.numel() * obj.element_size()
-        storage = obj.untyped_storage()
-        if obj.device.type == "cpu" and nbytes and obj.is_contiguous() and storage.nbytes() != nbytes:
-            start = obj.storage_offset() * obj.element_size()
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage[start : start + nbytes], 0, (nbytes,), (1,))
-            out = raw.view(obj.dtype).view(obj.shape)
+        out = own_storage(obj)
     elif type(obj) in (dict, OrderedDict):
         out = type(obj)((k, own_storages(v, memo)) for k, v in obj.items())
     elif type(obj) in (list, tuple):

@@ -6,6 +6,7 @@ mutating the state while a save is in flight, in ``tests/faults/test_concurrency
 
 from __future__ import annotations
 
+import fractions
 import json
 import os
 import threading
@@ -19,8 +20,10 @@ import pytest
 import torch
 
 import torchckpt as tc
-from torchckpt.errors import CheckpointError, ConfigError
 from torchckpt.config import accelerator_available
+from torchckpt.errors import CheckpointError, ConfigError, UnsafeObjectError, WriterProcessError
+from torchckpt.format.tree import Flattened, flatten
+from torchckpt.staging import staged_state_dict
 
 #: Longest wait for one small async save in these tests.
 WAIT_S = 60
@@ -126,9 +129,43 @@ def test_default_stager_config_adapts_to_cpu_only_machine() -> None:
         state = {"x": torch.arange(10.0)}
         staged = stager.stage(state).result(timeout=WAIT_S)
         assert torch.equal(staged["x"], torch.arange(10.0))
-        assert stager.last_stage_s is not None and stager.last_stage_s >= 0
     finally:
         stager.close()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shm", "private"])
+def test_stage_flattened_is_flatten_with_staged_tensors(shared: bool) -> None:
+    state = mixed_state(3)
+    state["model"]["tied"] = state["model"]["w"]
+    expected = flatten(state, allow_pickle=True)
+    config = tc.CheckpointStagerConfig(use_shared_memory=shared, use_async_staging=True)
+    with tc.DefaultStager(config) as stager:
+        flat = stager.stage_flattened(state).result(timeout=WAIT_S)
+        assert isinstance(flat, Flattened)
+        assert flat.tree == expected.tree and flat.names == expected.names
+        assert len(flat.tensors) == len(expected.tensors)
+        for staged, source in zip(flat.tensors, expected.tensors):
+            assert torch.equal(staged, source) and staged.dtype == source.dtype
+            assert source.numel() == 0 or staged.data_ptr() != source.data_ptr()  # copies
+        cu.assert_state_equal(staged_state_dict(flat), state)
+
+
+def test_stage_flattened_notes_pickled_values_and_their_names_from_main() -> None:
+    state = {"w": torch.ones(2), "frac": fractions.Fraction(1, 3), "raw": b"", "more": {"f": fractions.Fraction(2)}}
+    with tc.DefaultStager(tc.CheckpointStagerConfig(use_async_staging=False)) as stager:
+        flat = stager.stage_flattened(state)
+    assert isinstance(flat, Flattened)
+    assert [(p.key, p.type_name, p.from_main) for p in flat.pickled] == [
+        ("frac", "fractions.Fraction", frozenset()),
+        ("more.f", "fractions.Fraction", frozenset()),
+    ]
+    assert flat.empty_bytes
+    with pytest.raises(UnsafeObjectError) as refused:
+        flat.refuse_pickled()
+    with pytest.raises(UnsafeObjectError) as by_flatten:
+        flatten(state, allow_pickle=False)
+    assert str(refused.value) == str(by_flatten.value)
+    assert refused.value.key == "frac" and refused.value.type_name == "fractions.Fraction"
 
 
 @needs_no_accelerator
@@ -437,6 +474,57 @@ def test_dropped_failed_write_raises_at_close_and_still_stops_the_writer(tmp_pat
     ckpt.close()  # raised once; a second close is quiet
 
 
+# -- abort -----------------------------------------------------------------------
+
+
+def test_abort_kills_the_writer_mid_save_and_nothing_commits(tmp_path) -> None:
+    children_before = set(at.writer_children())
+    arm, reached = str(tmp_path / "arm"), str(tmp_path / "reached")
+    ckpt = tc.make_async_checkpointer(
+        rank_info=tc.RankInfo(0, 1), subprocess_init_fn=at.hang_before_commit, subprocess_init_args=(arm, reached)
+    )
+    path, later = str(tmp_path / "ckpt"), str(tmp_path / "later")
+    open(arm, "w").close()
+    _, write_future = ckpt.save(path, step_state(1))
+    at.wait_for_file(reached, WAIT_S)  # all data written, the commit about to start
+    pid = writer_pid(ckpt)
+    ckpt.abort()
+    assert at.process_state(pid) is None  # killed and reaped
+    os.remove(arm)  # a writer that survived would commit now
+    with pytest.raises(WriterProcessError, match=rf"pid {pid}\) was killed by SIGKILL during the write of {path}"):
+        write_future.result(timeout=WAIT_S)
+    assert not os.path.exists(os.path.join(path, "manifest.json"))
+    _, after = ckpt.save(later, step_state(2))  # no writer is started again
+    with pytest.raises(WriterProcessError, match=r"of rank 0 was killed \(CheckpointProcess.kill\)"):
+        after.result(timeout=WAIT_S)
+    assert not os.path.exists(later)
+    ckpt.abort()  # again: nothing left to stop
+    ckpt.close()  # every error was looked at: none is raised
+    assert set(at.writer_children()) - children_before == set()
+
+
+def test_abort_needs_a_checkpoint_process() -> None:
+    ckpt = tc.AsyncCheckpointer(
+        tc.DefaultStager(tc.CheckpointStagerConfig(use_async_staging=False)), object(), tc.CheckpointReader(tc.RankInfo(0, 1))
+    )
+    with pytest.raises(TypeError, match="abort\\(\\) stops a CheckpointProcess, not a object"):
+        ckpt.abort()
+
+
+def test_writer_and_process_say_their_rank() -> None:
+    info = tc.RankInfo(3, 4)
+    assert tc.CheckpointWriter(tc.CheckpointWriterConfig(), info).rank_info == info
+    process = tc.CheckpointProcess(
+        info, tc.CheckpointProcessConfig(), at.fail_start, ("no writer needed",), tc.CheckpointWriter, {}
+    )
+    try:
+        assert process.rank_info == info
+    finally:
+        with pytest.raises(Exception, match="no writer needed"):
+            process.process_creation_future.result(timeout=WAIT_S)
+        process.close()
+
+
 # -- close ---------------------------------------------------------------------
 
 
@@ -501,3 +589,38 @@ def test_async_save_records_stats_in_the_manifest(tmp_path, shared_async) -> Non
         assert 0 <= stats[key] < WAIT_S, (key, stats)
     assert isinstance(stats["bytes"], int)
     assert stats["bytes"] == expected_bytes, f"{fmt}: stats.bytes {stats['bytes']} != tensor bytes {expected_bytes}"
+
+
+@pytest.mark.parametrize("fmt", cu.FORMATS)
+def test_write_staged_writes_a_flattened_state_as_write_writes_the_state(tmp_path, fmt: str) -> None:
+    state = mixed_state(4)
+    state["model"]["tied"] = state["model"]["w"]
+    state["raw"] = b""
+    writer = tc.CheckpointWriter(tc.CheckpointWriterConfig(format=fmt), tc.RankInfo(0, 1))
+    staged, written = str(tmp_path / "staged"), str(tmp_path / "written")
+    writer.write_staged(staged, flatten(state), save_number=7, stats={"stall_s": 0.25})
+    writer.write(written, state)
+    reader = tc.CheckpointReader(tc.RankInfo(0, 1))
+    loaded = reader.read(staged)[0]
+    cu.assert_state_equal(loaded, state)
+    assert loaded["model"]["tied"].data_ptr() == loaded["model"]["w"].data_ptr()
+    assert manifest(staged)["stats"]["stall_s"] == 0.25
+    assert "stall_s" not in manifest(written)["stats"]
+    assert manifest(staged)["stats"]["bytes"] == manifest(written)["stats"]["bytes"]
+    if fmt == "torch_save":  # the same torch.save stream
+        assert at.dir_bytes(staged)["checkpoint_0.pt"] == at.dir_bytes(written)["checkpoint_0.pt"]
+
+
+@pytest.mark.parametrize("fmt", cu.FORMATS)
+def test_write_staged_refuses_a_pickled_value_as_write_does(tmp_path, fmt: str) -> None:
+    state = {"w": torch.ones(2), "frac": fractions.Fraction(1, 3)}
+    writer = tc.CheckpointWriter(tc.CheckpointWriterConfig(format=fmt), tc.RankInfo(0, 1))
+    with pytest.raises(UnsafeObjectError) as by_write:
+        writer.write(str(tmp_path / "a"), state)
+    with pytest.raises(UnsafeObjectError) as by_write_staged:
+        writer.write_staged(str(tmp_path / "b"), flatten(state, allow_pickle=True))
+    assert str(by_write_staged.value) == str(by_write.value)
+    assert not os.path.exists(tmp_path / "b" / "manifest.json")
+    writer.write_staged(str(tmp_path / "c"), flatten(state, allow_pickle=True), allow_pickle=True)
+    loaded = tc.CheckpointReader(tc.RankInfo(0, 1), allow_pickle=True).read(str(tmp_path / "c"))[0]
+    assert loaded["frac"] == fractions.Fraction(1, 3)

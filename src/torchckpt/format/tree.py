@@ -33,8 +33,10 @@ the key; :func:`unflatten` refuses a deeper tree.
 from __future__ import annotations
 
 import base64
+import io
 import math
 import pickle
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ __all__ = [
     "STACK_FRAMES_NEEDED",
     "Flattened",
     "TensorRef",
+    "PickledValue",
     "check_saveable",
     "deepest_key",
     "flatten",
@@ -71,6 +74,22 @@ class TensorRef:
     index: int
 
 
+@dataclass(frozen=True)
+class PickledValue:
+    """A value that :func:`flatten` stored with pickle (a ``{"pickle": ...}`` node).
+
+    Attributes:
+        key: Its key path.
+        type_name: Its type, ``module.qualname``.
+        from_main: The functions and classes defined in ``__main__`` that its
+            pickle refers to (unpickling it elsewhere needs the training script).
+    """
+
+    key: str
+    type_name: str
+    from_main: frozenset[str] = frozenset()
+
+
 @dataclass
 class Flattened:
     """The result of :func:`flatten`.
@@ -79,11 +98,25 @@ class Flattened:
         tree: The typed-JSON tree (JSON-serialisable).
         tensors: The unique tensors in table order.
         names: Their key paths (unique), one per tensor.
+        pickled: The values stored with pickle, in the order of the walk.
+        empty_bytes: Whether the tree holds an empty ``bytes`` node.
     """
 
     tree: Any
     tensors: list[torch.Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    pickled: list[PickledValue] = field(default_factory=list)
+    empty_bytes: bool = False
+
+    def refuse_pickled(self) -> None:
+        """Raise what :func:`flatten` without pickle raises for the first pickled value, if any.
+
+        Raises:
+            UnsafeObjectError: A value is stored with pickle (names its key and type).
+        """
+        if self.pickled:
+            first = self.pickled[0]
+            raise _refusal(first.key, first.type_name)
 
 
 def join_key(prefix: str, key: Any) -> str:
@@ -208,6 +241,8 @@ class _Flattener:
         return {"dict" if type(value) is dict else "odict": items}
 
     def bytes_node(self, value: bytes | bytearray) -> Any:
+        if not value:
+            self.out.empty_bytes = True
         return {"bytes": base64.b64encode(bytes(value)).decode("ascii")}
 
     def key(self, k: Any, path: str) -> Any:
@@ -218,23 +253,44 @@ class _Flattener:
     def opaque(self, value: Any, path: str) -> Any:
         type_name = f"{type(value).__module__}.{type(value).__qualname__}"
         if not self.allow_pickle:
-            raise UnsafeObjectError(
-                f"cannot save the value at key {path or '[root]'!r} of type {type_name} without pickle; "
-                "store tensors, containers (dict, OrderedDict, list, tuple) and plain values "
-                "(None, bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device), "
-                "or opt in with allow_pickle=True on both save and load",
-                key=path,
-                type_name=type_name,
-            )
+            raise _refusal(path, type_name)
+        pickler = _MainNotingPickler()
         try:
-            blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            pickler.dump(value)
         except Exception as e:
             raise UnsafeObjectError(
                 f"cannot pickle the value at key {path or '[root]'!r} of type {type_name}: {e}",
                 key=path,
                 type_name=type_name,
             ) from e
-        return {"pickle": base64.b64encode(blob).decode("ascii")}
+        self.out.pickled.append(PickledValue(path, type_name, frozenset(pickler.from_main)))
+        return {"pickle": base64.b64encode(pickler.file.getvalue()).decode("ascii")}
+
+
+def _refusal(path: str, type_name: str) -> UnsafeObjectError:
+    """The error of a value at ``path`` that only pickle could store, pickle not being allowed."""
+    return UnsafeObjectError(
+        f"cannot save the value at key {path or '[root]'!r} of type {type_name} without pickle; "
+        "store tensors, containers (dict, OrderedDict, list, tuple) and plain values "
+        "(None, bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device), "
+        "or opt in with allow_pickle=True on both save and load",
+        key=path,
+        type_name=type_name,
+    )
+
+
+class _MainNotingPickler(pickle.Pickler):
+    """``pickle.dumps`` at the highest protocol, noting the functions and classes of ``__main__`` it refers to."""
+
+    def __init__(self) -> None:
+        self.file = io.BytesIO()
+        super().__init__(self.file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.from_main: set[str] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) == "__main__":
+            self.from_main.add(obj.__qualname__)
+        return NotImplemented
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
