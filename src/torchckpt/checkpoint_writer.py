@@ -28,14 +28,13 @@ from .agreement import Agreement, run_collective
 from .barriers import Barrier
 from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError
 from .format.gcpause import paused_gc
-from .format.manifest import RankEntry, build_manifest, parse_rank_entry
-from .format.native import plan_rank_file, rank_entry, write_rank_file
+from .format.manifest import CHUNK_BYTES, MANIFEST_NAME, RankEntry, build_manifest, is_format_file, parse_rank_entry
+from .format.native import native_file_name, plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
 from .format.tree import MAX_DEPTH, STACK_FRAMES_NEEDED, check_saveable, deepest_key, flatten
 from .keywords import WRITE_KEYWORDS, accepted_keywords, check_keywords, keywords_for
-from .storage import fs
-from .storage.io import CHUNK_BYTES
-from .storage.local import DirectoryCommit, write_file_durably
+from .storage.base import SaveSession
+from .storage.locate import storage_for
 from .types import STATE_DICT, RankInfo
 from .utils import call_with_stack
 
@@ -184,7 +183,8 @@ class CheckpointWriter:
         started = time.monotonic()
         path = os.fspath(path)
         logger.info("saving checkpoint %s (rank %d of %d)", path, rank, world)
-        commit = DirectoryCommit(path, rank=rank, lock_timeout_s=self._config.write_barrier_timeout_secs)
+        storage = storage_for(path)
+        session: SaveSession | None = None
         store = self._store() if world > 1 else None
         stats: dict[str, Any] = {}
         metadata: dict[str, Any] = {}
@@ -193,11 +193,14 @@ class CheckpointWriter:
             try:
                 self.check_keywords(path, kwargs, warn_only=True)
                 metadata = check_metadata(kwargs.get("metadata"), path)  # before a byte is written
-                commit.prepare(coordinator=rank == 0)
-                entry, stats = self._write_rank(commit.pending, state_dict, kwargs.get("allow_pickle"))
+                session = storage.begin_save(
+                    rank=rank, world_size=world, coordinator=rank == 0,
+                    timeout_s=self._config.write_barrier_timeout_secs, marker=MANIFEST_NAME,
+                )  # fmt: skip
+                entry, stats = self._write_rank(session, state_dict, kwargs.get("allow_pickle"))
                 stats.update(extra_stats)
                 if world > 1:
-                    _write_entry_sidecar(commit.pending, entry)
+                    _write_entry_sidecar(session, entry)
                 if self._commit_hook is not None:
                     self._commit_hook.pre_commit(path, **keywords_for(self._commit_hook.pre_commit, kwargs))
             except Exception as e:
@@ -206,7 +209,8 @@ class CheckpointWriter:
                 local_error = e  # the others must hear of it: go on to the agreement
 
             def do_commit() -> None:
-                entries = [entry] if world == 1 else _read_entry_sidecars(commit.pending, world, path)
+                assert session is not None  # the coordinator commits only when every rank started
+                entries = [entry] if world == 1 else _read_entry_sidecars(session, world, path)
                 commit_started = time.monotonic()
                 stats["file_bytes"] = sum(e.size_bytes for e in entries)
                 with paused_gc():
@@ -217,7 +221,7 @@ class CheckpointWriter:
                         metadata=metadata,
                         stats=stats,
                     )
-                commit.commit(manifest)
+                session.commit(manifest, owned=is_format_file)
                 stats["commit_s"] = time.monotonic() - commit_started
 
             barrier = self._barrier.execute_barrier if self._barrier is not None else None
@@ -235,7 +239,8 @@ class CheckpointWriter:
             if self._commit_hook is not None:
                 self._commit_hook.post_commit(path, **keywords_for(self._commit_hook.post_commit, kwargs))
         finally:
-            commit.release(remove_pending=world == 1)
+            if session is not None:
+                session.close(discard=world == 1)
         logger.info(
             "saved checkpoint %s (rank %d): %d bytes in %.3fs (stall %s, write %.3fs, fsync %.3fs, commit %s)",
             path, rank, stats.get("bytes", 0), time.monotonic() - started, _secs(stats.get("stall_s")),
@@ -268,7 +273,7 @@ class CheckpointWriter:
 
     @paused_gc()  # many small objects per entry: see format/gcpause.py
     def _write_rank(
-        self, pending: str, state_dict: STATE_DICT, allow_pickle: bool | None
+        self, session: SaveSession, state_dict: STATE_DICT, allow_pickle: bool | None
     ) -> tuple[RankEntry, dict[str, Any]]:
         rank = self._rank_info.global_rank
         t0 = time.monotonic()
@@ -281,24 +286,23 @@ class CheckpointWriter:
         else:  # torch.save writes it: only check that it is safe to (the same errors as flatten)
             nbytes, empty_bytes = check_saveable(state_dict, allow_pickle=allow_pickle)
             plan = None
-        name = f"rank_{rank:05d}.safetensors" if native else rank_file_name(rank)
-        file_path = os.path.join(pending, name)
+        name = native_file_name(rank) if native else rank_file_name(rank)
+        file_path = os.path.join(session.location, name)
         t1 = time.monotonic()
         op = "open"
         try:
-            # O_NOFOLLOW: a link planted in a stale pending directory is refused, never written through.
-            fd = fs.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            out = session.create(name)
             try:
                 op = "write"
                 if plan is not None:
-                    tensors, header_crc = write_rank_file(fd, plan, threads=self._config.io_threads)
+                    tensors, header_crc = write_rank_file(out, plan, threads=self._config.io_threads)
                 else:
-                    size, digest = save_torch_save(fd, state_dict, empty_bytes=empty_bytes)
+                    size, digest = save_torch_save(out, state_dict, empty_bytes=empty_bytes)
                 t2 = time.monotonic()
                 op = "fsync"
-                fs.fsync(fd)
+                out.sync()
             finally:
-                fs.close(fd)
+                out.close()
         except OSError as e:
             raise CheckpointIOError(
                 f"rank {rank}: {op} failed for {file_path}: {e.strerror or e}",
@@ -352,22 +356,21 @@ def _sidecar(rank: int) -> str:
     return f"rank_{rank:05d}.entry.json"
 
 
-def _write_entry_sidecar(pending: str, entry: RankEntry) -> None:
-    write_file_durably(pending, _sidecar(entry.rank), json.dumps(entry.to_json()).encode())
+def _write_entry_sidecar(session: SaveSession, entry: RankEntry) -> None:
+    session.put(_sidecar(entry.rank), json.dumps(entry.to_json()).encode())
 
 
-def _read_entry_sidecars(pending: str, world: int, path: str) -> list[RankEntry]:
+def _read_entry_sidecars(session: SaveSession, world: int, path: str) -> list[RankEntry]:
     entries = []
     for r in range(world):
-        file = os.path.join(pending, _sidecar(r))
+        name = _sidecar(r)
+        file = os.path.join(session.location, name)
         try:
-            with open(file, "rb") as f:
-                doc = json.loads(f.read())
+            doc = json.loads(session.get(name))
             entries.append(parse_rank_entry(doc, r, CHUNK_BYTES))
         except (OSError, ValueError) as e:
             raise CorruptCheckpointError(
                 f"rank {r} reported no result for the checkpoint {path}: {e}", path=path, file=file
             ) from e
-        fs.unlink(file)
+        session.delete(name)
     return entries
-

@@ -46,7 +46,8 @@ from .format.tree import MAX_DEPTH
 from .retention import CheckpointInfo, RetentionPolicy, preserved
 from .step_metadata import decode_metrics, step_metadata
 from .storage import fs
-from .storage.local import make_dirs_durably, restore_interrupted_swaps
+from .format.manifest import MANIFEST_NAME
+from .storage.local_dirs import make_dirs_durably, restore_interrupted_swaps
 from .storage.paths import local_path
 from .types import RankInfo
 from .utils import close_on_exit
@@ -190,7 +191,7 @@ class CheckpointManager:
         self._closed = False
         make_dirs_durably(self.root)
         if self._rank == 0:
-            restore_interrupted_swaps(self.root)
+            restore_interrupted_swaps(self.root, marker=MANIFEST_NAME)
             self._clean_leftovers()
 
     # -- naming and listing ---------------------------------------------

@@ -32,7 +32,8 @@ from typing import Any
 from .checkpoint_reader import read_manifest
 from .errors import CheckpointError
 from .retention import CheckpointInfo, RetentionPolicy, preserved
-from .storage.local import MANIFEST_NAME, save_lock_if_free
+from .format.manifest import MANIFEST_NAME
+from .storage.local_dirs import save_lock_if_free
 
 __all__ = ["PrunePlan", "PruneResult", "committed_steps", "plan_prune", "prune", "step_of"]
 
