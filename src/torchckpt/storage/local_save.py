@@ -99,7 +99,12 @@ class LocalObjectWriter:
         return self.fd
 
     def write_at(self, views: Sequence[memoryview], offset: int) -> int:
-        """One ``pwritev`` of ``views`` at ``offset`` (through :mod:`.fs`); return the bytes written (may be short)."""
+        """One positional write of ``views`` at ``offset``; return the bytes written (may be short).
+
+        One system call through :mod:`.fs`: ``pwrite`` for one buffer, ``pwritev`` for several.
+        """
+        if len(views) == 1:
+            return fs.pwrite(self._fd(), views[0], offset)
         return fs.pwritev(self._fd(), views, offset)
 
     def start_writeback(self, offset: int, nbytes: int) -> None:
