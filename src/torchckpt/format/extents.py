@@ -264,7 +264,9 @@ def read_extents(fd: int, extents: Sequence[Extent], *, threads: int = 2) -> int
     return run_parallel(jobs, threads)
 
 
-def _read_run(fd: int, run: list[tuple[int, list[Piece]]], expected: Sequence[list[int] | None], *, own_fd: bool) -> int:
+def _read_run(
+    fd: int, run: list[tuple[int, list[Piece]]], expected: Sequence[list[int] | None], *, own_fd: bool
+) -> int:
     rfd = _reopen(fd) if own_fd else fd
     try:
         return sum(_read_batch(rfd, offset, pieces, expected) for offset, pieces in run)

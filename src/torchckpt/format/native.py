@@ -298,7 +298,9 @@ def write_extents(out: ObjectWriter, spans: Sequence[Extent], *, threads: int = 
     return total
 
 
-def write_gathered(out: ObjectWriter, offsets: Sequence[int], addresses: Sequence[int], sizes: Sequence[int]) -> list[int]:
+def write_gathered(
+    out: ObjectWriter, offsets: Sequence[int], addresses: Sequence[int], sizes: Sequence[int]
+) -> list[int]:
     """Write many small memory ranges, copied into one buffer per run of contiguous file bytes.
 
     For small tensors a zero-copy view and an iovec each cost more than

@@ -172,7 +172,9 @@ class Storage(Protocol):
     #: The location, for messages.
     location: str
 
-    def begin_save(self, *, rank: int, world_size: int, coordinator: bool, timeout_s: float, marker: str) -> SaveSession:
+    def begin_save(
+        self, *, rank: int, world_size: int, coordinator: bool, timeout_s: float, marker: str
+    ) -> SaveSession:
         """Start this rank's part of a save (see the module's call order).
 
         Args:
