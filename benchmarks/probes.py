@@ -33,7 +33,7 @@ from workload import make_state, template_like, tensors
 import torchckpt as tc
 from torchckpt.format.manifest import parse_manifest
 from torchckpt.format.native import byte_view, contiguous_bytes
-from torchckpt.storage.io import Extent, read_extents
+from torchckpt.format.extents import Extent, read_extents
 
 GIB = 2**30
 

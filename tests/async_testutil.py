@@ -122,15 +122,15 @@ def hang_before_commit(arm_file: str, reached_file: str) -> None:
 
     All data is written and fsynced when the writer is killed there.
     """
-    from torchckpt.storage import local
+    from torchckpt.storage.local_save import LocalSaveSession
 
-    original = local.DirectoryCommit.commit
+    original = LocalSaveSession.commit
 
     def commit(self: Any, *args: Any, **kwargs: Any) -> Any:
         _hang(arm_file, reached_file)
         return original(self, *args, **kwargs)
 
-    local.DirectoryCommit.commit = commit  # type: ignore[method-assign]
+    LocalSaveSession.commit = commit  # type: ignore[method-assign]
 
 
 # -- the test process's side: what it holds --------------------------------

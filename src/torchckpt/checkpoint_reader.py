@@ -24,8 +24,9 @@ from .format.manifest import (
 )
 from .format.native_read import check_file_size, read_native
 from .format.torch_save import file_digest, load_torch_save, rank_file_name
-from .storage.io import checksum
-from .storage.local import MANIFEST_NAME, open_dir, previous_generation
+from .format.extents import checksum
+from .format.manifest import MANIFEST_NAME
+from .storage.local_dirs import open_dir, previous_generation
 from .storage.paths import local_path
 from .types import STATE_DICT, RankInfo
 

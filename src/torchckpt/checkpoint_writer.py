@@ -31,15 +31,14 @@ from .barriers import Barrier
 from .config import CheckpointFormat, CheckpointWriterConfig
 from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError
 from .format.gcpause import paused_gc
-from .format.manifest import RankEntry, build_manifest, parse_rank_entry
-from .format.native import plan_rank_file, rank_entry, write_rank_file
+from .format.manifest import CHUNK_BYTES, MANIFEST_NAME, RankEntry, build_manifest, is_format_file, parse_rank_entry
+from .format.native import native_file_name, plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
 from .format.tree import MAX_DEPTH, STACK_FRAMES_NEEDED, Flattened, check_saveable, deepest_key, flatten, unflatten
 from .keywords import WRITE_KEYWORDS, accepted_keywords, check_keywords, keywords_for
 from .shm import own_storage
-from .storage import fs
-from .storage.io import CHUNK_BYTES
-from .storage.local import DirectoryCommit, write_file_durably
+from .storage.base import SaveSession
+from .storage.locate import storage_for
 from .types import STATE_DICT, RankInfo
 from .utils import call_with_stack
 
@@ -82,6 +81,8 @@ class _Save:
     stats: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
     entry: RankEntry | None = None
+    #: This rank's part of the save in the storage, once it has begun.
+    session: SaveSession | None = None
 
 
 class CheckpointWriter:
@@ -189,15 +190,15 @@ class CheckpointWriter:
         world = self._rank_info.global_world_size
         started = time.monotonic()
         logger.info("saving checkpoint %s (rank %d of %d)", save.path, rank, world)
-        commit = DirectoryCommit(save.path, rank=rank, lock_timeout_s=self._config.write_barrier_timeout_secs)
         store = self._store() if world > 1 else None
         try:
-            local_error = self._write_local(save, commit, state, kwargs, collective=store is not None)
-            self._agree_and_commit(save, commit, store, local_error)
+            local_error = self._write_local(save, state, kwargs, collective=store is not None)
+            self._agree_and_commit(save, store, local_error)
             if self._commit_hook is not None:
                 self._commit_hook.post_commit(save.path, **keywords_for(self._commit_hook.post_commit, kwargs))
         finally:
-            commit.release(remove_pending=world == 1)
+            if save.session is not None:
+                save.session.close(discard=world == 1)
         stats = save.stats
         logger.info(
             "saved checkpoint %s (rank %d): %d bytes in %.3fs (stall %s, write %.3fs, fsync %.3fs, commit %s)",
@@ -208,7 +209,6 @@ class CheckpointWriter:
     def _write_local(
         self,
         save: _Save,
-        commit: DirectoryCommit,
         state: STATE_DICT | Flattened,
         kwargs: dict[str, Any],
         *,
@@ -224,11 +224,14 @@ class CheckpointWriter:
         try:
             self.check_keywords(save.path, kwargs, warn_only=True)
             save.metadata = check_metadata(kwargs.get("metadata"), save.path)  # before a byte is written
-            commit.prepare(coordinator=rank == 0)
-            save.entry, stats = self._write_rank(commit.pending, state, kwargs.get("allow_pickle"))
+            save.session = storage_for(save.path).begin_save(
+                rank=rank, world_size=self._rank_info.global_world_size, coordinator=rank == 0,
+                timeout_s=self._config.write_barrier_timeout_secs, marker=MANIFEST_NAME,
+            )  # fmt: skip
+            save.entry, stats = self._write_rank(save.session, state, kwargs.get("allow_pickle"))
             save.stats = {**stats, **save.stats}
             if self._rank_info.global_world_size > 1:
-                _write_entry_sidecar(commit.pending, save.entry)
+                _write_entry_sidecar(save.session, save.entry)
             if self._commit_hook is not None:
                 self._commit_hook.pre_commit(save.path, **keywords_for(self._commit_hook.pre_commit, kwargs))
         except Exception as e:
@@ -238,7 +241,7 @@ class CheckpointWriter:
         return None
 
     def _agree_and_commit(
-        self, save: _Save, commit: DirectoryCommit, store: Any, local_error: Exception | None
+        self, save: _Save, store: Any, local_error: Exception | None
     ) -> None:
         """Steps 4-5: the barrier and every rank's agreement, then the coordinator's commit."""
         rank = self._rank_info.global_rank
@@ -246,7 +249,7 @@ class CheckpointWriter:
         barrier = self._barrier.execute_barrier if self._barrier is not None else None
 
         def do_commit() -> None:
-            self._commit(save, commit)
+            self._commit(save)
 
         if store is not None:
             agreement = Agreement(
@@ -260,10 +263,10 @@ class CheckpointWriter:
             if rank == 0:
                 do_commit()
 
-    def _commit(self, save: _Save, commit: DirectoryCommit) -> None:
+    def _commit(self, save: _Save) -> None:
         """Step 5, on the coordinator: the manifest of every rank's entry, committed."""
         world = self._rank_info.global_world_size
-        entries = [save.entry] if world == 1 else _read_entry_sidecars(commit.pending, world, save.path)
+        entries = [save.entry] if world == 1 else _read_entry_sidecars(self._session_of(save), world, save.path)
         commit_started = time.monotonic()
         save.stats["file_bytes"] = sum(e.size_bytes for e in entries)
         with paused_gc():
@@ -274,8 +277,14 @@ class CheckpointWriter:
                 metadata=save.metadata,
                 stats=save.stats,
             )
-        commit.commit(manifest)
+        self._session_of(save).commit(manifest, owned=is_format_file)
         save.stats["commit_s"] = time.monotonic() - commit_started
+
+    @staticmethod
+    def _session_of(save: _Save) -> SaveSession:
+        if save.session is None:  # the coordinator commits only once every rank has begun
+            raise RuntimeError(f"the save of {save.path} has no storage session to commit")
+        return save.session
 
     def check_keywords(self, path: str, kwargs: dict[str, Any], *, warn_only: bool = False) -> None:
         """Refuse (or, ``warn_only``, warn about) a keyword that neither torchckpt nor the commit hook takes.
@@ -303,7 +312,7 @@ class CheckpointWriter:
 
     @paused_gc()  # many small objects per entry: see format/gcpause.py
     def _write_rank(
-        self, pending: str, state_dict: STATE_DICT | Flattened, allow_pickle: bool | None
+        self, session: SaveSession, state_dict: STATE_DICT | Flattened, allow_pickle: bool | None
     ) -> tuple[RankEntry, dict[str, Any]]:
         rank = self._rank_info.global_rank
         t0 = time.monotonic()
@@ -316,24 +325,23 @@ class CheckpointWriter:
         else:  # torch.save writes it: only check that it is safe to (the same errors as flatten)
             state_dict, nbytes, empty_bytes = _for_torch_save(state_dict, allow_pickle=allow_pickle)
             plan = None
-        name = f"rank_{rank:05d}.safetensors" if native else rank_file_name(rank)
-        file_path = os.path.join(pending, name)
+        name = native_file_name(rank) if native else rank_file_name(rank)
+        file_path = os.path.join(session.location, name)
         t1 = time.monotonic()
         op = "open"
         try:
-            # O_NOFOLLOW: a link planted in a stale pending directory is refused, never written through.
-            fd = fs.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            out = session.create(name)
             try:
                 op = "write"
                 if plan is not None:
-                    tensors, header_crc = write_rank_file(fd, plan, threads=self._config.io_threads)
+                    tensors, header_crc = write_rank_file(out, plan, threads=self._config.io_threads)
                 else:
-                    size, digest = save_torch_save(fd, state_dict, empty_bytes=empty_bytes)
+                    size, digest = save_torch_save(out, state_dict, empty_bytes=empty_bytes)
                 t2 = time.monotonic()
                 op = "fsync"
-                fs.fsync(fd)
+                out.sync()
             finally:
-                fs.close(fd)
+                out.close()
         except OSError as e:
             raise CheckpointIOError(
                 f"rank {rank}: {op} failed for {file_path}: {e.strerror or e}",
@@ -422,22 +430,21 @@ def _sidecar(rank: int) -> str:
     return f"rank_{rank:05d}.entry.json"
 
 
-def _write_entry_sidecar(pending: str, entry: RankEntry) -> None:
-    write_file_durably(pending, _sidecar(entry.rank), json.dumps(entry.to_json()).encode())
+def _write_entry_sidecar(session: SaveSession, entry: RankEntry) -> None:
+    session.put(_sidecar(entry.rank), json.dumps(entry.to_json()).encode())
 
 
-def _read_entry_sidecars(pending: str, world: int, path: str) -> list[RankEntry]:
+def _read_entry_sidecars(session: SaveSession, world: int, path: str) -> list[RankEntry]:
     entries = []
     for r in range(world):
-        file = os.path.join(pending, _sidecar(r))
+        name = _sidecar(r)
+        file = os.path.join(session.location, name)
         try:
-            with open(file, "rb") as f:
-                doc = json.loads(f.read())
+            doc = json.loads(session.get(name))
             entries.append(parse_rank_entry(doc, r, CHUNK_BYTES))
         except (OSError, ValueError) as e:
             raise CorruptCheckpointError(
                 f"rank {r} reported no result for the checkpoint {path}: {e}", path=path, file=file
             ) from e
-        fs.unlink(file)
+        session.delete(name)
     return entries
-

@@ -46,7 +46,8 @@ from .save_handle import SaveHandle
 from .stateful import load_template, restore_objects, to_state_dict
 from .step_dirs import committed_steps, discard_step, remove_trash, step_path
 from .step_metadata import step_metadata
-from .storage.local import make_dirs_durably, restore_interrupted_swaps
+from .format.manifest import MANIFEST_NAME
+from .storage.local_dirs import make_dirs_durably, restore_interrupted_swaps
 from .storage.paths import local_path
 from .types import RankInfo
 from .utils import close_on_exit
@@ -97,7 +98,7 @@ class CheckpointManager:
         self._preemption = PreemptionHandler(lambda: self._inflight, self._kill_writer)
         make_dirs_durably(self.root)
         if self._rank == 0:
-            restore_interrupted_swaps(self.root)
+            restore_interrupted_swaps(self.root, marker=MANIFEST_NAME)
             remove_trash(self.root)
 
     @property

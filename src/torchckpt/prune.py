@@ -34,7 +34,8 @@ from typing import Any
 
 from .retention import CheckpointInfo, RetentionPolicy, doomed
 from .step_dirs import committed_steps, leftover_of, move_step_aside, step_of
-from .storage.local import MANIFEST_NAME, save_lock_if_free
+from .format.manifest import MANIFEST_NAME
+from .storage.local_dirs import save_lock_if_free
 
 __all__ = ["PrunePlan", "PruneResult", "plan_prune", "prune"]
 

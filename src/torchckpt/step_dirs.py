@@ -32,7 +32,8 @@ from .errors import CheckpointError, ConfigError
 from .retention import CheckpointInfo
 from .step_metadata import decode_metrics
 from .storage import fs
-from .storage.local import remove_generation
+from .format.manifest import MANIFEST_NAME
+from .storage.local_dirs import remove_generation
 
 __all__ = [
     "LIST_ATTEMPTS",
@@ -173,7 +174,7 @@ def discard_step(info: CheckpointInfo) -> None:
     Raises:
         OSError: Moving it aside failed: the step is intact and still listed.
     """
-    remove_generation(move_step_aside(info))
+    remove_generation(move_step_aside(info), marker=MANIFEST_NAME)
 
 
 def remove_trash(root: str) -> None:
@@ -181,4 +182,4 @@ def remove_trash(root: str) -> None:
     for name in os.listdir(root):
         leftover = leftover_of(name)
         if leftover is not None and leftover.kind == "trash":
-            remove_generation(os.path.join(root, name))
+            remove_generation(os.path.join(root, name), marker=MANIFEST_NAME)

@@ -29,7 +29,8 @@ from .format.native import plan_rank_file, write_rank_file
 from .format.native_read import check_header
 from .format.torch_save import file_digest, unpickle_rank_file
 from .format.tree import Flattened, flatten, join_key, unflatten
-from .storage.io import CHUNK_BYTES, checksum
+from .format.extents import CHUNK_BYTES, checksum
+from .storage.local_save import LocalObjectWriter
 from .storage.paths import local_path
 
 __all__ = ["Container", "export", "export_path", "iter_leaves", "iter_nodes", "open_lazy", "tied_keys"]
@@ -271,7 +272,7 @@ def _write_export(fd: int, state: Any, *, fmt: str, rank: int) -> None:
             flat.names.append(alias)
             tied[alias] = stored.get(id(earlier_tensor), earlier)
         meta["torchckpt_tied"] = json.dumps(tied, separators=(",", ":"))
-    write_rank_file(fd, plan_rank_file(flat, rank=rank, metadata=meta), threads=2)
+    write_rank_file(LocalObjectWriter(fd, "the exported file"), plan_rank_file(flat, rank=rank, metadata=meta), threads=2)
 
 
 def _export_error(target: str, e: BaseException) -> CheckpointIOError:

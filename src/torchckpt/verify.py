@@ -13,7 +13,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointE
 from .format.manifest import Layout, Manifest, RankEntry
 from .format.native import byte_view, digest_of
 from .format.torch_save import file_digest
-from .storage.io import ChecksumError, Extent, checksum, read_extents
+from .format.extents import ChecksumError, Extent, checksum, read_extents
 
 __all__ = ["Problem", "verify_checkpoint"]
 

@@ -32,7 +32,7 @@ from torchckpt.barriers import Barrier
 from torchckpt.checkpoint_reader import read_manifest
 from torchckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from torchckpt.manager import CheckpointManager
-from torchckpt.storage.io import checksum
+from torchckpt.format.extents import checksum
 from torchckpt.tools import open_lazy
 from torchckpt.verify import verify_checkpoint
 

@@ -248,7 +248,7 @@ def test_manifest_nested_deeper_than_the_limit_is_corrupt(tmp_path) -> None:
 
 def _seal_raw(body: bytes) -> bytes:
     """``body`` (a JSON object's bytes) sealed as a manifest, without parsing it."""
-    from torchckpt.storage.io import checksum
+    from torchckpt.format.extents import checksum
 
     rest = body[1:]
     return b'{"manifest_crc32c":"%08x",' % checksum(rest) + rest

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torchckpt.errors import CheckpointError, UnsafeObjectError
 from torchckpt.format.manifest import SEAL_BYTES, Manifest, ManifestError, parse_manifest, parse_rank_entry
 from torchckpt.format.tree import unflatten
-from torchckpt.storage.io import CHUNK_BYTES, checksum
+from torchckpt.format.extents import CHUNK_BYTES, checksum
 from torchckpt.verify import verify_checkpoint
 
 pytestmark = pytest.mark.timeout(120)

@@ -307,7 +307,7 @@ def test_payload_in_the_native_header_metadata_is_never_read(tmp_path, marker: s
     """The safetensors ``__metadata__`` of a rank file is never interpreted: a payload there loads as data."""
     from torchckpt.checkpoint_reader import read_manifest
     from torchckpt.format.native import digest_of
-    from torchckpt.storage.io import checksum
+    from torchckpt.format.extents import checksum
 
     path = str(tmp_path / "ckpt")
     checkpointer("safetensors").save(path, {"w": torch.ones(2)})

@@ -40,7 +40,7 @@ from faultfs import WRITE_OPS, FaultFS, Journal, Tree, default_errno, describe, 
 import torchckpt as tc
 from torchckpt.errors import CheckpointIOError, CheckpointNotFoundError
 from torchckpt.storage import fs
-from torchckpt.storage import io as storage_io
+from torchckpt.format import extents
 from torchckpt.verify import verify_checkpoint
 
 #: Small write batches, so that a small state takes several writes on several threads.
@@ -106,7 +106,7 @@ class FaultWriter(tc.CheckpointWriter):
         if fault is None:
             super().write(path, state_dict, **kwargs)
             return
-        storage_io.BATCH_BYTES = BATCH_BYTES
+        extents.BATCH_BYTES = BATCH_BYTES
         layer = FaultFS(**fault["layer"])
         try:
             with fs.install(layer):
@@ -149,8 +149,8 @@ class Saver:
         """Save ``state`` to ``path`` under a FaultFS over the path's parent."""
         layer.setdefault("root", os.path.dirname(path))
         if self.async_ckpt is None:
-            saved_batch = storage_io.BATCH_BYTES
-            storage_io.BATCH_BYTES = BATCH_BYTES
+            saved_batch = extents.BATCH_BYTES
+            extents.BATCH_BYTES = BATCH_BYTES
             fault = FaultFS(**layer)
             try:
                 with fs.install(fault):
@@ -158,7 +158,7 @@ class Saver:
             except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
                 return Outcome(e, fault.journal)
             finally:
-                storage_io.BATCH_BYTES = saved_batch
+                extents.BATCH_BYTES = saved_batch
             return Outcome(None, fault.journal)
         self._n += 1
         journal_file = os.path.join(self.scratch, f"journal_{self._n}.pickle")

@@ -17,16 +17,18 @@ from typing import Any
 
 import torch
 
-from ..storage.io import CHUNK_BYTES
-from ..storage.io import checksum as crc32c_of
 from ..utils import call_with_stack
 from .dtypes import ITEMSIZE as _ITEMSIZE
 from .dtypes import dtype_from_name
+from .extents import CHUNK_BYTES
+from .extents import checksum as crc32c_of
 from .gcpause import paused_gc
 from .tree import MAX_DEPTH, MAX_DIMS, STACK_FRAMES_NEEDED, deepest_key
 
 __all__ = [
+    "CHUNK_BYTES",
     "FORMAT_VERSION",
+    "MANIFEST_NAME",
     "MAX_DIMS",
     "MAX_FILE_BYTES",
     "MAX_MANIFEST_BYTES",
@@ -39,12 +41,18 @@ __all__ = [
     "build_manifest",
     "check_file_name",
     "check_seal_prefix",
+    "is_format_file",
     "parse_manifest",
     "parse_rank_entry",
     "seal_manifest",
 ]
 
 FORMAT_VERSION = 1
+#: The manifest's name in a checkpoint: the marker whose presence means the checkpoint is complete.
+MANIFEST_NAME = "manifest.json"
+# CHUNK_BYTES (from extents.py, where chunks are cut): the bytes one checksum covers, the one size of version 1.
+#: The names of the format's own files in a checkpoint: the manifest and the rank files of both layouts.
+_FORMAT_FILE = re.compile(r"^(manifest\.json|checkpoint_\d+\.pt|rank_\d+\.safetensors)$")
 #: A manifest larger than this is refused before it is parsed.
 MAX_MANIFEST_BYTES = 1 << 30
 #: Largest rank file (and so tensor) a manifest may declare: 1 PiB. Anything larger is corruption
@@ -53,6 +61,15 @@ MAX_FILE_BYTES = 1 << 50
 # MAX_DIMS (64, numpy's limit too): the most dimensions a tensor may have; ``save`` refuses more, and the
 # parser checks it before any per-dimension work, so parsing stays linear in the manifest's size.
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+
+
+def is_format_file(name: str) -> bool:
+    """Whether ``name``, a file of a checkpoint, is one of the format's own (the manifest or a rank file).
+
+    A save replaces these; any other file in a checkpoint is the user's and is
+    carried over into the new generation.
+    """
+    return _FORMAT_FILE.match(name) is not None
 
 
 class Layout:

@@ -10,24 +10,37 @@ shape and ``data_offsets`` relative to the end of the header, plus
 gaps, ordered by decreasing element size so each one starts aligned to its
 element size. A dtype safetensors has no name for is written as ``U8`` of
 shape ``[nbytes]``; the manifest keeps the real dtype and shape.
+
+Where a tensor's bytes are written: :func:`write_rank_file` writes the header
+and every tensor of a planned file (:func:`plan_rank_file`) through an
+``ObjectWriter`` (``storage/base.py``), whatever storage is behind it. Large
+tensors go straight from their memory in batches of contiguous file bytes
+(``format/extents.py``), from a small thread pool, each batch checksummed
+per chunk in the same pass and handed to ``start_writeback`` once written;
+small tensors are copied into a shared buffer first (:func:`write_gathered`).
+The caller syncs and closes the writer.
 """
 
 from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import json
 import operator
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import crc32c as _crc32c
 import torch
 
-from ..storage import fs
-from ..storage.io import CHUNK_BYTES, Extent, checksum, write_extents, write_gathered
+from ..storage.base import ObjectWriter
+from . import extents
 from .dtypes import dtype_name, safetensors_name
+from .extents import CHUNK_BYTES, Extent, Piece, checksum, chunk_count, contiguous_batches, run_parallel, skip_bytes
 from .manifest import RankEntry, TensorEntry
 from .tree import Flattened
 
@@ -39,12 +52,21 @@ __all__ = [
     "contiguous_bytes",
     "digest_of",
     "host_contiguous",
+    "native_file_name",
     "plan_rank_file",
     "rank_entry",
+    "write_all",
+    "write_extents",
+    "write_gathered",
     "write_rank_file",
 ]
 
 HEADER_ALIGN = 4096
+
+
+def native_file_name(rank: int) -> str:
+    """The name of rank ``rank``'s file in the native layout."""
+    return f"rank_{rank:05d}.safetensors"
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -189,16 +211,17 @@ def plan_rank_file(flat: Flattened, *, rank: int, metadata: dict[str, str] | Non
     )
 
 
-def write_rank_file(fd: int, plan: NativeFile, *, threads: int) -> tuple[list[TensorEntry], int]:
-    """Write the planned file to ``fd`` (not fsynced) and return its tensor entries and header crc.
+def write_rank_file(out: ObjectWriter, plan: NativeFile, *, threads: int) -> tuple[list[TensorEntry], int]:
+    """Write the planned file, header and data, through ``out`` (not synced); return its tensor entries and header crc.
 
     Large tensors are written straight from their memory by parallel
     positional writes; small ones (up to ``SMALL_TENSOR_BYTES``) are copied
     into a shared buffer first, which costs less than a view and an iovec each.
+
+    Raises:
+        OSError: A write failed (the first error; every started write is waited for).
     """
-    written = 0
-    while written < len(plan.header):
-        written += fs.pwrite(fd, memoryview(plan.header)[written:], written)
+    write_all(out, [memoryview(plan.header)], 0)
     count = len(plan.tensors)
     sizes = [t.nbytes for t in plan.tensors]
     crcs: list[tuple[int, ...]] = [()] * count
@@ -208,14 +231,14 @@ def write_rank_file(fd: int, plan: NativeFile, *, threads: int) -> tuple[list[Te
     if small:
         tensors, offsets = plan.tensors, plan.offsets
         small_crcs = write_gathered(
-            fd, [offsets[i] for i in small], [tensors[i].data_ptr() for i in small], [sizes[i] for i in small]
+            out, [offsets[i] for i in small], [tensors[i].data_ptr() for i in small], [sizes[i] for i in small]
         )
         for i, c in zip(small, small_crcs):
             crcs[i] = (c,)
     if large:
-        extents = [Extent(plan.offsets[i], byte_view(plan.tensors[i])) for i in large]
-        write_extents(fd, extents, threads=threads)
-        for i, e in zip(large, extents):
+        spans = [Extent(plan.offsets[i], byte_view(plan.tensors[i])) for i in large]
+        write_extents(out, spans, threads=threads)
+        for i, e in zip(large, spans):
             crcs[i] = tuple(e.crcs or ())
     entries = [
         TensorEntry(name, dtype, shape, offset, size, crc, device)
@@ -224,6 +247,104 @@ def write_rank_file(fd: int, plan: NativeFile, *, threads: int) -> tuple[list[Te
         )
     ]
     return entries, checksum(plan.header)
+
+
+def write_all(out: ObjectWriter, views: list[memoryview], offset: int) -> int:
+    """Write ``views`` back to back from ``offset``, again after each short write, until all are written.
+
+    Returns:
+        The bytes written.
+
+    Raises:
+        OSError: A write failed, or wrote nothing (EIO).
+    """
+    total = sum(v.nbytes for v in views)
+    done = 0
+    while done < total:
+        written = out.write_at(skip_bytes(views, done), offset + done)
+        if written <= 0:
+            raise OSError(errno.EIO, f"a write to {out.location} wrote no bytes")
+        done += written
+    return total
+
+
+def _write_batch(out: ObjectWriter, offset: int, pieces: list[Piece], crcs: list[list[int]]) -> int:
+    total = write_all(out, [p.view for p in pieces if p.view.nbytes], offset)
+    for p in pieces:
+        crcs[p.extent][p.chunk] = checksum(p.view)
+    if total:
+        out.start_writeback(offset, total)
+    return total
+
+
+def write_extents(out: ObjectWriter, spans: Sequence[Extent], *, threads: int = 2) -> int:
+    """Write every extent through ``out`` at its offset and fill its ``crcs``, from up to ``threads`` threads.
+
+    Each batch of contiguous file bytes (``extents.contiguous_batches``) is one
+    positional write, checksummed chunk by chunk once written (the bytes are
+    still in cache) and then handed to ``start_writeback``.
+
+    Returns:
+        The number of bytes written.
+
+    Raises:
+        OSError: A write failed (the first error; all started writes are waited for).
+    """
+    crcs = [[0] * chunk_count(e.buffer.nbytes) for e in spans]
+    jobs = [lambda o=o, p=p: _write_batch(out, o, p, crcs) for o, p in contiguous_batches(spans)]
+    total = run_parallel(jobs, threads)
+    for e, c in zip(spans, crcs):
+        e.crcs = c
+    return total
+
+
+def write_gathered(
+    out: ObjectWriter, offsets: Sequence[int], addresses: Sequence[int], sizes: Sequence[int]
+) -> list[int]:
+    """Write many small memory ranges, copied into one buffer per run of contiguous file bytes.
+
+    For small tensors a zero-copy view and an iovec each cost more than
+    copying their bytes: range ``i`` (``sizes[i]`` bytes at memory address
+    ``addresses[i]``, at most ``CHUNK_BYTES``) is copied into a buffer of
+    ``BATCH_BYTES`` (or of the largest range, if larger), checksummed there,
+    and each buffer goes out in one positional write. The memory must stay
+    valid for the call (the caller holds the tensors).
+
+    Returns:
+        The crc32c of each range (its one checksum chunk), in the order given.
+
+    Raises:
+        OSError: A write failed.
+    """
+    n = len(offsets)
+    crcs = [0] * n
+    if n == 0:
+        return crcs
+    # Room for the largest range at least: the copy below must never run past the buffer.
+    buf = bytearray(max(1, max(sizes), min(extents.BATCH_BYTES, sum(sizes))))
+    view = memoryview(buf)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    memmove = ctypes.memmove
+    start = fill = 0
+
+    def flush() -> None:
+        if fill:
+            write_all(out, [view[:fill]], start)
+            out.start_writeback(start, fill)
+
+    for i in sorted(range(n), key=offsets.__getitem__):
+        off, size = offsets[i], sizes[i]
+        if off != start + fill or fill + size > len(buf):
+            flush()
+            start, fill = off, 0
+        if size:
+            if fill + size > len(buf):  # cannot happen (see above); checked because a wrong copy corrupts memory
+                raise ValueError(f"range of {size} bytes does not fit the {len(buf)}-byte write buffer")
+            memmove(base + fill, addresses[i], size)
+            crcs[i] = _crc32c.crc32c(view[fill : fill + size])
+            fill += size
+    flush()
+    return crcs
 
 
 def rank_entry(rank: int, file: str, plan: NativeFile, tree: Any, entries: list[TensorEntry], header_crc: int) -> RankEntry:

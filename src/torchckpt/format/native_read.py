@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError
-from ..storage.io import ChecksumError, Extent, checksum, read_extents
+from .extents import ChecksumError, Extent, checksum, read_extents
 from .dtypes import dtype_from_name
 from .gcpause import paused_gc
 from .manifest import RankEntry, TensorEntry

@@ -9,6 +9,7 @@ pickle is explicitly allowed; the digest of the whole file is checked first.
 from __future__ import annotations
 
 import codecs
+import errno
 import io
 import os
 import pickle
@@ -18,10 +19,10 @@ from typing import IO, Any, cast
 import torch
 
 from ..errors import CorruptCheckpointError, UnsafeObjectError
-from ..storage import fs
-from ..storage import io as storage_io
-from ..storage.io import BATCH_BYTES as WRITEBACK_BYTES
-from ..storage.io import checksum, start_writeback
+from ..storage.base import ObjectWriter
+from . import extents
+from .extents import BATCH_BYTES as WRITEBACK_BYTES
+from .extents import checksum
 from .gcpause import paused_gc
 from .bounds import check_loaded, check_zip_records
 from .select import check_fits, merge
@@ -37,7 +38,10 @@ def rank_file_name(rank: int) -> str:
 
 
 class _ChecksumWriter(io.RawIOBase):
-    """A write-only file object over ``fd`` that checksums what goes through it.
+    """A write-only file object over an ``ObjectWriter`` that checksums what goes through it.
+
+    ``torch.save`` writes a stream: each piece goes to the object at the
+    position the previous one ended (``write_at`` at ``size``).
 
     ``torch.save`` writes a few small pieces per tensor (record headers, small
     tensors' bytes, padding): those are gathered in a buffer and written
@@ -47,14 +51,14 @@ class _ChecksumWriter(io.RawIOBase):
     Call :meth:`drain` once ``torch.save`` returns.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, out: ObjectWriter) -> None:
         super().__init__()
-        self.fd = fd
+        self.out = out
         self.crc = 0
         self.size = 0  # bytes written to fd (the buffer's are not counted until drained)
         self.flushed = 0
         self._buffer = bytearray()
-        self._gather = min(_GATHER_BYTES, storage_io.BATCH_BYTES)
+        self._gather = min(_GATHER_BYTES, extents.BATCH_BYTES)
         #: The first failed write's error; later writes fail with it too.
         self.error: OSError | None = None
 
@@ -89,20 +93,23 @@ class _ChecksumWriter(io.RawIOBase):
         done = 0
         try:
             while done < view.nbytes:
-                done += fs.write(self.fd, view[done:])
+                written = self.out.write_at([view[done:]], self.size + done)
+                if written <= 0:
+                    raise OSError(errno.EIO, f"a write to {self.out.location} wrote no bytes")
+                done += written
         except OSError as e:
             self.error = e
             raise
         self.crc = checksum(view, self.crc)
         self.size += view.nbytes
         if self.size - self.flushed >= WRITEBACK_BYTES:
-            # Start writeback as we go, so the final fsync has little left to do.
-            start_writeback(self.fd, self.flushed, self.size - self.flushed)
+            # Start writeback as we go, so the final sync has little left to do.
+            self.out.start_writeback(self.flushed, self.size - self.flushed)
             self.flushed = self.size
 
 
 #: Pieces smaller than this are gathered; the buffer is written when it holds ``_GATHER_BYTES``
-#: (or the largest single write, ``storage.io.BATCH_BYTES``, if that is smaller).
+#: (or the largest single write, ``extents.BATCH_BYTES``, if that is smaller).
 _SMALL_WRITE_BYTES = 64 * 1024
 _GATHER_BYTES = 1024 * 1024
 
@@ -139,11 +146,11 @@ def _weights_only_loadable(obj: Any) -> Any:
     return obj
 
 
-def save_torch_save(fd: int, state_dict: Any, *, empty_bytes: bool | None = None) -> tuple[int, str]:
-    """Write ``state_dict`` with ``torch.save`` to ``fd`` (not fsynced).
+def save_torch_save(out: ObjectWriter, state_dict: Any, *, empty_bytes: bool | None = None) -> tuple[int, str]:
+    """Write ``state_dict`` with ``torch.save`` through ``out``, from byte 0 (not synced).
 
     Args:
-        fd: The open file.
+        out: The object being written (the caller syncs and closes it).
         state_dict: The state.
         empty_bytes: Whether it holds an empty ``bytes`` value, when the caller
             knows (``tree.check_saveable`` tells); None: find out.
@@ -151,21 +158,21 @@ def save_torch_save(fd: int, state_dict: Any, *, empty_bytes: bool | None = None
     Returns:
         The file size and its digest.
     """
-    out = _ChecksumWriter(fd)
+    stream = _ChecksumWriter(out)
     if empty_bytes or (empty_bytes is None and _has_empty_bytes(state_dict)):
         state_dict = _weights_only_loadable(state_dict)
     try:
-        torch.save(state_dict, cast(IO[bytes], out))
-        out.drain()
+        torch.save(state_dict, cast(IO[bytes], stream))
+        stream.drain()
     except Exception:
-        if out.error is None:
+        if stream.error is None:
             raise
         # torch's zip writer, closing the archive after the failed write, replaces the
         # OSError with a RuntimeError of its own ("unexpected pos"): the errno is the cause.
-        raise out.error from None
-    if out.error is not None:  # a failed write that torch did not pass on
-        raise out.error
-    return out.size, f"crc32c:{out.crc:08x}"
+        raise stream.error from None
+    if stream.error is not None:  # a failed write that torch did not pass on
+        raise stream.error
+    return stream.size, f"crc32c:{stream.crc:08x}"
 
 
 def file_digest(fd: int) -> tuple[int, str]:

@@ -9,20 +9,24 @@ it talks to. ``storage/local.py`` is the local-directory implementation.
 
 Call order of a save (``CheckpointWriter.write``)::
 
-    every rank    session = storage.begin_save(rank=r, coordinator=r == 0, timeout_s=t)
+    every rank    session = storage.begin_save(rank=r, world_size=w, coordinator=r == 0,
+                                               timeout_s=t, marker=name)
                       (coordinator: waits for the location's lock, settles what an
-                      interrupted save left, starts a clean pending generation;
-                      every rank: the pending generation exists when this returns)
+                      interrupted save left, starts a clean pending generation
+                      without a stale marker; every rank: the pending generation
+                      exists when this returns; on failure it raises having
+                      released what it took, and with w == 1 removed what it began)
     every rank    out = session.create(name)          # one per object it writes
                       out.write_at(views, offset)     # positional, from any thread, any order
                       out.sync(); out.close()         # durable once sync returns
     every rank    session.put(name, data)             # a small durable object (a rank's record)
     (barrier: every rank's objects are durable)
     coordinator   session.get(name) / session.delete(name)   # the ranks' records
-    coordinator   session.commit(marker, data, owned=is_format_object)
-                      # marker written last; the generation replaces the old one atomically;
-                      # objects of the old generation for which ``owned`` is False are kept
-    every rank    session.close(discard=...)          # always, in a finally block
+    coordinator   session.commit(data, owned=is_format_object)
+                      # the marker (named at begin_save) written last; the generation
+                      # replaces the old one atomically; objects of the old generation
+                      # for which ``owned`` is False are kept
+    every rank    session.close(discard=w == 1)       # always, in a finally block
 
 Call order of a load (``CheckpointReader.read``, ``verify``, the tools)::
 
@@ -96,19 +100,21 @@ class SaveSession(Protocol):
         """Remove the object ``name`` from the pending generation (absent: nothing to do)."""
         ...
 
-    def commit(self, marker: str, data: bytes, *, owned: Callable[[str], bool]) -> None:
-        """Write ``marker`` last and make the pending generation the committed one, atomically.
+    def commit(self, data: bytes, *, owned: Callable[[str], bool]) -> None:
+        """Write the marker last and make the pending generation the committed one, atomically.
 
         Args:
-            marker: The name of the object whose presence means "complete".
-            data: Its bytes.
+            data: The marker's bytes (its name was given to ``begin_save``).
             owned: Whether an object name belongs to the format; the old
                 generation's objects that are not owned are carried over.
         """
         ...
 
     def close(self, *, discard: bool) -> None:
-        """End the session: drop the lock; ``discard`` removes an uncommitted pending generation."""
+        """End the session: drop the lock; ``discard`` removes an uncommitted pending generation.
+
+        ``discard`` only where no other rank writes into the generation (a save of one rank).
+        """
         ...
 
 
@@ -166,8 +172,20 @@ class Storage(Protocol):
     #: The location, for messages.
     location: str
 
-    def begin_save(self, *, rank: int, coordinator: bool, timeout_s: float) -> SaveSession:
-        """Start this rank's part of a save (see the module's call order)."""
+    def begin_save(
+        self, *, rank: int, world_size: int, coordinator: bool, timeout_s: float, marker: str
+    ) -> SaveSession:
+        """Start this rank's part of a save (see the module's call order).
+
+        Args:
+            rank: This process's rank, for messages.
+            world_size: How many ranks write into the generation.
+            coordinator: Whether this rank commits.
+            timeout_s: Longest wait for another save to the location.
+            marker: The name of the object written last by ``commit``, whose
+                presence means "complete" (a stale one is removed here; an old
+                generation loses it first when it is deleted).
+        """
         ...
 
     def open_generation(self) -> Generation:

@@ -152,7 +152,7 @@ def makedirs(path: str) -> list[str]:
 
     Returns:
         The directories this call created, outermost first (their entries are
-        not yet durable: see ``storage.local.make_dirs_durably``).
+        not yet durable: see ``storage.local_dirs.make_dirs_durably``).
     """
     if os.path.isdir(path):
         return []

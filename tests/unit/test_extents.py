@@ -1,4 +1,4 @@
-"""Positional I/O with per-chunk checksums: round trips, coalesced and split reads, corruption found."""
+"""Checksummed extents: written through an ObjectWriter and read back, coalesced and split, corruption found."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
-from torchckpt.format.native import byte_view, contiguous_bytes
-from torchckpt.storage import io
-from torchckpt.storage.io import ChecksumError, Extent, chunk_count, read_extents, write_extents
+from torchckpt.format import extents
+from torchckpt.format.extents import ChecksumError, Extent, checksum, chunk_count, read_extents
+from torchckpt.format.native import byte_view, contiguous_bytes, write_extents
+from torchckpt.storage.local_save import LocalObjectWriter
 
 # Sizes around the (shrunk) read and chunk sizes: empty, tiny, one short of, equal to and past each.
 SIZES = [0, 1, 7, 63, 64, 65, 100, 127, 128, 129, 300, 5, 0, 2]
@@ -19,10 +20,10 @@ SIZES = [0, 1, 7, 63, 64, 65, 100, 127, 128, 129, 300, 5, 0, 2]
 @pytest.fixture
 def small_io(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink every size of the I/O layer so a few hundred bytes cross all its boundaries."""
-    monkeypatch.setattr(io, "CHUNK_BYTES", 128)
-    monkeypatch.setattr(io, "BATCH_BYTES", 256)
-    monkeypatch.setattr(io, "READ_BYTES", 64)
-    monkeypatch.setattr(io, "PARALLEL_READ_BYTES", 0)
+    monkeypatch.setattr(extents, "CHUNK_BYTES", 128)
+    monkeypatch.setattr(extents, "BATCH_BYTES", 256)
+    monkeypatch.setattr(extents, "READ_BYTES", 64)
+    monkeypatch.setattr(extents, "PARALLEL_READ_BYTES", 0)
 
 
 def _layout(tmp_path: os.PathLike[str], threads: int) -> tuple[str, list[bytes], list[Extent]]:
@@ -33,13 +34,13 @@ def _layout(tmp_path: os.PathLike[str], threads: int) -> tuple[str, list[bytes],
         offsets.append(pos)
         pos += len(d)
     path = os.path.join(tmp_path, "f.bin")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    out = LocalObjectWriter(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path)
     try:
-        extents = [Extent(o, memoryview(bytearray(d))) for o, d in zip(offsets, data)]
-        assert write_extents(fd, extents, threads=threads) == sum(SIZES)
+        spans = [Extent(o, memoryview(bytearray(d))) for o, d in zip(offsets, data)]
+        assert write_extents(out, spans, threads=threads) == sum(SIZES)
     finally:
-        os.close(fd)
-    return path, data, extents
+        out.close()
+    return path, data, spans
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -47,7 +48,7 @@ def test_round_trip_across_read_and_chunk_boundaries(tmp_path: os.PathLike[str],
     path, data, written = _layout(tmp_path, threads)
     for e, d in zip(written, data):
         assert e.crcs is not None and len(e.crcs) == chunk_count(len(d))
-        assert e.crcs == [io.checksum(d[k * 128 : (k + 1) * 128]) for k in range(chunk_count(len(d)))]
+        assert e.crcs == [checksum(d[k * 128 : (k + 1) * 128]) for k in range(chunk_count(len(d)))]
     targets = [Extent(e.offset, memoryview(bytearray(len(d))), list(e.crcs or [])) for e, d in zip(written, data)]
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -1,22 +1,23 @@
-"""Parallel positional file I/O with checksums computed in the same pass.
+"""Checksummed extents: how a native file's tensor bytes are cut into checksum chunks, and read back verified.
 
-Tensor bytes go straight from tensor memory to the file (``pwritev``) and
-straight from the file into tensor memory (``preadv``): no intermediate
-buffer holds a whole tensor. Work is split into batches of at most
-``BATCH_BYTES`` that run on a small thread pool; ``pwritev``, ``preadv``,
-crc32c and ``sync_file_range`` all release the GIL, so two threads keep both
-the disk and the checksum busy.
+An *extent* is a byte range of a file and the memory it comes from or goes to
+(a tensor's bytes). Checksums are crc32c per *chunk*: a tensor of ``n`` bytes
+has ``max(1, ceil(n / CHUNK_BYTES))`` checksums, chunk ``k`` covering bytes
+``[k * CHUNK_BYTES, min(n, (k + 1) * CHUNK_BYTES))`` of the tensor. The
+chunk size is a constant of the format (the manifest records it and accepts
+only this one), which is why this module lives in ``format/``.
 
-Checksums are crc32c per *chunk*: a tensor of ``n`` bytes has
-``max(1, ceil(n / CHUNK_BYTES))`` checksums, chunk ``k`` covering bytes
-``[k * CHUNK_BYTES, min(n, (k + 1) * CHUNK_BYTES))`` of the tensor.
+Work is cut into *batches*: runs of contiguous file bytes of at most
+``BATCH_BYTES``, each a list of :class:`Piece` (one chunk of one extent).
+The writer of native files (``format/native.py``) sends batches through an
+``ObjectWriter``; :func:`read_extents` fills extents from a file with
+``preadv`` straight into tensor memory, checking every chunk as it arrives.
+``preadv``, ``pwritev`` and crc32c release the GIL, so :func:`run_parallel`
+keeps the disk and the checksum busy from a small thread pool.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno as errno_mod
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,54 +25,29 @@ from dataclasses import dataclass, field
 
 import crc32c as _crc32c
 
-from . import fs
-
 __all__ = [
     "BATCH_BYTES",
     "CHUNK_BYTES",
+    "IOV_MAX",
+    "PARALLEL_READ_BYTES",
+    "READ_BYTES",
     "ChecksumError",
     "Extent",
+    "Piece",
     "checksum",
     "chunk_count",
+    "contiguous_batches",
     "read_extents",
-    "start_writeback",
-    "write_extents",
-    "write_gathered",
+    "run_parallel",
+    "skip_bytes",
 ]
 
 #: Bytes covered by one checksum.
 CHUNK_BYTES = 16 * 1024 * 1024
-#: Largest single positional write or read.
+#: Largest single positional write or read (one batch).
 BATCH_BYTES = 16 * 1024 * 1024
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-
-    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-        # Starts writeback of the range so the final fsync has little left to do.
-        # A failure here is not an error: fsync reports what matters.
-        fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
-
-    return start_writeback
-
-
-_start_writeback = _load_sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing a range back now (no-op where unsupported)."""
-    if _start_writeback is not None and nbytes > 0:
-        _start_writeback(fd, offset, nbytes)
+#: Most buffers in one vectored call (the system's IOV_MAX, at most 1024).
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
 def checksum(data: memoryview | bytes, value: int = 0) -> int:
@@ -110,28 +86,41 @@ class Extent:
 
 
 @dataclass
-class _Piece:
+class Piece:
+    """One checksum chunk of one extent: what a batch is made of.
+
+    Attributes:
+        extent: Index of the extent in the list given.
+        chunk: Index of the chunk within that extent.
+        view: The chunk's bytes in the extent's buffer.
+    """
+
     extent: int
     chunk: int
     view: memoryview
 
 
-def _batches(extents: Sequence[Extent]) -> list[tuple[int, list[_Piece]]]:
-    """Group extents' chunks into runs of contiguous file bytes, each at most BATCH_BYTES."""
+def contiguous_batches(extents: Sequence[Extent]) -> list[tuple[int, list[Piece]]]:
+    """Group the extents' chunks, in file order, into runs of contiguous file bytes.
+
+    A run is at most ``BATCH_BYTES`` (a chunk larger than that is a run of its
+    own) and at most ``IOV_MAX`` pieces: one positional call's worth.
+
+    Returns:
+        ``(file offset, pieces)`` per run, in file order.
+    """
     order = sorted(range(len(extents)), key=lambda i: extents[i].offset)
-    batches: list[tuple[int, list[_Piece]]] = []
-    cur: list[_Piece] = []
+    batches: list[tuple[int, list[Piece]]] = []
+    cur: list[Piece] = []
     cur_start = cur_end = -1
     for i in order:
         e = extents[i]
         n = e.buffer.nbytes
-        pieces = [
-            _Piece(i, k, e.buffer[k * CHUNK_BYTES : min(n, (k + 1) * CHUNK_BYTES)]) for k in range(chunk_count(n))
-        ]
+        pieces = [Piece(i, k, e.buffer[k * CHUNK_BYTES : min(n, (k + 1) * CHUNK_BYTES)]) for k in range(chunk_count(n))]
         pos = e.offset
         for p in pieces:
             size = p.view.nbytes
-            fits = cur and pos == cur_end and cur_end - cur_start + size <= BATCH_BYTES and len(cur) < _IOV_MAX
+            fits = cur and pos == cur_end and cur_end - cur_start + size <= BATCH_BYTES and len(cur) < IOV_MAX
             if not fits:
                 if cur:
                     batches.append((cur_start, cur))
@@ -144,74 +133,6 @@ def _batches(extents: Sequence[Extent]) -> list[tuple[int, list[_Piece]]]:
     return batches
 
 
-def _write_batch(fd: int, offset: int, pieces: list[_Piece], crcs: list[list[int]]) -> int:
-    views = [p.view for p in pieces if p.view.nbytes]
-    total = sum(v.nbytes for v in views)
-    done = 0
-    while done < total:
-        written = fs.pwritev(fd, _advance(views, done), offset + done)
-        if written <= 0:
-            raise OSError(errno_mod.EIO, "pwritev wrote no bytes")
-        done += written
-    for p in pieces:
-        crcs[p.extent][p.chunk] = checksum(p.view)
-    if _start_writeback is not None and total:
-        _start_writeback(fd, offset, total)
-    return total
-
-
-def write_gathered(fd: int, offsets: Sequence[int], addresses: Sequence[int], sizes: Sequence[int]) -> list[int]:
-    """Write many small memory ranges, copied into one buffer per run of contiguous file bytes.
-
-    For small tensors a zero-copy view and an iovec each cost more than
-    copying their bytes: range ``i`` (``sizes[i]`` bytes at memory address
-    ``addresses[i]``, at most ``CHUNK_BYTES``) is copied into a buffer of
-    ``BATCH_BYTES`` (or of the largest range, if larger), checksummed there,
-    and each buffer goes out in one positional write. The memory must stay
-    valid for the call (the caller holds the tensors).
-
-    Returns:
-        The crc32c of each range (its one checksum chunk), in the order given.
-
-    Raises:
-        OSError: A write failed.
-    """
-    n = len(offsets)
-    crcs = [0] * n
-    if n == 0:
-        return crcs
-    # Room for the largest range at least: the copy below must never run past the buffer.
-    buf = bytearray(max(1, max(sizes), min(BATCH_BYTES, sum(sizes))))
-    view = memoryview(buf)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    memmove = ctypes.memmove
-    start = fill = 0
-
-    def flush() -> None:
-        done = 0
-        while done < fill:
-            written = fs.pwrite(fd, view[done:fill], start + done)
-            if written <= 0:
-                raise OSError(errno_mod.EIO, "pwrite wrote no bytes")
-            done += written
-        if _start_writeback is not None and fill:
-            _start_writeback(fd, start, fill)
-
-    for i in sorted(range(n), key=offsets.__getitem__):
-        off, size = offsets[i], sizes[i]
-        if off != start + fill or fill + size > len(buf):
-            flush()
-            start, fill = off, 0
-        if size:
-            if fill + size > len(buf):  # cannot happen (see above); checked because a wrong copy corrupts memory
-                raise ValueError(f"range of {size} bytes does not fit the {len(buf)}-byte write buffer")
-            memmove(base + fill, addresses[i], size)
-            crcs[i] = _crc32c.crc32c(view[fill : fill + size])
-            fill += size
-    flush()
-    return crcs
-
-
 #: Reads of fewer bytes in all run in the calling thread.
 PARALLEL_READ_BYTES = 8 * 1024 * 1024
 #: Largest single read: small enough that its checksum runs while the bytes are still in cache.
@@ -222,13 +143,13 @@ def _read_exact(fd: int, views: list[memoryview], offset: int) -> None:
     total = sum(v.nbytes for v in views)
     done = 0
     while done < total:
-        got = os.preadv(fd, _advance(views, done), offset + done)
+        got = os.preadv(fd, skip_bytes(views, done), offset + done)
         if got <= 0:
             raise EOFError(f"file ends at byte {offset + done}, expected {offset + total}")
         done += got
 
 
-def _read_batch(fd: int, offset: int, pieces: list[_Piece], expected: Sequence[list[int] | None]) -> int:
+def _read_batch(fd: int, offset: int, pieces: list[Piece], expected: Sequence[list[int] | None]) -> int:
     """Read one batch of contiguous file bytes in reads of at most READ_BYTES, checking each chunk once read.
 
     Small pieces share a read (one ``preadv`` of many buffers); a large one
@@ -266,17 +187,17 @@ def _read_batch(fd: int, offset: int, pieces: list[_Piece], expected: Sequence[l
             parts.append((view, k, lo + take == n))
             size += take
             lo += take
-            if size >= READ_BYTES or len(views) >= _IOV_MAX:
+            if size >= READ_BYTES or len(views) >= IOV_MAX:
                 flush()
     flush()
     return pos - offset
 
 
-def _split_in_order(batches: list[tuple[int, list[_Piece]]], parts: int) -> list[list[tuple[int, list[_Piece]]]]:
+def _split_in_order(batches: list[tuple[int, list[Piece]]], parts: int) -> list[list[tuple[int, list[Piece]]]]:
     """Cut the batches (in file order) into ``parts`` contiguous runs of about equal bytes."""
     sizes = [sum(p.view.nbytes for p in pieces) for _, pieces in batches]
     total = sum(sizes)
-    runs: list[list[tuple[int, list[_Piece]]]] = [[] for _ in range(parts)]
+    runs: list[list[tuple[int, list[Piece]]]] = [[] for _ in range(parts)]
     acc = 0
     for batch, size in zip(batches, sizes):
         index = min(parts - 1, acc * parts // total) if total else 0
@@ -285,7 +206,8 @@ def _split_in_order(batches: list[tuple[int, list[_Piece]]], parts: int) -> list
     return [r for r in runs if r]
 
 
-def _advance(views: list[memoryview], skip: int) -> list[memoryview]:
+def skip_bytes(views: list[memoryview], skip: int) -> list[memoryview]:
+    """``views`` without their first ``skip`` bytes (what is left after a short positional call)."""
     if skip == 0:
         return views
     out = []
@@ -298,7 +220,12 @@ def _advance(views: list[memoryview], skip: int) -> list[memoryview]:
     return out
 
 
-def _run(jobs: Sequence[Callable[[], int]], threads: int) -> int:
+def run_parallel(jobs: Sequence[Callable[[], int]], threads: int) -> int:
+    """Run ``jobs`` on up to ``threads`` threads (in this thread when one suffices); return the sum of their results.
+
+    Raises:
+        BaseException: The first job's error, once every started job has ended.
+    """
     if threads <= 1 or len(jobs) <= 1:
         return sum(job() for job in jobs)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="torchckpt-io") as pool:
@@ -315,23 +242,6 @@ def _run(jobs: Sequence[Callable[[], int]], threads: int) -> int:
         return total
 
 
-def write_extents(fd: int, extents: Sequence[Extent], *, threads: int = 2) -> int:
-    """Write every extent to ``fd`` at its offset and fill its ``crcs``.
-
-    Returns:
-        The number of bytes written.
-
-    Raises:
-        OSError: A write failed (the first error; all started writes are waited for).
-    """
-    crcs = [[0] * chunk_count(e.buffer.nbytes) for e in extents]
-    jobs = [lambda o=o, p=p: _write_batch(fd, o, p, crcs) for o, p in _batches(extents)]
-    total = _run(jobs, threads)
-    for e, c in zip(extents, crcs):
-        e.crcs = c
-    return total
-
-
 def read_extents(fd: int, extents: Sequence[Extent], *, threads: int = 2) -> int:
     """Fill every extent's buffer from ``fd``, verifying ``crcs`` where given.
 
@@ -346,15 +256,17 @@ def read_extents(fd: int, extents: Sequence[Extent], *, threads: int = 2) -> int
     expected = [e.crcs for e in extents]
     if sum(e.buffer.nbytes for e in extents) < PARALLEL_READ_BYTES:
         threads = 1  # starting threads and opening files would cost more than they save
-    runs = _split_in_order(_batches(extents), max(1, threads))
+    runs = _split_in_order(contiguous_batches(extents), max(1, threads))
     # Each thread reads one contiguous part of the file in order, through its
     # own open file (its own readahead state): interleaved reads of one file
     # description defeat the kernel's readahead on cold reads.
     jobs = [lambda run=run: _read_run(fd, run, expected, own_fd=len(runs) > 1) for run in runs]
-    return _run(jobs, threads)
+    return run_parallel(jobs, threads)
 
 
-def _read_run(fd: int, run: list[tuple[int, list[_Piece]]], expected: Sequence[list[int] | None], *, own_fd: bool) -> int:
+def _read_run(
+    fd: int, run: list[tuple[int, list[Piece]]], expected: Sequence[list[int] | None], *, own_fd: bool
+) -> int:
     rfd = _reopen(fd) if own_fd else fd
     try:
         return sum(_read_batch(rfd, offset, pieces, expected) for offset, pieces in run)
