@@ -49,6 +49,7 @@ from typing import Any
 from ..errors import CheckpointIOError
 from . import fs
 from .fs import fsync_dir
+from .local_read import LocalGeneration
 from .paths import check_not_a_link, local_path, resolve_parent
 
 __all__ = [
@@ -495,6 +496,13 @@ class LocalStorage:
         """Start this rank's part of a save (see ``storage/base.py``)."""
         raise NotImplementedError("LocalStorage.begin_save")
 
-    def open_generation(self) -> Any:
-        """The committed generation, held open (see ``storage/base.py``)."""
-        raise NotImplementedError("LocalStorage.open_generation")
+    def open_generation(self) -> LocalGeneration:
+        """The checkpoint directory committed at the path, held open (see ``storage/base.py`` and ``local_read.py``).
+
+        Where the directory is missing because an overwrite without
+        ``RENAME_EXCHANGE`` was interrupted, its previous generation is opened.
+
+        Raises:
+            CheckpointNotFoundError: Nothing there, not a directory, or a symbolic link.
+        """
+        return LocalGeneration.open_path(self.location, previous=previous_generation(self.location))
