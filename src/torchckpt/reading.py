@@ -32,13 +32,28 @@ from types import TracebackType
 from typing import TypeVar
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
-from .format.manifest import MAX_MANIFEST_BYTES, SEAL_BYTES, Manifest, ManifestError, RankEntry, check_seal_prefix, parse_manifest
+from .format.manifest import (
+    MAX_MANIFEST_BYTES,
+    SEAL_BYTES,
+    Manifest,
+    ManifestError,
+    RankEntry,
+    check_seal_prefix,
+    parse_manifest,
+)
 from .storage.base import Generation, ObjectReader
 from .storage.io import checksum
 from .storage.local import MANIFEST_NAME
 from .storage.locate import storage_for
 
-__all__ = ["READ_ATTEMPTS", "CheckpointSnapshot", "GenerationReplaced", "open_checkpoint", "read_consistently", "read_manifest"]
+__all__ = [
+    "READ_ATTEMPTS",
+    "CheckpointSnapshot",
+    "GenerationReplaced",
+    "open_checkpoint",
+    "read_consistently",
+    "read_manifest",
+]
 
 logger = logging.getLogger(__name__)
 

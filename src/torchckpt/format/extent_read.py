@@ -81,7 +81,9 @@ class _BatchReader:
     one is read in parts, its checksum carried from part to part.
     """
 
-    def __init__(self, src: ObjectReader, offset: int, pieces: list[_Piece], expected: Sequence[list[int] | None]):
+    def __init__(
+        self, src: ObjectReader, offset: int, pieces: list[_Piece], expected: Sequence[list[int] | None]
+    ) -> None:
         self.src = src
         self.pieces = pieces
         self.expected = expected

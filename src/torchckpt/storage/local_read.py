@@ -227,7 +227,8 @@ class LocalGeneration:
                 return cls(fd, path)
             raise CheckpointNotFoundError(f"no checkpoint at {path}: the directory does not exist", path=path) from e
         except OSError as e:
-            # O_DIRECTORY | O_NOFOLLOW on a symbolic link fails with ENOTDIR (or ELOOP), even when it points to a directory.
+            # O_DIRECTORY | O_NOFOLLOW on a symbolic link fails with ENOTDIR (or ELOOP),
+            # even when it points to a directory.
             if e.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
             raise _not_a_directory(path) from e
