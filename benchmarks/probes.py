@@ -33,7 +33,9 @@ from workload import make_state, template_like, tensors
 import torchckpt as tc
 from torchckpt.format.manifest import parse_manifest
 from torchckpt.format.native import byte_view, contiguous_bytes
-from torchckpt.format.extents import Extent, read_extents
+from torchckpt.format.extent_read import read_extents
+from torchckpt.format.extents import Extent
+from torchckpt.storage.local_read import LocalObjectReader
 
 GIB = 2**30
 
@@ -86,13 +88,10 @@ def probe_read(size: int, pairs: int, scratch: str) -> None:
                 while got < view.nbytes:
                     got += f.readinto(view[got:])
 
-    def ours() -> None:
-        fd = os.open(file, os.O_RDONLY)
-        try:
+    def ours() -> None:  # the loader's read of the bytes: through an ObjectReader, a handle per thread
+        with LocalObjectReader(os.open(file, os.O_RDONLY | os.O_CLOEXEC), file) as src:
             extents = [Extent(e.offset, contiguous_bytes(b), list(e.crc32c)) for e, b in zip(entry.tensors, buffers)]
-            read_extents(fd, extents, threads=2)
-        finally:
-            os.close(fd)
+            read_extents(src, extents, threads=2)
 
     plain()  # warm: the file is in the page cache
     print(f"{len(entry.tensors)} tensors, {entry.tensor_bytes / GIB:.2f} GiB, warm page cache")

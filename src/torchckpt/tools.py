@@ -1,4 +1,10 @@
-"""Reading checkpoints for tools: describe, compare, export — without loading all of them into memory."""
+"""Reading checkpoints for tools: describe, compare, export — without loading all of them into memory.
+
+``open_lazy`` opens a rank file through the one read path (``reading.py``),
+checks it with the loader's checks (``format/verification.py``) and gives
+its state with tensors mapped from the file (native) or by ``torch.load``
+with ``mmap`` (``torch_save``): only what is touched is read.
+"""
 
 from __future__ import annotations
 
@@ -16,20 +22,15 @@ from typing import Any
 
 import torch
 
-from .checkpoint_reader import _open_checkpoint_dir, _open_in, _read_manifest_fd
-from .errors import (
-    CheckpointError,
-    CheckpointIOError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-)
+from .errors import CheckpointError, CheckpointIOError, CorruptCheckpointError
 from .format.dtypes import dtype_from_name
 from .format.manifest import Layout, Manifest, RankEntry
 from .format.native import plan_rank_file, write_rank_file
-from .format.native_read import check_header
-from .format.torch_save import file_digest, unpickle_rank_file
+from .format.torch_save import unpickle_rank_file
 from .format.tree import Flattened, flatten, join_key, unflatten
-from .format.extents import CHUNK_BYTES, checksum
+from .format.verification import check_file_digest, check_header, check_size, check_tensor_bytes
+from .reading import CheckpointSnapshot, read_consistently
+from .storage.base import ObjectReader
 from .storage.local_save import LocalObjectWriter
 from .storage.paths import local_path
 
@@ -40,39 +41,47 @@ __all__ = ["Container", "export", "export_path", "iter_leaves", "iter_nodes", "o
 def open_lazy(path: str, rank: int = 0) -> Iterator[tuple[Manifest, Any]]:
     """The state saved by ``rank``, its tensors backed by the file (read only when touched).
 
-    Native tensors are verified against their checksums as they are mapped;
-    ``torch_save`` files are checked against their digest, then read with
-    ``weights_only=True``.
+    The rank file is opened through the one read path (``reading.py``; a
+    checkpoint replaced meanwhile is opened again) and checked by the
+    loader's checks (``format/verification.py``): native tensors against
+    their checksums as they are mapped; ``torch_save`` files against their
+    digest, then read with ``weights_only=True``. Mapping needs a local file
+    (``ObjectReader.fileno``).
 
     Raises:
         CheckpointNotFoundError: No committed checkpoint at ``path``.
         CorruptCheckpointError: The manifest, a size or a checksum is wrong.
         UnsafeObjectError: The rank file needs pickle (never unpickled here).
     """
-    dir_fd = _open_checkpoint_dir(path)
-    try:
-        try:
-            manifest = _read_manifest_fd(dir_fd, path)
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"no committed checkpoint at {path}: manifest.json is missing", path=path) from e
-        if not 0 <= rank < manifest.world_size:
-            raise ValueError(f"rank {rank} out of range: {path} was saved by {manifest.world_size} ranks")
-        entry = manifest.ranks[rank]
-        fd = _open_in(dir_fd, entry.file, path)
-    finally:
-        os.close(dir_fd)
-    try:
+    manifest, entry, src = read_consistently(path, lambda snapshot: _open_rank(snapshot, rank))
+    with contextlib.closing(src):
         if manifest.layout == Layout.SAFETENSORS:
-            yield manifest, _lazy_native(fd, entry, path)
+            yield manifest, _lazy_native(src, entry, path)
         else:
-            yield manifest, _lazy_torch_save(fd, entry, path)
-    finally:
-        os.close(fd)
+            yield manifest, _lazy_torch_save(src, entry, path)
 
 
-def _lazy_native(fd: int, entry: RankEntry, path: str) -> Any:
-    check_header(fd, entry, path)  # the loader's checks: size, and header against the manifest's digest
-    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if entry.size_bytes else None
+def _open_rank(snapshot: CheckpointSnapshot, rank: int) -> tuple[Manifest, RankEntry, ObjectReader]:
+    """The manifest, and the entry and open rank file of ``rank`` (usable after the snapshot is closed)."""
+    manifest = snapshot.manifest()
+    if not 0 <= rank < manifest.world_size:
+        raise ValueError(f"rank {rank} out of range: {snapshot.path} was saved by {manifest.world_size} ranks")
+    entry = manifest.ranks[rank]
+    return manifest, entry, snapshot.open_rank_file(entry)
+
+
+def _mapped(src: ObjectReader, entry: RankEntry) -> mmap.mmap | None:
+    """The rank file mapped read-only (None when it is empty). Local-only: maps ``src.fileno()``."""
+    fd = src.fileno()
+    if fd is None:
+        raise NotImplementedError(f"cannot map {src.location}: lazy views need a local file")
+    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if entry.size_bytes else None
+
+
+def _lazy_native(src: ObjectReader, entry: RankEntry, path: str) -> Any:
+    check_size(src, entry, path)  # the loader's checks: size, and header against the manifest's digest
+    check_header(src, entry, path)
+    mm = _mapped(src, entry)
 
     def tensor(i: int) -> torch.Tensor:
         if not 0 <= i < len(entry.tensors):
@@ -84,13 +93,7 @@ def _lazy_native(fd: int, entry: RankEntry, path: str) -> Any:
         dtype = dtype_from_name(t.dtype)
         if t.nbytes == 0 or mm is None:
             return torch.empty(t.shape, dtype=dtype)
-        for k, crc in enumerate(t.crc32c):
-            lo = t.offset + k * CHUNK_BYTES
-            if checksum(memoryview(mm)[lo : min(t.offset + t.nbytes, lo + CHUNK_BYTES)]) != crc:
-                raise CorruptCheckpointError(
-                    f"corrupt checkpoint {path}: checksum mismatch in {entry.file}, key {t.name!r}",
-                    path=path, file=entry.file, key=t.name,
-                )  # fmt: skip
+        check_tensor_bytes(memoryview(mm)[t.offset : t.offset + t.nbytes], t, path, entry.file)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only buffer: these tensors are never written
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=t.offset)
@@ -104,16 +107,10 @@ def _lazy_native(fd: int, entry: RankEntry, path: str) -> Any:
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: {e}", path=path, file="manifest.json") from e
 
 
-def _lazy_torch_save(fd: int, entry: RankEntry, path: str) -> Any:
-    size, digest = file_digest(fd)  # streamed: memory stays flat
-    if size != entry.size_bytes or digest != entry.digest:
-        raise CorruptCheckpointError(
-            f"corrupt checkpoint {path}: rank file {entry.file} does not match the manifest "
-            f"(size {size} vs {entry.size_bytes}, digest {digest} vs {entry.digest})",
-            path=path, file=entry.file,
-        )  # fmt: skip
+def _lazy_torch_save(src: ObjectReader, entry: RankEntry, path: str) -> Any:
+    check_file_digest(src, entry, path)  # streamed: memory stays flat
     # The loader's own reading: the same bounds, the same errors; storages mapped, not read.
-    return unpickle_rank_file(fd, map_location="cpu", allow_pickle=False, mmap=True, where=path, file=entry.file)
+    return unpickle_rank_file(src, map_location="cpu", allow_pickle=False, mmap=True, where=path, file=entry.file)
 
 
 def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

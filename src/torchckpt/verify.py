@@ -1,19 +1,28 @@
-"""Checking a committed checkpoint completely: every size, every checksum."""
+"""Checking a committed checkpoint completely: every size, every checksum.
+
+``verify_checkpoint`` opens the checkpoint through the one read path
+(``reading.open_checkpoint``) and runs the loader's own checks
+(``format/verification.py``) on every rank file, reading every tensor's
+bytes (``extent_read.read_extents``, through a bounded scratch buffer). It
+turns each check's ``CorruptCheckpointError`` into a :class:`Problem` and goes
+on, so that every bad file and key is listed, not only the first.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .checkpoint_reader import _open_checkpoint_dir, _open_in, _read_manifest_fd
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
+from .format.extent_read import read_extents
 from .format.manifest import Layout, Manifest, RankEntry
-from .format.native import byte_view, digest_of
-from .format.torch_save import file_digest
-from .format.extents import ChecksumError, Extent, checksum, read_extents
+from .format.native import byte_view
+from .format.verification import check_file_digest, check_header, check_size, read_error
+from .reading import CheckpointSnapshot, open_checkpoint
+from .storage.base import ObjectReader
+from .format.extents import ChecksumError, Extent
 
 __all__ = ["Problem", "verify_checkpoint"]
 
@@ -33,6 +42,13 @@ class Problem:
         return f"{where}: {self.message}"
 
 
+def _problem(err: CorruptCheckpointError, path: str, file: str, key: str | None = None) -> Problem:
+    """A check's error as a problem of ``file`` (the checkpoint's path, which the report names, left out)."""
+    message = str(err)
+    prefix = f"corrupt checkpoint {path}: "
+    return Problem(file, key, message[len(prefix) :] if message.startswith(prefix) else message)
+
+
 def verify_checkpoint(
     path: str, *, progress: Callable[[int], None] | None = None
 ) -> tuple[Manifest | None, list[Problem]]:
@@ -50,62 +66,62 @@ def verify_checkpoint(
     Raises:
         CheckpointNotFoundError: No checkpoint directory or manifest.
     """
-    dir_fd = _open_checkpoint_dir(path)
-    try:
+    with open_checkpoint(path) as snapshot:
         try:
-            manifest = _read_manifest_fd(dir_fd, path)
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(
-                f"no committed checkpoint at {path}: manifest.json is missing", path=path
-            ) from e
+            manifest = snapshot.manifest()
         except CorruptCheckpointError as e:
             return None, [Problem("manifest.json", None, str(e))]
         problems: list[Problem] = []
         for entry in manifest.ranks:
-            problems.extend(_verify_rank(dir_fd, path, manifest, entry, progress))
+            problems.extend(_verify_rank(snapshot, manifest, entry, progress))
         return manifest, problems
-    finally:
-        os.close(dir_fd)
 
 
 def _verify_rank(
-    dir_fd: int, path: str, manifest: Manifest, entry: RankEntry, progress: Callable[[int], None] | None
+    snapshot: CheckpointSnapshot, manifest: Manifest, entry: RankEntry, progress: Callable[[int], None] | None
 ) -> list[Problem]:
+    path = snapshot.path
     try:
-        fd = _open_in(dir_fd, entry.file, path)
+        src = snapshot.generation.open(entry.file)
     except FileNotFoundError:
         return [Problem(entry.file, None, "missing")]
     except CheckpointError as e:
         return [Problem(entry.file, None, str(e))]
     try:
-        size = os.fstat(fd).st_size
-        if size != entry.size_bytes:
-            return [Problem(entry.file, None, f"{size} bytes, the manifest says {entry.size_bytes}")]
+        try:
+            check_size(src, entry, path)
+        except CorruptCheckpointError as e:
+            return [_problem(e, path, entry.file)]
         if manifest.layout != Layout.SAFETENSORS:
-            _, digest = file_digest(fd)
-            if progress:
-                progress(size)
-            return [] if digest == entry.digest else [Problem(entry.file, None, f"digest {digest}, expected {entry.digest}")]
-        return _verify_native(fd, entry, progress)
+            try:
+                check_file_digest(src, entry, path)
+            except CorruptCheckpointError as e:
+                return [_problem(e, path, entry.file)]
+            finally:
+                if progress:
+                    progress(src.size)
+            return []
+        return _verify_native(src, entry, path, progress)
     finally:
-        os.close(fd)
+        src.close()
 
 
-def _verify_native(fd: int, entry: RankEntry, progress: Callable[[int], None] | None) -> list[Problem]:
+def _verify_native(
+    src: ObjectReader, entry: RankEntry, path: str, progress: Callable[[int], None] | None
+) -> list[Problem]:
     problems = []
-    header = os.pread(fd, entry.data_offset, 0)
-    if digest_of(checksum(header), list(entry.tensors)) != entry.digest:
-        problems.append(Problem(entry.file, None, "header or tensor table does not match the digest"))
+    try:
+        check_header(src, entry, path)
+    except CorruptCheckpointError as e:
+        problems.append(_problem(e, path, entry.file))
     scratch = torch.empty(_SCRATCH_BYTES, dtype=torch.uint8)
     for t in entry.tensors:
         # One tensor at a time through a bounded scratch buffer: memory stays flat.
         buf = scratch if t.nbytes <= _SCRATCH_BYTES else torch.empty(t.nbytes, dtype=torch.uint8)
         try:
-            read_extents(fd, [Extent(t.offset, byte_view(buf[: t.nbytes]), list(t.crc32c))], threads=2)
-        except ChecksumError as e:
-            problems.append(Problem(entry.file, t.name, f"checksum mismatch (chunk {e.chunk})"))
-        except EOFError as e:
-            problems.append(Problem(entry.file, t.name, f"truncated: {e}"))
+            read_extents(src, [Extent(t.offset, byte_view(buf[: t.nbytes]), list(t.crc32c))], threads=2)
+        except (ChecksumError, EOFError) as e:
+            problems.append(_problem(read_error(e, path, entry.file, [t.name]), path, entry.file, t.name))
         if progress:
             progress(t.nbytes)
     return problems

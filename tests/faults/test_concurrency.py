@@ -312,7 +312,7 @@ def test_training_on_right_after_each_async_save(tmp_path, fmt: str) -> None:
 def test_a_load_racing_an_overwrite_reads_the_new_generation(tmp_path, monkeypatch, fmt: str, moment: str) -> None:
     """The path is overwritten (and the old generation deleted) between the reader's open of the directory and
     its open of a file in it: the read starts again and returns the new state, never a "missing file" error."""
-    from torchckpt import checkpoint_reader
+    from torchckpt.storage.local_read import LocalGeneration
 
     path = str(tmp_path / "ckpt")
     ck = tc.make_sync_checkpointer(
@@ -325,17 +325,17 @@ def test_a_load_racing_an_overwrite_reads_the_new_generation(tmp_path, monkeypat
         if moment == "before_manifest"
         else ("checkpoint_0.pt" if fmt == "torch_save" else "rank_00000.safetensors")
     )
-    real_open = checkpoint_reader._open_in
+    real_open = LocalGeneration.open
     raced: list[str] = []
 
-    def racing_open(dir_fd: int, name: str, where: str) -> int:
+    def racing_open(generation: LocalGeneration, name: str) -> Any:
         if name == target and not raced:
             raced.append(name)
             ck.save(path, new)  # swaps the new generation in; the old one is deleted in the background
             assert hidden_leftovers(str(tmp_path)) == []  # ... and is gone now
-        return real_open(dir_fd, name, where)
+        return real_open(generation, name)
 
-    monkeypatch.setattr(checkpoint_reader, "_open_in", racing_open)
+    monkeypatch.setattr(LocalGeneration, "open", racing_open)
     loaded, missing = reader().read(path)
     assert raced == [target] and missing == []
     assert_state_equal(loaded, new)
@@ -343,7 +343,8 @@ def test_a_load_racing_an_overwrite_reads_the_new_generation(tmp_path, monkeypat
 
 def test_a_manager_load_racing_retention_loads_the_newer_step(tmp_path, monkeypatch) -> None:
     """Another process commits step 2 and its retention deletes step 1 while this one lists or loads step 1."""
-    from torchckpt import checkpoint_reader, step_dirs
+    from torchckpt import step_dirs
+    from torchckpt.storage.local_read import LocalGeneration
 
     root = str(tmp_path / "root")
     saver = tc.CheckpointManager(root, keep=tc.KeepLast(1), async_save=False)
@@ -351,7 +352,7 @@ def test_a_manager_load_racing_retention_loads_the_newer_step(tmp_path, monkeypa
     saver.save(1, concurrent_child.step_state(1))
     for module, name, at_rank_file in [
         (step_dirs, "read_manifest", False),  # the step is deleted between the listing and its manifest
-        (checkpoint_reader, "_open_in", True),  # ... after its manifest was read, before its rank file
+        (LocalGeneration, "open", True),  # ... after its manifest was read, before its rank file
     ]:
         step = saver.steps()[-1]
         real = getattr(module, name)

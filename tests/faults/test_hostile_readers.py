@@ -19,6 +19,7 @@ import os
 import time
 import zipfile
 from collections.abc import Callable
+from contextlib import closing
 from typing import Any
 
 import pytest
@@ -29,13 +30,20 @@ from torchckpt import cli
 from torchckpt.checkpoint_reader import read_manifest
 from torchckpt.errors import CorruptCheckpointError, StateDictMismatchError
 from torchckpt.format.manifest import seal_manifest
-from torchckpt.format.torch_save import file_digest
+from torchckpt.format.verification import file_digest
+from torchckpt.storage.locate import storage_for
 from torchckpt.tools import export, iter_leaves, open_lazy
 
 pytestmark = pytest.mark.timeout(120)
 
 #: Longest a refusal may take (the bombs below take minutes or gigabytes when walked).
 REFUSE_S = 10.0
+
+
+def _file_digest(path: str, name: str) -> tuple[int, str]:
+    """Size and digest of the rank file ``name`` of the checkpoint at ``path``, as the manifest records them."""
+    with closing(storage_for(path).open_generation()) as generation, closing(generation.open(name)) as src:
+        return file_digest(src)
 
 
 def _bomb_tree(levels: int) -> Any:
@@ -102,11 +110,7 @@ def _plant(path: str, data: bytes) -> None:
     file = os.path.join(path, "checkpoint_0.pt")
     with open(file, "wb") as f:
         f.write(data)
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        size, digest = file_digest(fd)
-    finally:
-        os.close(fd)
+    size, digest = _file_digest(path, "checkpoint_0.pt")
     manifest = os.path.join(path, "manifest.json")
     with open(manifest) as f:
         doc = json.load(f)

@@ -10,6 +10,7 @@ import pickle
 import shutil
 import warnings
 from collections import OrderedDict
+from contextlib import closing
 
 import pytest
 import torch
@@ -18,7 +19,14 @@ from ckpt_testutil import checkpointer, reader
 from torchckpt.checkpoint_reader import LegacyCheckpointWarning
 from torchckpt.errors import UnsafeObjectError
 from torchckpt.format.manifest import seal_manifest
-from torchckpt.format.torch_save import file_digest
+from torchckpt.format.verification import file_digest
+from torchckpt.storage.locate import storage_for
+
+
+def _file_digest(path: str, name: str) -> tuple[int, str]:
+    """Size and digest of the rank file ``name`` of the checkpoint at ``path``, as the manifest records them."""
+    with closing(storage_for(path).open_generation()) as generation, closing(generation.open(name)) as src:
+        return file_digest(src)
 
 
 class SystemPayload:
@@ -101,11 +109,7 @@ def test_payload_behind_a_valid_manifest_is_refused(tmp_path, marker: str) -> No
     checkpointer("torch_save").save(path, {"w": torch.ones(2)})
     file = os.path.join(path, "checkpoint_0.pt")
     torch.save({"w": torch.ones(2), "evil": SystemPayload(marker)}, file)
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        size, digest = file_digest(fd)
-    finally:
-        os.close(fd)
+    size, digest = _file_digest(path, "checkpoint_0.pt")
     manifest_file = os.path.join(path, "manifest.json")
     with open(manifest_file) as f:
         doc = json.load(f)
@@ -222,11 +226,7 @@ def _hide_payload(path: str, fmt: str, place: str, marker: str) -> None:
     if fmt == "torch_save":
         file = os.path.join(path, "checkpoint_0.pt")
         torch.save(_torch_save_places(SystemPayload(marker))[place], file)
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            size, digest = file_digest(fd)
-        finally:
-            os.close(fd)
+        size, digest = _file_digest(path, "checkpoint_0.pt")
         _reseal_rank(path, {"size_bytes": size, "digest": digest})
     else:
         with open(os.path.join(path, "manifest.json")) as f:

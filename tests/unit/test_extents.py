@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from torchckpt.format import extents
-from torchckpt.format.extents import ChecksumError, Extent, checksum, chunk_count, read_extents
+from torchckpt.format import extent_read
+from torchckpt.format.extents import ChecksumError, Extent, checksum, chunk_count
+from torchckpt.storage.local_read import LocalObjectReader
 from torchckpt.format.native import byte_view, contiguous_bytes, write_extents
 from torchckpt.storage.local_save import LocalObjectWriter
 
@@ -22,8 +24,15 @@ def small_io(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink every size of the I/O layer so a few hundred bytes cross all its boundaries."""
     monkeypatch.setattr(extents, "CHUNK_BYTES", 128)
     monkeypatch.setattr(extents, "BATCH_BYTES", 256)
-    monkeypatch.setattr(extents, "READ_BYTES", 64)
-    monkeypatch.setattr(extents, "PARALLEL_READ_BYTES", 0)
+    monkeypatch.setattr(extent_read, "CHUNK_BYTES", 128)
+    monkeypatch.setattr(extent_read, "BATCH_BYTES", 256)
+    monkeypatch.setattr(extent_read, "READ_BYTES", 64)
+    monkeypatch.setattr(extent_read, "PARALLEL_READ_BYTES", 0)
+
+
+def read_extents(fd: int, targets: list[Extent], *, threads: int = 2) -> int:
+    """The reader's extent read over the open file ``fd`` (left open)."""
+    return extent_read.read_extents(LocalObjectReader(fd, "the test file", owned=False), targets, threads=threads)
 
 
 def _layout(tmp_path: os.PathLike[str], threads: int) -> tuple[str, list[bytes], list[Extent]]:

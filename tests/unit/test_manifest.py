@@ -15,7 +15,6 @@ from ckpt_testutil import FORMATS, file_name, json_paths, reader, save_each_form
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from torchckpt import checkpoint_reader
 from torchckpt.errors import CheckpointError, CorruptCheckpointError
 from torchckpt.format.manifest import (
     FORMAT_VERSION,
@@ -25,6 +24,7 @@ from torchckpt.format.manifest import (
     parse_manifest,
     seal_manifest,
 )
+from torchckpt.storage.local_read import LocalGeneration
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +235,13 @@ def _install(saved_path: str, tmp_path, doc: Any, *, keep_data: bool = False) ->
 def opened(monkeypatch) -> list[str]:
     """The names the reader opens inside checkpoint directories."""
     names: list[str] = []
-    real = checkpoint_reader._open_in
+    real = LocalGeneration.open
 
-    def spy(dir_fd: int, name: str, where: str) -> int:
+    def spy(generation: LocalGeneration, name: str) -> Any:
         names.append(name)
-        return real(dir_fd, name, where)
+        return real(generation, name)
 
-    monkeypatch.setattr(checkpoint_reader, "_open_in", spy)
+    monkeypatch.setattr(LocalGeneration, "open", spy)
     return names
 
 

@@ -10,7 +10,7 @@ only this one), which is why this module lives in ``format/``.
 Work is cut into *batches*: runs of contiguous file bytes of at most
 ``BATCH_BYTES``, each a list of :class:`Piece` (one chunk of one extent).
 The writer of native files (``format/native.py``) sends batches through an
-``ObjectWriter``; :func:`read_extents` fills extents from a file with
+``ObjectWriter``; ``extent_read.read_extents`` fills extents from an ``ObjectReader`` with
 ``preadv`` straight into tensor memory, checking every chunk as it arrives.
 ``preadv``, ``pwritev`` and crc32c release the GIL, so :func:`run_parallel`
 keeps the disk and the checksum busy from a small thread pool.
@@ -29,15 +29,12 @@ __all__ = [
     "BATCH_BYTES",
     "CHUNK_BYTES",
     "IOV_MAX",
-    "PARALLEL_READ_BYTES",
-    "READ_BYTES",
     "ChecksumError",
     "Extent",
     "Piece",
     "checksum",
     "chunk_count",
     "contiguous_batches",
-    "read_extents",
     "run_parallel",
     "skip_bytes",
 ]
@@ -133,79 +130,6 @@ def contiguous_batches(extents: Sequence[Extent]) -> list[tuple[int, list[Piece]
     return batches
 
 
-#: Reads of fewer bytes in all run in the calling thread.
-PARALLEL_READ_BYTES = 8 * 1024 * 1024
-#: Largest single read: small enough that its checksum runs while the bytes are still in cache.
-READ_BYTES = 1024 * 1024
-
-
-def _read_exact(fd: int, views: list[memoryview], offset: int) -> None:
-    total = sum(v.nbytes for v in views)
-    done = 0
-    while done < total:
-        got = os.preadv(fd, skip_bytes(views, done), offset + done)
-        if got <= 0:
-            raise EOFError(f"file ends at byte {offset + done}, expected {offset + total}")
-        done += got
-
-
-def _read_batch(fd: int, offset: int, pieces: list[Piece], expected: Sequence[list[int] | None]) -> int:
-    """Read one batch of contiguous file bytes in reads of at most READ_BYTES, checking each chunk once read.
-
-    Small pieces share a read (one ``preadv`` of many buffers); a large one
-    is read in parts, its checksum carried from part to part.
-    """
-    crcs = [0] * len(pieces)
-    views: list[memoryview] = []
-    parts: list[tuple[memoryview, int, bool]] = []  # (bytes, index of the piece, last part of that piece)
-    pos, size = offset, 0
-
-    def flush() -> None:
-        nonlocal pos, size
-        if size:
-            _read_exact(fd, views, pos)
-        pos += size
-        for view, k, last in parts:
-            want = expected[pieces[k].extent]
-            if want is not None:
-                crcs[k] = checksum(view, crcs[k])
-                if last and crcs[k] != want[pieces[k].chunk]:
-                    raise ChecksumError(pieces[k].extent, pieces[k].chunk)
-        views.clear()
-        parts.clear()
-        size = 0
-
-    for k, p in enumerate(pieces):
-        n = p.view.nbytes
-        if n == 0:
-            parts.append((p.view, k, True))
-        lo = 0
-        while lo < n:
-            take = min(n - lo, READ_BYTES - size)
-            view = p.view[lo : lo + take] if take != n else p.view
-            views.append(view)
-            parts.append((view, k, lo + take == n))
-            size += take
-            lo += take
-            if size >= READ_BYTES or len(views) >= IOV_MAX:
-                flush()
-    flush()
-    return pos - offset
-
-
-def _split_in_order(batches: list[tuple[int, list[Piece]]], parts: int) -> list[list[tuple[int, list[Piece]]]]:
-    """Cut the batches (in file order) into ``parts`` contiguous runs of about equal bytes."""
-    sizes = [sum(p.view.nbytes for p in pieces) for _, pieces in batches]
-    total = sum(sizes)
-    runs: list[list[tuple[int, list[Piece]]]] = [[] for _ in range(parts)]
-    acc = 0
-    for batch, size in zip(batches, sizes):
-        index = min(parts - 1, acc * parts // total) if total else 0
-        runs[index].append(batch)
-        acc += size
-    return [r for r in runs if r]
-
-
 def skip_bytes(views: list[memoryview], skip: int) -> list[memoryview]:
     """``views`` without their first ``skip`` bytes (what is left after a short positional call)."""
     if skip == 0:
@@ -240,44 +164,3 @@ def run_parallel(jobs: Sequence[Callable[[], int]], threads: int) -> int:
         if first_error is not None:
             raise first_error
         return total
-
-
-def read_extents(fd: int, extents: Sequence[Extent], *, threads: int = 2) -> int:
-    """Fill every extent's buffer from ``fd``, verifying ``crcs`` where given.
-
-    Returns:
-        The number of bytes read.
-
-    Raises:
-        ChecksumError: A chunk does not match (names the extent and chunk).
-        EOFError: The file is shorter than an extent needs.
-        OSError: A read failed.
-    """
-    expected = [e.crcs for e in extents]
-    if sum(e.buffer.nbytes for e in extents) < PARALLEL_READ_BYTES:
-        threads = 1  # starting threads and opening files would cost more than they save
-    runs = _split_in_order(contiguous_batches(extents), max(1, threads))
-    # Each thread reads one contiguous part of the file in order, through its
-    # own open file (its own readahead state): interleaved reads of one file
-    # description defeat the kernel's readahead on cold reads.
-    jobs = [lambda run=run: _read_run(fd, run, expected, own_fd=len(runs) > 1) for run in runs]
-    return run_parallel(jobs, threads)
-
-
-def _read_run(
-    fd: int, run: list[tuple[int, list[Piece]]], expected: Sequence[list[int] | None], *, own_fd: bool
-) -> int:
-    rfd = _reopen(fd) if own_fd else fd
-    try:
-        return sum(_read_batch(rfd, offset, pieces, expected) for offset, pieces in run)
-    finally:
-        if rfd != fd:
-            os.close(rfd)
-
-
-def _reopen(fd: int) -> int:
-    """A new open file description of the file behind ``fd`` (falls back to ``fd``)."""
-    try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return fd

@@ -1,23 +1,32 @@
-"""Reading native rank files: only the bytes the requested keys need, straight into tensors."""
+"""Reading native rank files: only the bytes the requested keys need, straight into tensors.
+
+``read_native`` takes the rank file as an ``ObjectReader`` (any storage):
+it checks size and header (``verification.py``), matches the template
+against the manifest's tree (``select.merge``), then reads every tensor's
+bytes in parallel straight into its target (``extent_read.read_extents``),
+chunk checksums checked as the bytes arrive.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 
 from ..errors import CorruptCheckpointError
-from .extents import ChecksumError, Extent, checksum, read_extents
+from ..storage.base import ObjectReader
+from .extents import ChecksumError, Extent
 from .dtypes import dtype_from_name
+from .extent_read import read_extents
 from .gcpause import paused_gc
 from .manifest import RankEntry, TensorEntry
-from .native import contiguous_bytes, digest_of
+from .native import contiguous_bytes
 from .select import check_fits, merge
 from .tree import TensorRef, unflatten
+from .verification import check_header, check_size, read_error
 
-__all__ = ["check_file_size", "check_header", "read_native", "resolve_device"]
+__all__ = ["read_native", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,34 +90,9 @@ class _Loads:
         return target
 
 
-def check_file_size(fd: int, entry: RankEntry, where: str) -> None:
-    """Raise when the open rank file's size is not the manifest's."""
-    size = os.fstat(fd).st_size
-    if size != entry.size_bytes:
-        raise CorruptCheckpointError(
-            f"corrupt checkpoint {where}: rank file {entry.file} is {size} bytes, the manifest says "
-            f"{entry.size_bytes} (truncated or replaced)",
-            path=where,
-            file=entry.file,
-        )
-
-
-def check_header(fd: int, entry: RankEntry, where: str) -> None:
-    """Raise unless the open rank file has the manifest's size and its header matches the manifest's digest."""
-    check_file_size(fd, entry, where)
-    header = os.pread(fd, entry.data_offset, 0)
-    if len(header) != entry.data_offset or digest_of(checksum(header), list(entry.tensors)) != entry.digest:
-        raise CorruptCheckpointError(
-            f"corrupt checkpoint {where}: the header of rank file {entry.file} does not match the manifest digest "
-            f"{entry.digest}",
-            path=where,
-            file=entry.file,
-        )
-
-
 @paused_gc()  # the tree and the loaded state are many small objects: see gcpause.py
 def read_native(
-    fd: int,
+    src: ObjectReader,
     entry: RankEntry,
     template: Any,
     *,
@@ -118,7 +102,7 @@ def read_native(
     where: str,
     threads: int,
 ) -> tuple[Any, list[str], int]:
-    """Load a rank's state from its open rank file.
+    """Load a rank's state from its open rank file ``src``.
 
     Every key of the template is checked against the manifest before any byte
     is read: a mismatch leaves the template untouched. The bytes of plain CPU
@@ -135,7 +119,8 @@ def read_native(
             file, the key, and the template's keys that may have been overwritten).
         StateDictMismatchError: The template does not fit the checkpoint (template untouched).
     """
-    check_header(fd, entry, where)
+    check_size(src, entry, where)
+    check_header(src, entry, where)
     try:
         source = unflatten(entry.tree, TensorRef, allow_pickle=allow_pickle, where=where)
     except ValueError as e:
@@ -148,7 +133,7 @@ def read_native(
         tensor=loads.tensor,
         where=where,
     )
-    nbytes = _execute(fd, loads, verify=verify, where=where, threads=threads)
+    nbytes = _execute(src, loads, verify=verify, where=where, threads=threads)
     commit()
     return result, missing, nbytes
 
@@ -165,7 +150,7 @@ def _overwritten(keys: list[str], direct: list[bool], fresh: set[int], targets: 
     )
 
 
-def _execute(fd: int, loads: _Loads, *, verify: bool, where: str, threads: int) -> int:
+def _execute(src: ObjectReader, loads: _Loads, *, verify: bool, where: str, threads: int) -> int:
     extents: list[Extent] = []
     keys: list[str] = []
     direct_flags: list[bool] = []
@@ -180,24 +165,11 @@ def _execute(fd: int, loads: _Loads, *, verify: bool, where: str, threads: int) 
         keys.append(e.name)
         direct_flags.append(direct)
     try:
-        nbytes = read_extents(fd, extents, threads=threads)
+        nbytes = read_extents(src, extents, threads=threads)
     except (ChecksumError, EOFError) as err:
         fresh = {id(t) for t in loads.fresh.values()}
         after = _overwritten(keys, direct_flags, fresh, loads.targets)
-        if isinstance(err, ChecksumError):
-            key = keys[err.extent_index]
-            raise CorruptCheckpointError(
-                f"corrupt checkpoint {where}: checksum mismatch in rank file {loads.entry.file}, key "
-                f"{key!r} (chunk {err.chunk}); {after}",
-                path=where,
-                file=loads.entry.file,
-                key=key,
-            ) from err
-        raise CorruptCheckpointError(
-            f"corrupt checkpoint {where}: rank file {loads.entry.file} is truncated: {err}; {after}",
-            path=where,
-            file=loads.entry.file,
-        ) from err
+        raise read_error(err, where, loads.entry.file, keys, after) from err
     for target, host in copies:
         with torch.no_grad():
             target.copy_(host)

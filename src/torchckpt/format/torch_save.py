@@ -3,7 +3,13 @@
 Each rank's state dict is written by ``torch.save`` through a file object that
 computes the crc32c of the stream as it goes, so the digest costs no extra
 pass over the data. Loading uses ``torch.load(weights_only=True)`` unless
-pickle is explicitly allowed; the digest of the whole file is checked first.
+pickle is explicitly allowed; the digest of the whole file is checked first
+(``verification.check_file_digest``, by the caller).
+
+The read side takes the rank file as an ``ObjectReader``, but reads it
+through its local file descriptor (``ObjectReader.fileno``): ``torch.load``
+maps the storages from the file, and the zip records are checked through
+it. That part is local-only: a reader without a file descriptor is refused.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from typing import IO, Any, cast
 
 import torch
 
-from ..errors import CorruptCheckpointError, UnsafeObjectError
-from ..storage.base import ObjectWriter
+from ..errors import CheckpointError, CorruptCheckpointError, UnsafeObjectError
+from ..storage.base import ObjectReader, ObjectWriter
 from . import extents
 from .extents import BATCH_BYTES as WRITEBACK_BYTES
 from .extents import checksum
@@ -27,9 +33,7 @@ from .gcpause import paused_gc
 from .bounds import check_loaded, check_zip_records
 from .select import check_fits, merge
 
-__all__ = ["file_digest", "load_torch_save", "rank_file_name", "save_torch_save", "unpickle_rank_file"]
-
-_READ_BLOCK = 16 * 1024 * 1024
+__all__ = ["load_torch_save", "rank_file_name", "save_torch_save", "unpickle_rank_file"]
 
 
 def rank_file_name(rank: int) -> str:
@@ -175,19 +179,6 @@ def save_torch_save(out: ObjectWriter, state_dict: Any, *, empty_bytes: bool | N
     return stream.size, f"crc32c:{stream.crc:08x}"
 
 
-def file_digest(fd: int) -> tuple[int, str]:
-    """Size and digest of the open file ``fd``, read from the start."""
-    crc = 0
-    size = 0
-    while True:
-        block = os.pread(fd, _READ_BLOCK, size)
-        if not block:
-            break
-        crc = checksum(block, crc)
-        size += len(block)
-    return size, f"crc32c:{crc:08x}"
-
-
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -202,14 +193,27 @@ def _weights_only_cause(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def unpickle_rank_file(fd: int, *, map_location: Any, allow_pickle: bool, mmap: bool, where: str, file: str) -> Any:
-    """Unpickle the ``checkpoint_<rank>.pt`` file open as ``fd`` and check it against ``bounds``.
+def _local_fd(src: ObjectReader, where: str, file: str) -> int:
+    """The file descriptor of ``src`` (the ``torch_save`` layout is read from local files only)."""
+    fd = src.fileno()
+    if fd is None:
+        raise NotImplementedError(
+            f"cannot read {file} of {where}: the torch_save layout is read from local files only"
+        )
+    return fd
+
+
+def unpickle_rank_file(
+    src: ObjectReader, *, map_location: Any, allow_pickle: bool, mmap: bool, where: str, file: str
+) -> Any:
+    """Unpickle the ``checkpoint_<rank>.pt`` file open as ``src`` and check it against ``bounds``.
 
     Every reader of the layout goes through here, so each refuses the same
     files with the same errors, in time and memory bounded by the file's size.
+    Local-only: ``torch.load`` and the zip-record check read ``src.fileno()``.
 
     Args:
-        fd: The open rank file.
+        src: The open rank file.
         map_location: As for ``torch.load``.
         allow_pickle: Unpickle any object (trusted checkpoints only); else ``weights_only``.
         mmap: Map the storages from the file instead of reading them (zip files only).
@@ -219,12 +223,14 @@ def unpickle_rank_file(fd: int, *, map_location: Any, allow_pickle: bool, mmap: 
     Raises:
         UnsafeObjectError: The file needs pickle and pickle is not allowed.
         CorruptCheckpointError: ``torch.load`` cannot read it, or it expands beyond the bounds.
+        NotImplementedError: ``src`` has no file descriptor (not a local file).
     """
+    fd = _local_fd(src, where, file)
     proc_path = f"/proc/self/fd/{fd}"
-    size = os.fstat(fd).st_size
+    size = src.size
     # mmap works only for the zip format; files of torch.save(_use_new_zipfile_serialization=False) are read whole.
     by_path = os.path.exists(proc_path)
-    is_zip = os.pread(fd, 4, 0) == _ZIP_MAGIC
+    is_zip = src.read(0, 4) == _ZIP_MAGIC
     if is_zip:
         check_zip_records(fd, size, where=where, file=file)
     try:
@@ -237,24 +243,29 @@ def unpickle_rank_file(fd: int, *, map_location: Any, allow_pickle: bool, mmap: 
             with os.fdopen(os.dup(fd), "rb") as f:
                 loaded = torch.load(f, map_location=map_location, weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
-            raise UnsafeObjectError(
-                f"refusing to load {file} of {where}: it holds objects that need pickle (not executed). "
-                f"Pass allow_pickle=True only for checkpoints you trust. Cause: {_weights_only_cause(e)}",
-                path=where,
-                key=None,
-                type_name="pickle",
-            ) from e
-        raise CorruptCheckpointError(f"corrupt checkpoint {where}: cannot read {file}: {e}", path=where, file=file) from e
+        raise _unpickling_error(e, where, file) from e
     except (RuntimeError, EOFError, ValueError, OSError, MemoryError) as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {where}: cannot read {file}: {e}", path=where, file=file) from e
     check_loaded(loaded, file_size=size, where=where, file=file)
     return loaded
 
 
+def _unpickling_error(e: pickle.UnpicklingError, where: str, file: str) -> CheckpointError:
+    """The error of an unpickling that failed: pickle refused (weights-only), or a broken file."""
+    if "weights_only" in str(e) or "Weights only load failed" in str(e):
+        return UnsafeObjectError(
+            f"refusing to load {file} of {where}: it holds objects that need pickle (not executed). "
+            f"Pass allow_pickle=True only for checkpoints you trust. Cause: {_weights_only_cause(e)}",
+            path=where,
+            key=None,
+            type_name="pickle",
+        )
+    return CorruptCheckpointError(f"corrupt checkpoint {where}: cannot read {file}: {e}", path=where, file=file)
+
+
 @paused_gc()  # the loaded state is many small objects: see gcpause.py
 def load_torch_save(
-    fd: int,
+    src: ObjectReader,
     template: Any,
     *,
     map_location: Any,
@@ -262,7 +273,7 @@ def load_torch_save(
     where: str,
     file: str,
 ) -> tuple[Any, list[str]]:
-    """Load a ``checkpoint_<rank>.pt`` file from the open ``fd``.
+    """Load a ``checkpoint_<rank>.pt`` file from the open ``src`` (local-only: see :func:`unpickle_rank_file`).
 
     With a template, every key is checked (presence, kind, dtype and shape)
     before a byte is copied into it: a load that fails leaves the template as
@@ -274,7 +285,7 @@ def load_torch_save(
         StateDictMismatchError: The template does not fit the checkpoint (template untouched).
     """
     loaded = unpickle_rank_file(
-        fd, map_location=map_location, allow_pickle=allow_pickle, mmap=template is not None, where=where, file=file
+        src, map_location=map_location, allow_pickle=allow_pickle, mmap=template is not None, where=where, file=file
     )
     if template is None:
         return loaded, []

@@ -45,6 +45,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .local_dirs import previous_generation
+from .local_read import LocalGeneration
 from .local_save import LocalSaveSession
 from .paths import local_path
 
@@ -89,6 +91,13 @@ class LocalStorage:
             raise
         return session
 
-    def open_generation(self) -> Any:
-        """The committed generation, held open (see ``storage/base.py``)."""
-        raise NotImplementedError("LocalStorage.open_generation")
+    def open_generation(self) -> LocalGeneration:
+        """The checkpoint directory committed at the path, held open (see ``storage/base.py`` and ``local_read.py``).
+
+        Where the directory is missing because an overwrite without
+        ``RENAME_EXCHANGE`` was interrupted, its previous generation is opened.
+
+        Raises:
+            CheckpointNotFoundError: Nothing there, not a directory, or a symbolic link.
+        """
+        return LocalGeneration.open_path(self.location, previous=previous_generation(self.location))

@@ -1,0 +1,194 @@
+"""Reading byte ranges of a rank file into memory through an ``ObjectReader``, checksums checked on the way.
+
+Bytes go straight from the object into tensor memory (``read_into``, which
+is ``preadv`` for local files): no intermediate buffer holds a whole tensor.
+The extents are cut into runs of contiguous bytes, split into about equal
+parts in file order, and each part is read by a thread of its own through a
+handle of its own (:meth:`ObjectReader.reopen`): interleaved reads of one
+file description defeat the kernel's read-ahead on cold reads. Reads are at
+most ``READ_BYTES``, so each chunk's crc32c (see ``verification.py`` for the
+chunk rule) runs while its bytes are still in cache; ``preadv`` and crc32c
+release the GIL, so two threads keep both the disk and the checksum busy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..storage.base import ObjectReader
+from .extents import BATCH_BYTES, CHUNK_BYTES, ChecksumError, Extent, checksum, chunk_count
+
+__all__ = ["PARALLEL_READ_BYTES", "READ_BYTES", "read_extents"]
+
+#: Reads of fewer bytes in all run in the calling thread.
+PARALLEL_READ_BYTES = 8 * 1024 * 1024
+#: Largest single read: small enough that its checksum runs while the bytes are still in cache.
+READ_BYTES = 1024 * 1024
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+@dataclass
+class _Piece:
+    """One checksum chunk of an extent: its index, its chunk number and its memory."""
+
+    extent: int
+    chunk: int
+    view: memoryview
+
+
+_Batch = tuple[int, list[_Piece]]
+
+
+def _batches(extents: Sequence[Extent]) -> list[_Batch]:
+    """Group the extents' chunks into runs of contiguous file bytes, each at most ``BATCH_BYTES``."""
+    batches: list[_Batch] = []
+    cur: list[_Piece] = []
+    cur_start = cur_end = -1
+    for i in sorted(range(len(extents)), key=lambda i: extents[i].offset):
+        e = extents[i]
+        n = e.buffer.nbytes
+        pos = e.offset
+        for k in range(chunk_count(n)):
+            piece = _Piece(i, k, e.buffer[k * CHUNK_BYTES : min(n, (k + 1) * CHUNK_BYTES)])
+            size = piece.view.nbytes
+            fits = cur and pos == cur_end and cur_end - cur_start + size <= BATCH_BYTES and len(cur) < _IOV_MAX
+            if not fits:
+                if cur:
+                    batches.append((cur_start, cur))
+                cur, cur_start, cur_end = [], pos, pos
+            cur.append(piece)
+            cur_end += size
+            pos += size
+    if cur:
+        batches.append((cur_start, cur))
+    return batches
+
+
+def _read_exact(src: ObjectReader, views: list[memoryview], offset: int) -> None:
+    total = sum(v.nbytes for v in views)
+    got = src.read_into(views, offset)
+    if got < total:
+        raise EOFError(f"file ends at byte {offset + got}, expected {offset + total}")
+
+
+class _BatchReader:
+    """Reads one batch in reads of at most ``READ_BYTES``, checking each chunk once its last byte is in.
+
+    Small pieces share a read (one ``read_into`` of many buffers); a large
+    one is read in parts, its checksum carried from part to part.
+    """
+
+    def __init__(
+        self, src: ObjectReader, offset: int, pieces: list[_Piece], expected: Sequence[list[int] | None]
+    ) -> None:
+        self.src = src
+        self.pieces = pieces
+        self.expected = expected
+        self.crcs = [0] * len(pieces)
+        self.views: list[memoryview] = []
+        self.parts: list[tuple[memoryview, int, bool]] = []  # (bytes, index of the piece, last part of it)
+        self.pos = offset
+        self.size = 0
+
+    def flush(self) -> None:
+        if self.size:
+            _read_exact(self.src, self.views, self.pos)
+        self.pos += self.size
+        for view, k, last in self.parts:
+            piece = self.pieces[k]
+            want = self.expected[piece.extent]
+            if want is not None:
+                self.crcs[k] = checksum(view, self.crcs[k])
+                if last and self.crcs[k] != want[piece.chunk]:
+                    raise ChecksumError(piece.extent, piece.chunk)
+        self.views.clear()
+        self.parts.clear()
+        self.size = 0
+
+    def run(self) -> int:
+        start = self.pos
+        for k, p in enumerate(self.pieces):
+            n = p.view.nbytes
+            if n == 0:
+                self.parts.append((p.view, k, True))
+            lo = 0
+            while lo < n:
+                take = min(n - lo, READ_BYTES - self.size)
+                view = p.view[lo : lo + take] if take != n else p.view
+                self.views.append(view)
+                self.parts.append((view, k, lo + take == n))
+                self.size += take
+                lo += take
+                if self.size >= READ_BYTES or len(self.views) >= _IOV_MAX:
+                    self.flush()
+        self.flush()
+        return self.pos - start
+
+
+def _split_in_order(batches: list[_Batch], parts: int) -> list[list[_Batch]]:
+    """Cut the batches (in file order) into ``parts`` contiguous runs of about equal bytes."""
+    sizes = [sum(p.view.nbytes for p in pieces) for _, pieces in batches]
+    total = sum(sizes)
+    runs: list[list[_Batch]] = [[] for _ in range(parts)]
+    acc = 0
+    for batch, size in zip(batches, sizes):
+        runs[min(parts - 1, acc * parts // total) if total else 0].append(batch)
+        acc += size
+    return [r for r in runs if r]
+
+
+def _run(jobs: Sequence[Callable[[], int]], threads: int) -> int:
+    if threads <= 1 or len(jobs) <= 1:
+        return sum(job() for job in jobs)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="torchckpt-io") as pool:
+        futures = [pool.submit(job) for job in jobs]
+        total = 0
+        first_error: BaseException | None = None
+        for f in futures:
+            try:
+                total += f.result()
+            except BaseException as e:  # noqa: BLE001 - keep the first, wait for all
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        return total
+
+
+def _read_run(src: ObjectReader, run: list[_Batch], expected: Sequence[list[int] | None], *, own: bool) -> int:
+    handle = src.reopen() if own else src
+    try:
+        return sum(_BatchReader(handle, offset, pieces, expected).run() for offset, pieces in run)
+    finally:
+        if handle is not src:
+            handle.close()
+
+
+def read_extents(src: ObjectReader, extents: Sequence[Extent], *, threads: int = 2) -> int:
+    """Fill every extent's buffer from ``src``, verifying its ``crcs`` (one per chunk) where given.
+
+    Call order: the caller opens ``src`` and keeps it open for the call; with
+    several threads each one reads through ``src.reopen()`` (closed here),
+    otherwise ``src`` itself is read in the calling thread.
+
+    Args:
+        src: The object (a rank file).
+        extents: Where each range goes; ``crcs`` None: not verified.
+        threads: Threads reading parts of the object in parallel.
+
+    Returns:
+        The number of bytes read.
+
+    Raises:
+        ChecksumError: A chunk does not match (names the extent and the chunk).
+        EOFError: The object is shorter than an extent needs.
+        OSError: A read failed.
+    """
+    expected = [e.crcs for e in extents]
+    if sum(e.buffer.nbytes for e in extents) < PARALLEL_READ_BYTES:
+        threads = 1  # starting threads and opening handles would cost more than they save
+    runs = _split_in_order(_batches(extents), max(1, threads))
+    jobs = [lambda run=run: _read_run(src, run, expected, own=len(runs) > 1) for run in runs]
+    return _run(jobs, threads)
