@@ -39,8 +39,15 @@ Call order of a load (``CheckpointReader.read``, ``verify``, the tools)::
     gen.close()
 
 Errors: storage raises ``OSError`` (with ``errno``) for what the system
-refuses; the callers turn it into ``CheckpointIOError`` / ``CorruptCheckpointError``
-naming rank, operation and path.
+refuses while bytes move; the callers turn it into ``CheckpointIOError`` /
+``CorruptCheckpointError`` naming rank, operation and path. What a storage
+refuses by its own rules when a generation or object is opened (a link at the
+checkpoint's name, an object that is not a regular file, a URL it cannot
+serve) it raises as ``CheckpointNotFoundError`` / ``CorruptCheckpointError`` /
+``UnsupportedURLError`` itself, with the message a user needs.
+
+Lifetimes: an ``ObjectReader`` stays usable after its ``Generation`` is
+closed (the tools keep a rank file mapped after the snapshot is released).
 """
 
 from __future__ import annotations
