@@ -25,14 +25,12 @@ from .format.torch_save import load_torch_save, rank_file_name
 from .format.verification import check_file_digest, check_size
 from .reading import CheckpointSnapshot, GenerationReplaced, read_consistently, read_manifest
 from .types import STATE_DICT, RankInfo
+from .utils import caller_stacklevel
 
 __all__ = ["CheckpointReader", "LegacyCheckpointWarning", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
-#: Frames between the warning of a legacy load and the caller of ``CheckpointReader.read`` (or of the
-#: checkpointer's ``load`` that calls it): _read_legacy, _read_snapshot, the lambda, read_consistently, read.
-_LEGACY_STACKLEVEL = 6
 
 
 class LegacyCheckpointWarning(UserWarning):
@@ -180,7 +178,7 @@ class CheckpointReader:
             f"{path} has no manifest.json: loading {name} as a checkpoint of the reference implementation, "
             "which has no commit marker and no checksums",
             LegacyCheckpointWarning,
-            stacklevel=_LEGACY_STACKLEVEL,
+            stacklevel=caller_stacklevel(),
         )
         try:
             return load_torch_save(src, state_dict, map_location=map_location, allow_pickle=allow_pickle, where=path, file=name)

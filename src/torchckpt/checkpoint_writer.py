@@ -222,7 +222,7 @@ class CheckpointWriter:
         """
         rank = self._rank_info.global_rank
         try:
-            self.check_keywords(save.path, kwargs, warn_only=True)
+            self.check_keywords(save.path, kwargs, unknown="warn")
             save.metadata = check_metadata(kwargs.get("metadata"), save.path)  # before a byte is written
             save.session = storage_for(save.path).begin_save(
                 rank=rank, world_size=self._rank_info.global_world_size, coordinator=rank == 0,
@@ -286,19 +286,22 @@ class CheckpointWriter:
             raise RuntimeError(f"the save of {save.path} has no storage session to commit")
         return save.session
 
-    def check_keywords(self, path: str, kwargs: dict[str, Any], *, warn_only: bool = False) -> None:
-        """Refuse (or, ``warn_only``, warn about) a keyword that neither torchckpt nor the commit hook takes.
+    def check_keywords(
+        self, path: str, kwargs: dict[str, Any], *, unknown: str = "raise", refuse_near_misses: bool = False
+    ) -> None:
+        """Refuse, warn about or ignore a keyword that neither torchckpt nor the commit hook takes.
 
         ``write`` itself only warns, as the reference's writer takes any keyword;
-        ``SyncCheckpointer.save`` calls this first and raises (see ``keywords.py``).
+        ``SyncCheckpointer.save`` calls this first and refuses near misses (see ``keywords.py``).
 
         Raises:
-            TypeError: An unknown keyword (named), unless ``warn_only``.
+            TypeError: An unknown keyword (named), as ``unknown`` and
+                ``refuse_near_misses`` say (see ``keywords.check_keywords``).
         """
         hook = type(self._commit_hook).__name__ if self._commit_hook is not None else None
         check_keywords(
             kwargs, call="save", path=path, known=WRITE_KEYWORDS, hook_keywords=self._hook_keywords, hook_name=hook,
-            warn_only=warn_only,
+            unknown=unknown, refuse_near_misses=refuse_near_misses,
         )  # fmt: skip
 
     def _store(self) -> Any:

@@ -146,9 +146,14 @@ class SyncCheckpointer(Checkpointer):
         Raises:
             CheckpointIOError: The location is read-only or not writable (operation
                 ``"prepare"``, before anything is written), or a write failed.
+            TypeError: A misspelling of a keyword torchckpt or the commit hook
+                takes, before anything is written; any other keyword goes to the
+                writer, which warns of it (``UserWarning``) and saves.
         """
         if isinstance(self._writer, CheckpointWriter):
-            self._writer.check_keywords(os.fspath(path), kwargs)
+            # A misspelling fails here; any other keyword goes on to the writer, which
+            # warns of those its hook does not take (the reference hands them all on).
+            self._writer.check_keywords(os.fspath(path), kwargs, unknown="ignore", refuse_near_misses=True)
         if isinstance(path, (str, os.PathLike)):
             check_writable(path, rank=_rank_of(self._writer))
         self._writer.write(path, state_dict, **kwargs)
@@ -224,13 +229,15 @@ class AsyncCheckpointer(Checkpointer):
         Raises:
             CheckpointIOError: The location is read-only or not writable: raised
                 here, before anything is staged (operation ``"prepare"``).
-            TypeError: A keyword neither torchckpt nor the writer's hook takes
-                (see ``hook_keywords``), before anything is staged.
+            TypeError: A misspelling of a keyword torchckpt or the writer's hook
+                takes (see ``hook_keywords``), before anything is staged; any other
+                unknown keyword is a ``UserWarning`` and is ignored.
         """
         self._raise_unseen_error()
         check_keywords(
-            kwargs, call="save", path=str(path), known=WRITE_KEYWORDS, hook_keywords=self._hook_keywords
-        )
+            kwargs, call="save", path=str(path), known=WRITE_KEYWORDS, hook_keywords=self._hook_keywords,
+            unknown="warn", refuse_near_misses=True,
+        )  # fmt: skip
         check_metadata(kwargs.get("metadata"), str(path))  # in the writer it would fail after the copy
         if isinstance(path, (str, os.PathLike)):
             check_writable(path, rank=_rank_of(self._checkpoint_process))

@@ -2,11 +2,13 @@
 
 ``save(path, state_dict, **kwargs)`` hands its keywords to the writer's commit
 hook, as the reference does; torchckpt itself acts on :data:`WRITE_KEYWORDS`.
-A keyword that neither torchckpt nor the hook takes is a ``TypeError`` naming
-it when given to a checkpointer's ``save`` or ``load`` (a misspelled
-``allow_pickle`` must not pass silently); given to ``CheckpointWriter.write``
-directly (the reference's low-level API, which accepts any keyword) it is a
-``UserWarning`` naming it. A hook method with
+A keyword that neither torchckpt nor the hook takes is, given to a
+checkpointer's ``save``, a ``TypeError`` naming it when it is a near miss of one
+that is taken (a misspelled ``allow_pickle`` must not pass silently) and
+otherwise a ``UserWarning`` naming it: the reference's ``save`` hands any
+keyword on to its writer, and code written for it passes its own. Given to
+``CheckpointWriter.write`` directly (the reference's low-level API) any unknown
+keyword is a ``UserWarning``; given to ``load``, a ``TypeError``. A hook method with
 ``**kwargs`` takes every keyword; one without gets only those it names.
 ``load(path, ..., **kwargs)`` knows :data:`READ_KEYWORDS`.
 """
@@ -18,6 +20,8 @@ import inspect
 import warnings
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
+
+from .utils import caller_stacklevel
 
 __all__ = ["READ_KEYWORDS", "WRITE_KEYWORDS", "accepted_keywords", "check_keywords", "keywords_for"]
 
@@ -64,9 +68,10 @@ def check_keywords(
     known: Collection[str],
     hook_keywords: Collection[str] | None = frozenset(),
     hook_name: str | None = None,
-    warn_only: bool = False,
+    unknown: str = "raise",
+    refuse_near_misses: bool = False,
 ) -> None:
-    """Raise ``TypeError`` for a keyword that neither torchckpt nor the hook takes.
+    """Raise ``TypeError`` (or warn) for a keyword that neither torchckpt nor the hook takes.
 
     Args:
         kwargs: The keywords given.
@@ -75,11 +80,15 @@ def check_keywords(
         known: The keywords torchckpt acts on.
         hook_keywords: The keywords the hook takes; None: any (``**kwargs``).
         hook_name: The hook's class name (None: there is no hook).
-        warn_only: Warn (``UserWarning``) about an unknown keyword instead of raising.
+        unknown: What an unknown keyword gets: ``"raise"`` (``TypeError``),
+            ``"warn"`` (``UserWarning``) or ``"ignore"`` (left to the writer).
+        refuse_near_misses: Raise for an unknown keyword that is a near miss of
+            a taken one (a misspelling), whatever ``unknown`` says.
 
     Raises:
-        TypeError: An unknown keyword (named, with the nearest known one) or an
-            ``allow_pickle`` that is not a bool.
+        TypeError: An unknown keyword (named, with the nearest known one) as
+            ``unknown`` and ``refuse_near_misses`` say, or an ``allow_pickle``
+            that is not a bool.
     """
     pickle_flag = kwargs.get("allow_pickle", False)
     if "allow_pickle" in known and not isinstance(pickle_flag, bool):
@@ -102,6 +111,7 @@ def check_keywords(
             f"{call}() of {path} got an unexpected keyword argument {name!r}{hint}; torchckpt's keywords are "
             f"{', '.join(sorted(known))} and {hook}"
         )
-        if not warn_only:
+        if unknown == "raise" or (refuse_near_misses and near):
             raise TypeError(message)
-        warnings.warn(message + " (ignored)", UserWarning, stacklevel=4)
+        if unknown == "warn":
+            warnings.warn(message + " (ignored)", UserWarning, stacklevel=caller_stacklevel())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from concurrent.futures import Future
 from types import FrameType
 from typing import Any, TypeVar
 
-__all__ = ["call_with_stack", "close_on_exit", "stack_depth", "wrap_future"]
+__all__ = ["call_with_stack", "caller_stacklevel", "close_on_exit", "stack_depth", "wrap_future"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,23 @@ def stack_depth() -> int:
         depth += 1
         frame = frame.f_back
     return depth
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes the caller's ``warnings.warn`` name the first frame outside torchckpt.
+
+    A warning about an argument belongs at the user's line that passed it, however
+    many of torchckpt's frames lie between (save, write, the writer's steps).
+    Where the stack holds no frame outside the package (a helper thread), the
+    outermost frame is named.
+    """
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def call_with_stack(frames_needed: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -291,9 +291,14 @@ def test_keywords_reach_the_hooks_that_take_them(tmp_path) -> None:
     _sync("safetensors", named).save(path, {"w": torch.ones(2)}, step=7, metadata={"run": "x"})
     assert named.calls == [("pre", path, {"step": 7}), ("post", path, {"step": 7, "metadata": {"run": "x"}})]
     with pytest.raises(TypeError) as info:
-        _sync("safetensors", named).save(path, {"w": torch.ones(2)}, epoch=1)
-    assert "unexpected keyword argument 'epoch'" in str(info.value)
-    assert "RecordingHook" in str(info.value) and "step" in str(info.value)
+        _sync("safetensors", named).save(path, {"w": torch.ones(2)}, stpe=1)  # a misspelling of the hook's
+    assert "unexpected keyword argument 'stpe'" in str(info.value)
+    assert "did you mean 'step'?" in str(info.value)
+    assert "RecordingHook" in str(info.value)
+    named.calls.clear()
+    with pytest.warns(UserWarning, match="unexpected keyword argument .epoch.*RecordingHook takes metadata, step.*ignored"):
+        _sync("safetensors", named).save(path, {"w": torch.ones(2)}, epoch=1)  # no near miss: saved
+    assert named.calls == [("pre", path, {"step": -1}), ("post", path, {"step": -1, "metadata": None})]
     anything = AnyKeywordHook()
     _sync("torch_save", anything).save(path, {"w": torch.ones(2)}, epoch=1, allow_pickle=False)
     given = {"epoch": 1, "allow_pickle": False}
@@ -312,6 +317,26 @@ def test_load_refuses_an_unknown_keyword(fmt: str, tmp_path) -> None:
     assert path in str(info.value)
     loaded = ckpt.load(path, verify=False, rank=0, allow_pickle=False)
     assert torch.equal(loaded["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_save_warns_of_a_keyword_of_its_own_and_saves(kind: str, tmp_path) -> None:
+    # The reference's save hands any keyword on to its writer; PyTorch's own tests pass such
+    # keywords (custom_arg=..., another_arg=42) and expect a checkpoint.
+    path = str(tmp_path / "ckpt")
+    ckpt = _sync("torch_save") if kind == "sync" else _async("torch_save")
+    try:
+        with pytest.warns(UserWarning) as record:
+            futures = ckpt.save(path, {"w": torch.ones(2)}, custom_arg="x", another_arg=42)
+        if futures is not None:
+            futures[1].result(timeout=120)
+        messages = [str(w.message) for w in record if "unexpected keyword" in str(w.message)]
+        assert any("'custom_arg'" in m and m.endswith("(ignored)") for m in messages), messages
+        assert any("'another_arg'" in m for m in messages), messages
+        assert all(w.filename == __file__ for w in record if "unexpected keyword" in str(w.message))
+        assert torch.equal(ckpt.load(path)["w"], torch.ones(2))
+    finally:
+        ckpt.close()
 
 
 def test_the_writer_itself_warns_of_an_unknown_keyword_and_saves(tmp_path) -> None:
