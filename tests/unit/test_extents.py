@@ -24,8 +24,6 @@ def small_io(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink every size of the I/O layer so a few hundred bytes cross all its boundaries."""
     monkeypatch.setattr(extents, "CHUNK_BYTES", 128)
     monkeypatch.setattr(extents, "BATCH_BYTES", 256)
-    monkeypatch.setattr(extent_read, "CHUNK_BYTES", 128)
-    monkeypatch.setattr(extent_read, "BATCH_BYTES", 256)
     monkeypatch.setattr(extent_read, "READ_BYTES", 64)
     monkeypatch.setattr(extent_read, "PARALLEL_READ_BYTES", 0)
 

@@ -269,8 +269,7 @@ SIZES = [0, 1, 7, 63, 64, 65, 100, 127, 128, 129, 300, 5, 0, 2]
 def small_io(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink the sizes of the extent reader so a few hundred bytes cross all its boundaries."""
     monkeypatch.setattr(io, "CHUNK_BYTES", 128)  # chunk_count
-    monkeypatch.setattr(extent_read, "CHUNK_BYTES", 128)
-    monkeypatch.setattr(extent_read, "BATCH_BYTES", 256)
+    monkeypatch.setattr(io, "BATCH_BYTES", 256)
     monkeypatch.setattr(extent_read, "READ_BYTES", 64)
     monkeypatch.setattr(extent_read, "PARALLEL_READ_BYTES", 0)
 

@@ -13,13 +13,10 @@ release the GIL, so two threads keep both the disk and the checksum busy.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from ..storage.base import ObjectReader
-from .extents import BATCH_BYTES, CHUNK_BYTES, ChecksumError, Extent, checksum, chunk_count
+from .extents import IOV_MAX, ChecksumError, Extent, Piece, checksum, contiguous_batches, run_parallel
 
 __all__ = ["PARALLEL_READ_BYTES", "READ_BYTES", "read_extents"]
 
@@ -27,44 +24,9 @@ __all__ = ["PARALLEL_READ_BYTES", "READ_BYTES", "read_extents"]
 PARALLEL_READ_BYTES = 8 * 1024 * 1024
 #: Largest single read: small enough that its checksum runs while the bytes are still in cache.
 READ_BYTES = 1024 * 1024
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
-@dataclass
-class _Piece:
-    """One checksum chunk of an extent: its index, its chunk number and its memory."""
-
-    extent: int
-    chunk: int
-    view: memoryview
-
-
-_Batch = tuple[int, list[_Piece]]
-
-
-def _batches(extents: Sequence[Extent]) -> list[_Batch]:
-    """Group the extents' chunks into runs of contiguous file bytes, each at most ``BATCH_BYTES``."""
-    batches: list[_Batch] = []
-    cur: list[_Piece] = []
-    cur_start = cur_end = -1
-    for i in sorted(range(len(extents)), key=lambda i: extents[i].offset):
-        e = extents[i]
-        n = e.buffer.nbytes
-        pos = e.offset
-        for k in range(chunk_count(n)):
-            piece = _Piece(i, k, e.buffer[k * CHUNK_BYTES : min(n, (k + 1) * CHUNK_BYTES)])
-            size = piece.view.nbytes
-            fits = cur and pos == cur_end and cur_end - cur_start + size <= BATCH_BYTES and len(cur) < _IOV_MAX
-            if not fits:
-                if cur:
-                    batches.append((cur_start, cur))
-                cur, cur_start, cur_end = [], pos, pos
-            cur.append(piece)
-            cur_end += size
-            pos += size
-    if cur:
-        batches.append((cur_start, cur))
-    return batches
+_Batch = tuple[int, list[Piece]]
 
 
 def _read_exact(src: ObjectReader, views: list[memoryview], offset: int) -> None:
@@ -82,7 +44,7 @@ class _BatchReader:
     """
 
     def __init__(
-        self, src: ObjectReader, offset: int, pieces: list[_Piece], expected: Sequence[list[int] | None]
+        self, src: ObjectReader, offset: int, pieces: list[Piece], expected: Sequence[list[int] | None]
     ) -> None:
         self.src = src
         self.pieces = pieces
@@ -122,7 +84,7 @@ class _BatchReader:
                 self.parts.append((view, k, lo + take == n))
                 self.size += take
                 lo += take
-                if self.size >= READ_BYTES or len(self.views) >= _IOV_MAX:
+                if self.size >= READ_BYTES or len(self.views) >= IOV_MAX:
                     self.flush()
         self.flush()
         return self.pos - start
@@ -139,22 +101,6 @@ def _split_in_order(batches: list[_Batch], parts: int) -> list[list[_Batch]]:
         acc += size
     return [r for r in runs if r]
 
-
-def _run(jobs: Sequence[Callable[[], int]], threads: int) -> int:
-    if threads <= 1 or len(jobs) <= 1:
-        return sum(job() for job in jobs)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="torchckpt-io") as pool:
-        futures = [pool.submit(job) for job in jobs]
-        total = 0
-        first_error: BaseException | None = None
-        for f in futures:
-            try:
-                total += f.result()
-            except BaseException as e:  # noqa: BLE001 - keep the first, wait for all
-                first_error = first_error or e
-        if first_error is not None:
-            raise first_error
-        return total
 
 
 def _read_run(src: ObjectReader, run: list[_Batch], expected: Sequence[list[int] | None], *, own: bool) -> int:
@@ -189,6 +135,6 @@ def read_extents(src: ObjectReader, extents: Sequence[Extent], *, threads: int =
     expected = [e.crcs for e in extents]
     if sum(e.buffer.nbytes for e in extents) < PARALLEL_READ_BYTES:
         threads = 1  # starting threads and opening handles would cost more than they save
-    runs = _split_in_order(_batches(extents), max(1, threads))
+    runs = _split_in_order(contiguous_batches(extents), max(1, threads))
     jobs = [lambda run=run: _read_run(src, run, expected, own=len(runs) > 1) for run in runs]
-    return _run(jobs, threads)
+    return run_parallel(jobs, threads)

@@ -36,7 +36,6 @@ __all__ = [
     "chunk_count",
     "contiguous_batches",
     "run_parallel",
-    "skip_bytes",
 ]
 
 #: Bytes covered by one checksum.
@@ -129,19 +128,6 @@ def contiguous_batches(extents: Sequence[Extent]) -> list[tuple[int, list[Piece]
         batches.append((cur_start, cur))
     return batches
 
-
-def skip_bytes(views: list[memoryview], skip: int) -> list[memoryview]:
-    """``views`` without their first ``skip`` bytes (what is left after a short positional call)."""
-    if skip == 0:
-        return views
-    out = []
-    for v in views:
-        if skip >= v.nbytes:
-            skip -= v.nbytes
-            continue
-        out.append(v[skip:] if skip else v)
-        skip = 0
-    return out
 
 
 def run_parallel(jobs: Sequence[Callable[[], int]], threads: int) -> int:

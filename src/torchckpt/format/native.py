@@ -37,10 +37,10 @@ from typing import Any
 import crc32c as _crc32c
 import torch
 
-from ..storage.base import ObjectWriter
+from ..storage.base import ObjectWriter, skip_bytes
 from . import extents
 from .dtypes import dtype_name, safetensors_name
-from .extents import CHUNK_BYTES, Extent, Piece, checksum, chunk_count, contiguous_batches, run_parallel, skip_bytes
+from .extents import CHUNK_BYTES, Extent, Piece, checksum, chunk_count, contiguous_batches, run_parallel
 from .manifest import RankEntry, TensorEntry
 from .tree import Flattened
 

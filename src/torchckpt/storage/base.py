@@ -55,7 +55,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-__all__ = ["Generation", "ObjectReader", "ObjectWriter", "SaveSession", "Storage"]
+__all__ = ["Generation", "ObjectReader", "ObjectWriter", "SaveSession", "Storage", "skip_bytes"]
+
+
+def skip_bytes(views: Sequence[memoryview], skip: int) -> list[memoryview]:
+    """``views`` without their first ``skip`` bytes: what is left after a short positional read or write."""
+    out = []
+    for v in views:
+        if skip >= v.nbytes:
+            skip -= v.nbytes
+            continue
+        out.append(v[skip:] if skip else v)
+        skip = 0
+    return out
 
 
 class ObjectWriter(Protocol):

@@ -41,23 +41,13 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from .base import skip_bytes
 from .paths import local_path
 
 __all__ = ["LocalGeneration", "LocalObjectReader"]
 
 logger = logging.getLogger(__name__)
 
-
-def _advance(views: Sequence[memoryview], skip: int) -> list[memoryview]:
-    """``views`` without their first ``skip`` bytes."""
-    out = []
-    for v in views:
-        if skip >= v.nbytes:
-            skip -= v.nbytes
-            continue
-        out.append(v[skip:] if skip else v)
-        skip = 0
-    return out
 
 
 class LocalObjectReader:
@@ -129,7 +119,7 @@ class LocalObjectReader:
             if got <= 0:
                 break
             done += got
-            pending = _advance(views, done)
+            pending = skip_bytes(views, done)
         return done
 
     def read(self, offset: int, nbytes: int) -> bytes:
