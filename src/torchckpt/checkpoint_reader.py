@@ -137,6 +137,7 @@ class CheckpointReader:
                 result, missing, nbytes = read_native(
                     src, entry, state_dict, map_location=map_location, verify=verify,
                     allow_pickle=allow_pickle, where=path, threads=self._io_threads,
+                    manifest=manifest, open_rank=snapshot.open_rank_file,
                 )  # fmt: skip
             else:
                 if verify:
@@ -187,7 +188,9 @@ class CheckpointReader:
 
 
 def _rank_signature(entry: RankEntry) -> dict[str, Any]:
-    return {t.name: (t.dtype, t.shape, t.crc32c) for t in entry.tensors}
+    """The rank's plain tensors (its chunks of sharded tensors are its own by design)."""
+    chunks = {c.tensor for s in entry.sharded for c in s.chunks}
+    return {t.name: (t.dtype, t.shape, t.crc32c) for i, t in enumerate(entry.tensors) if i not in chunks}
 
 
 def _check_replicated(manifest: Manifest, path: str, world_size: int) -> None:

@@ -29,12 +29,15 @@ import torch.distributed as dist
 from .agreement import Agreement, run_collective
 from .barriers import Barrier
 from .config import CheckpointFormat, CheckpointWriterConfig
-from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError
+from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError, StateDictMismatchError
 from .format.gcpause import paused_gc
 from .format.manifest import CHUNK_BYTES, MANIFEST_NAME, RankEntry, build_manifest, is_format_file, parse_rank_entry
+from .format.shards import build_index
 from .format.native import native_file_name, plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
-from .format.tree import MAX_DEPTH, STACK_FRAMES_NEEDED, Flattened, check_saveable, deepest_key, flatten, unflatten
+from .format.tree import (
+    MAX_DEPTH, STACK_FRAMES_NEEDED, Flattened, check_saveable, deepest_key, dtensor_needs_native, flatten, unflatten,
+)  # fmt: skip
 from .keywords import WRITE_KEYWORDS, accepted_keywords, check_keywords, keywords_for
 from .shm import own_storage
 from .storage.base import SaveSession
@@ -268,6 +271,12 @@ class CheckpointWriter:
         world = self._rank_info.global_world_size
         entries = [save.entry] if world == 1 else _read_entry_sidecars(self._session_of(save), world, save.path)
         commit_started = time.monotonic()
+        try:
+            build_index(entries)  # the chunks of every sharded tensor tile it, checked before the commit
+        except ValueError as e:
+            raise StateDictMismatchError(
+                f"cannot commit the checkpoint {save.path}: the ranks' states do not fit together: {e}", path=save.path
+            ) from None
         save.stats["file_bytes"] = sum(e.size_bytes for e in entries)
         with paused_gc():
             manifest = build_manifest(
@@ -355,7 +364,7 @@ class CheckpointWriter:
             ) from e
         t3 = time.monotonic()
         if plan is not None:
-            entry = rank_entry(rank, name, plan, flat.tree, tensors, header_crc)
+            entry = rank_entry(rank, name, plan, flat.tree, tensors, header_crc, flat.sharded)
             nbytes = entry.tensor_bytes
         else:
             entry = RankEntry(rank=rank, file=name, size_bytes=size, digest=digest)
@@ -397,6 +406,8 @@ def _for_torch_save(state: STATE_DICT | Flattened, *, allow_pickle: bool) -> tup
         return state, nbytes, empty_bytes
     if not allow_pickle:
         state.refuse_pickled()
+    if state.sharded:
+        raise dtensor_needs_native(state.sharded[0].name)
     tensors = [own_storage(t) for t in state.tensors]
     state_dict = unflatten(state.tree, tensors.__getitem__, allow_pickle=True)
     return state_dict, sum(t.numel() * t.element_size() for t in tensors), state.empty_bytes

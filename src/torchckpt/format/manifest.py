@@ -23,6 +23,7 @@ from .dtypes import dtype_from_name
 from .extents import CHUNK_BYTES
 from .extents import checksum as crc32c_of
 from .gcpause import paused_gc
+from .shards import ChunkEntry, GlobalTensor, ShardedEntry, build_index
 from .tree import MAX_DEPTH, MAX_DIMS, STACK_FRAMES_NEEDED, deepest_key
 
 __all__ = [
@@ -115,6 +116,7 @@ class RankEntry:
     tree: Any = None
     tensors: tuple[TensorEntry, ...] = ()
     data_offset: int = 0
+    sharded: tuple[ShardedEntry, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -127,6 +129,8 @@ class RankEntry:
             out["data_offset"] = self.data_offset
             out["tree"] = self.tree
             out["tensors"] = [t.to_json() for t in self.tensors]
+            if self.sharded:
+                out["sharded"] = [s.to_json() for s in self.sharded]
         return out
 
     @property
@@ -146,6 +150,7 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     created_unix_s: float = 0.0
     version: int = FORMAT_VERSION
+    sharded: dict[str, GlobalTensor] = field(default_factory=dict)
 
 
 def build_manifest(
@@ -296,7 +301,11 @@ def parse_manifest(data: bytes) -> Manifest:
     created = doc.get("created_unix_s", 0.0)
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise ManifestError("created_unix_s must be a number")
-    return Manifest(layout, world_size, ranks, chunk_bytes, metadata, stats, float(created), version)
+    try:
+        sharded = build_index(ranks)
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
+    return Manifest(layout, world_size, ranks, chunk_bytes, metadata, stats, float(created), version, sharded)
 
 
 def parse_rank_entry(doc: Any, index: int, chunk_bytes: int) -> RankEntry:
@@ -334,7 +343,45 @@ def _parse_rank(doc: Any, index: int, layout: str, chunk_bytes: int) -> RankEntr
         raise ManifestError(f"{where}: tensors end at byte {end} but the file is declared as {size} bytes")
     if data_offset < 8 or data_offset > size:
         raise ManifestError(f"{where}: data_offset {data_offset} outside the file")
-    return RankEntry(rank, file, size, digest, doc["tree"], tensors, data_offset)
+    sharded = tuple(
+        _parse_sharded(x, f"{where}.sharded[{j}]", tensors) for j, x in enumerate(_get(doc, "sharded", list, where))
+    ) if "sharded" in doc else ()  # fmt: skip
+    return RankEntry(rank, file, size, digest, doc["tree"], tensors, data_offset, sharded)
+
+
+def _ints(doc: Any, key: str, where: str) -> tuple[int, ...]:
+    values = _get(doc, key, list, where)
+    if len(values) > MAX_DIMS or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ManifestError(f"{where}: {key} must be a list of at most {MAX_DIMS} non-negative integers")
+    return tuple(values)
+
+
+def _parse_sharded(doc: Any, where: str, tensors: tuple[TensorEntry, ...]) -> ShardedEntry:
+    """One sharded tensor of a rank entry; its chunks refer to the rank's tensors and lie in its shape."""
+    name = _get(doc, "name", str, where)
+    dtype = _get(doc, "dtype", str, where)
+    try:
+        itemsize = dtype_from_name(dtype).itemsize
+    except KeyError:
+        raise ManifestError(f"{where}: unknown dtype {dtype!r}") from None
+    shape = _ints(doc, "shape", where)
+    if math.prod(max(d, 1) for d in shape) * itemsize > MAX_FILE_BYTES:
+        raise ManifestError(f"{where}: absurd shape {list(shape)} of sharded tensor {name!r}")
+    chunks = []
+    for k, c in enumerate(_get(doc, "chunks", list, where)):
+        at = f"{where}.chunks[{k}]"
+        index = _get(c, "T", int, at)
+        if not 0 <= index < len(tensors):
+            raise ManifestError(f"{at}: refers to tensor {index} of {len(tensors)}")
+        offsets = _ints(c, "offsets", at)
+        t = tensors[index]
+        if t.dtype != dtype or len(t.shape) != len(shape) or len(offsets) != len(shape):
+            raise ManifestError(
+                f"{at}: chunk {t.name!r} is {t.dtype} {list(t.shape)} at {list(offsets)}, "
+                f"not a part of {name!r} {dtype} {list(shape)}"
+            )
+        chunks.append(ChunkEntry(index, offsets))
+    return ShardedEntry(name, dtype, shape, tuple(chunks))
 
 
 #: Device strings ``torch.device`` has accepted in a manifest (checked once, not per tensor).

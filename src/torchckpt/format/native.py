@@ -347,8 +347,16 @@ def write_gathered(
     return crcs
 
 
-def rank_entry(rank: int, file: str, plan: NativeFile, tree: Any, entries: list[TensorEntry], header_crc: int) -> RankEntry:
-    """The manifest entry of a written rank file."""
+def rank_entry(
+    rank: int,
+    file: str,
+    plan: NativeFile,
+    tree: Any,
+    entries: list[TensorEntry],
+    header_crc: int,
+    sharded: Sequence[ShardedEntry] = (),
+) -> RankEntry:
+    """The manifest entry of a written rank file (``sharded``: its ``DTensor``s, see ``shards.py``)."""
     return RankEntry(
         rank=rank,
         file=file,
@@ -357,5 +365,6 @@ def rank_entry(rank: int, file: str, plan: NativeFile, tree: Any, entries: list[
         tree=tree,
         tensors=tuple(entries),
         data_offset=plan.data_offset,
+        sharded=tuple(sharded),
     )
 

@@ -10,19 +10,23 @@ chunk checksums checked as the bytes arrive.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import CorruptCheckpointError
+from ..plan.dtensor import is_dtensor
 from ..storage.base import ObjectReader
 from .extents import ChecksumError, Extent
 from .dtypes import dtype_from_name
 from .extent_read import read_extents
 from .gcpause import paused_gc
-from .manifest import RankEntry, TensorEntry
+from .manifest import Manifest, RankEntry, TensorEntry
 from .native import contiguous_bytes
 from .select import check_fits, merge
+from .sharded_read import ShardedLoads, one_chunk
 from .tree import TensorRef, unflatten
 from .verification import check_header, check_size, read_error
 
@@ -53,11 +57,19 @@ def resolve_device(saved: str, map_location: Any) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class ShardedRef:
+    """A sharded tensor of the checkpoint not yet read: its index in the rank entry's ``sharded``."""
+
+    index: int
+
+
 class _Loads:
     """Collects which tensors to read and where to put them."""
 
-    def __init__(self, entry: RankEntry, map_location: Any, where: str) -> None:
+    def __init__(self, entry: RankEntry, map_location: Any, where: str, sharded: ShardedLoads | None) -> None:
         self.entry = entry
+        self.sharded = sharded
         self.map_location = map_location
         self.where = where
         self.fresh: dict[int, torch.Tensor] = {}
@@ -74,7 +86,9 @@ class _Loads:
         e = self.entry.tensors[index]
         return e, dtype_from_name(e.dtype)
 
-    def tensor(self, ref: TensorRef, target: torch.Tensor | None, key: str) -> torch.Tensor:
+    def tensor(self, ref: TensorRef | ShardedRef, target: torch.Tensor | None, key: str) -> torch.Tensor:
+        if isinstance(ref, ShardedRef) or is_dtensor(target):
+            return self.global_tensor(ref, target, key)
         e, dtype = self.info(ref.index)
         if target is None:
             if ref.index not in self.fresh:
@@ -90,6 +104,26 @@ class _Loads:
         return target
 
 
+    def global_tensor(self, ref: TensorRef | ShardedRef, target: torch.Tensor | None, key: str) -> torch.Tensor:
+        """A sharded tensor, or a plain one loaded into a ``DTensor``: planned by :class:`ShardedLoads`."""
+        if self.sharded is None:
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {self.where}: key {key!r} refers to a sharded tensor but the load has no manifest",
+                path=self.where, file=self.entry.file,
+            )  # fmt: skip
+        if isinstance(ref, TensorRef):
+            self.info(ref.index)
+            return self.sharded.tensor(one_chunk(self.entry, ref.index), target, key)
+        if not 0 <= ref.index < len(self.entry.sharded):
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {self.where}: tree refers to sharded tensor {ref.index} of "
+                f"{len(self.entry.sharded)}",
+                path=self.where, file=self.entry.file,
+            )  # fmt: skip
+        name = self.entry.sharded[ref.index].name
+        return self.sharded.tensor(self.sharded.manifest.sharded[name], target, key)
+
+
 @paused_gc()  # the tree and the loaded state are many small objects: see gcpause.py
 def read_native(
     src: ObjectReader,
@@ -101,8 +135,14 @@ def read_native(
     allow_pickle: bool,
     where: str,
     threads: int,
+    manifest: Manifest | None = None,
+    open_rank: Callable[[RankEntry], ObjectReader] | None = None,
 ) -> tuple[Any, list[str], int]:
     """Load a rank's state from its open rank file ``src``.
+
+    Sharded tensors (and plain ones loaded into ``DTensor`` templates) are read
+    from whichever rank files hold the parts needed (``sharded_read.py``): that
+    needs the ``manifest`` and ``open_rank`` (opens a rank's file).
 
     Every key of the template is checked against the manifest before any byte
     is read: a mismatch leaves the template untouched. The bytes of plain CPU
@@ -122,18 +162,23 @@ def read_native(
     check_size(src, entry, where)
     check_header(src, entry, where)
     try:
-        source = unflatten(entry.tree, TensorRef, allow_pickle=allow_pickle, where=where)
+        source = unflatten(entry.tree, TensorRef, allow_pickle=allow_pickle, where=where, sharded=ShardedRef)
     except ValueError as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {where}: {e}", path=where, file="manifest.json") from e
-    loads = _Loads(entry, map_location, where)
+    sharded = None
+    if manifest is not None and open_rank is not None:
+        sharded = ShardedLoads(manifest, open_rank, map_location=map_location, resolve_device=resolve_device, where=where)
+    loads = _Loads(entry, map_location, where, sharded)
     result, missing, commit = merge(
         template,
         source,
-        is_tensor=lambda v: isinstance(v, TensorRef),
+        is_tensor=lambda v: isinstance(v, (TensorRef, ShardedRef)),
         tensor=loads.tensor,
         where=where,
     )
     nbytes = _execute(src, loads, verify=verify, where=where, threads=threads)
+    if sharded is not None:
+        nbytes += sharded.execute(verify=verify, threads=threads)
     commit()
     return result, missing, nbytes
 

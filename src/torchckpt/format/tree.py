@@ -8,6 +8,7 @@ for themselves (``null``, ``true``/``false``, integers, finite floats, strings):
 node                 meaning
 ==================  ==========================================================
 ``{"T": i}``         tensor ``i`` of the rank's tensor table
+``{"DT": j}``        sharded tensor ``j`` of the rank's entry (a ``DTensor``; ``shards.py``)
 ``{"dict": [[k, v], ...]}``   dict; keys are nodes too (str, int, ...)
 ``{"odict": [[k, v], ...]}``  collections.OrderedDict
 ``{"list": [...]}``  list
@@ -45,7 +46,9 @@ from typing import Any
 import torch
 
 from ..errors import UnsafeObjectError
+from ..plan.dtensor import ReplicaChooser, is_dtensor, local_boxes
 from .dtypes import dtype_from_name, dtype_name
+from .shards import ChunkEntry, ShardedEntry
 
 __all__ = [
     "MAX_DEPTH",
@@ -55,6 +58,7 @@ __all__ = [
     "PickledValue",
     "check_saveable",
     "deepest_key",
+    "dtensor_needs_native",
     "flatten",
     "join_key",
     "unflatten",
@@ -100,6 +104,8 @@ class Flattened:
         names: Their key paths (unique), one per tensor.
         pickled: The values stored with pickle, in the order of the walk.
         empty_bytes: Whether the tree holds an empty ``bytes`` node.
+        sharded: The ``DTensor``s met, in the order of the walk: their global
+            form and the chunks of them this rank writes (tensors of ``tensors``).
     """
 
     tree: Any
@@ -107,6 +113,7 @@ class Flattened:
     names: list[str] = field(default_factory=list)
     pickled: list[PickledValue] = field(default_factory=list)
     empty_bytes: bool = False
+    sharded: list[ShardedEntry] = field(default_factory=list)
 
     def refuse_pickled(self) -> None:
         """Raise what :func:`flatten` without pickle raises for the first pickled value, if any.
@@ -142,6 +149,8 @@ class _Flattener:
         self._seen: dict[tuple[Any, ...], int] = {}
         self._used_names: set[str] = {"__metadata__"}  # reserved by safetensors
         self._open: dict[int, str] = {}  # the containers being walked (id -> key path): a cycle's ends
+        self._replicas = ReplicaChooser()
+        self._sharded_names: set[str] = set()
 
     def enter(self, value: Any, path: str) -> None:
         """Note that the walk goes into container ``value`` at ``path``; refuse a cycle or too deep a state."""
@@ -168,6 +177,8 @@ class _Flattener:
 
     def tensor(self, t: torch.Tensor, path: str) -> dict[str, int]:
         if not _plainly_saveable(t):
+            if is_dtensor(t):
+                return self.dtensor(t, path)
             _check_tensor(t, path)  # raises, naming what is wrong
         key = _tie_key(t)
         if key is not None and key in self._seen:
@@ -185,6 +196,24 @@ class _Flattener:
         self.out.tensors.append(t)
         self.out.names.append(name)
         return {"T": index}
+
+    def dtensor(self, t: Any, path: str) -> dict[str, int]:
+        """A ``DTensor``: the boxes of its local shard that this rank writes, and a ``{"DT": j}`` node."""
+        boxes = local_boxes(t, path)
+        name = path or "[root]"
+        n = 2
+        while name in self._sharded_names:
+            name = f"{path or '[root]'}#{n}"
+            n += 1
+        self._sharded_names.add(name)
+        chunks: list[ChunkEntry] = []
+        if self._replicas.writes(t):
+            local = t.to_local()
+            for box in boxes:
+                chunks.append(ChunkEntry(self.tensor(box.view(local), path)["T"], box.offsets))
+        shape = tuple(int(d) for d in t.shape)
+        self.out.sharded.append(ShardedEntry(name, dtype_name(t.dtype), shape, tuple(chunks)))
+        return {"DT": len(self.out.sharded) - 1}
 
     def node(self, value: Any, path: str) -> Any:
         # Exact types first: most leaves of a state dict are str, int, float or a plain tensor.
@@ -267,6 +296,16 @@ class _Flattener:
         return {"pickle": base64.b64encode(pickler.file.getvalue()).decode("ascii")}
 
 
+def dtensor_needs_native(path: str) -> UnsafeObjectError:
+    """The error of a ``DTensor`` at ``path`` given to the ``torch_save`` layout."""
+    return UnsafeObjectError(
+        f"cannot save the DTensor at key {path or '[root]'!r} in the torch_save layout: sharded state is saved in "
+        "the native layout (CheckpointWriterConfig(format=CheckpointFormat.SAFETENSORS); the manager's default)",
+        key=path,
+        type_name="torch.distributed.tensor.DTensor",
+    )
+
+
 def _refusal(path: str, type_name: str) -> UnsafeObjectError:
     """The error of a value at ``path`` that only pickle could store, pickle not being allowed."""
     return UnsafeObjectError(
@@ -330,6 +369,8 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
             key=path,
             type_name="torch.Tensor",
         )
+    if is_dtensor(t):
+        raise dtensor_needs_native(path)
     if type(t) not in _PLAIN_TENSOR_TYPES:
         raise UnsafeObjectError(
             f"cannot save the tensor at key {where!r}: tensor subclass {type(t).__qualname__} is not supported",
@@ -419,6 +460,7 @@ def unflatten(
     *,
     allow_pickle: bool = False,
     where: str = "",
+    sharded: Callable[[int], Any] | None = None,
 ) -> Any:
     """Rebuild the object a typed-JSON ``tree`` describes.
 
@@ -427,17 +469,22 @@ def unflatten(
         tensor: Called with a tensor-table index; its result stands for the tensor.
         allow_pickle: Unpickle ``{"pickle": ...}`` nodes instead of refusing them.
         where: Names the checkpoint in error messages.
+        sharded: Called with the index of a sharded tensor (``{"DT": j}``) of the
+            rank's entry; its result stands for the tensor (None: such a node is refused).
 
     Raises:
         UnsafeObjectError: A pickle node was met and pickle is not allowed.
         ValueError: The tree is malformed (callers turn this into CorruptCheckpointError).
     """
-    return _Unflattener(tensor, allow_pickle, where).node(tree, "")
+    return _Unflattener(tensor, allow_pickle, where, sharded).node(tree, "")
 
 
 class _Unflattener:
-    def __init__(self, tensor: Callable[[int], Any], allow_pickle: bool, where: str) -> None:
+    def __init__(
+        self, tensor: Callable[[int], Any], allow_pickle: bool, where: str, sharded: Callable[[int], Any] | None
+    ) -> None:
         self.tensor = tensor
+        self.sharded = sharded
         self.allow_pickle = allow_pickle
         self.where = where
         self.depth = 0  # containers open on the way to the current node
@@ -452,6 +499,10 @@ class _Unflattener:
             if not isinstance(body, int) or isinstance(body, bool):
                 raise ValueError(f"malformed tensor reference at key {path!r}")
             return self.tensor(body)
+        if tag == "DT":
+            if self.sharded is None or not isinstance(body, int) or isinstance(body, bool):
+                raise ValueError(f"malformed sharded tensor reference at key {path!r}")
+            return self.sharded(body)
         if tag in ("dict", "odict", "list", "tuple"):
             if self.depth >= MAX_DEPTH:
                 raise ValueError(
@@ -478,7 +529,7 @@ class _Unflattener:
 
     def key(self, n: Any, path: str) -> Any:
         # flatten never writes a tensor or a container of lists as a key; a manifest that does is corrupt
-        if isinstance(n, dict) and "T" in n:
+        if isinstance(n, dict) and ("T" in n or "DT" in n):
             raise ValueError(f"malformed dict key at key {path or '[root]'!r}: a tensor cannot be a key")
         k = self.node(n, path)
         try:

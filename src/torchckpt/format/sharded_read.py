@@ -1,0 +1,221 @@
+"""Loading sharded tensors: each rank reads only the chunk bytes that overlap what it needs.
+
+A target is a box of a global tensor and the memory it goes to: the local
+shard of a ``DTensor`` template (one box per run of its placements, see
+``plan/dtensor.py``), a plain template tensor or a fresh tensor (the whole
+tensor). :class:`ShardedLoads` plans, with no collective, for every target
+box and every saved chunk that overlaps it, the read of the smallest span of
+checksum blocks of that chunk that holds the overlap (``plan/boxes.py``);
+:meth:`ShardedLoads.execute` reads them rank file by rank file
+(``extent_read.read_extents``, checksums verified) and copies each overlap
+into its target. A span that is exactly the overlap, block-aligned, and a
+contiguous CPU target is read straight into the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import StateDictMismatchError
+from ..plan.boxes import Box, intersect, row_major_span, volume
+from ..plan.dtensor import is_dtensor, local_boxes
+from ..storage.base import ObjectReader
+from .dtypes import dtype_from_name
+from .extent_read import read_extents
+from .extents import CHUNK_BYTES, ChecksumError, Extent
+from .manifest import Manifest, RankEntry, TensorEntry
+from .native import contiguous_bytes
+from .shards import GlobalTensor, SavedChunk
+from .verification import check_header, check_size, read_error
+
+__all__ = ["ShardedLoads", "one_chunk"]
+
+#: Most bytes of intermediate buffers one round of reads holds.
+ROUND_BYTES = 256 * 1024 * 1024
+
+
+def one_chunk(entry: RankEntry, index: int) -> GlobalTensor:
+    """A plain tensor of a rank's table as a global tensor of one chunk (to load it into a ``DTensor``)."""
+    t = entry.tensors[index]
+    return GlobalTensor(t.name, t.dtype, t.shape, [SavedChunk(entry.rank, index, ((0,) * len(t.shape), t.shape))])
+
+
+@dataclass
+class _Read:
+    """One overlap: a span of a chunk's bytes, and where its elements go."""
+
+    rank: int
+    tensor: TensorEntry
+    key: str
+    first_byte: int  # of the span read, in the chunk's bytes (a multiple of CHUNK_BYTES)
+    end_byte: int
+    sub: Box  # the overlap in the chunk's coordinates
+    element0: int  # the overlap's first element, in the chunk
+    dest: torch.Tensor  # the target's elements of the overlap (a view)
+
+
+class ShardedLoads:
+    """Plans and runs the reads of sharded tensors (and of plain tensors loaded into ``DTensor``s).
+
+    Call order: :meth:`tensor` for every tensor met while the template is
+    matched (nothing is read yet), then :meth:`execute` once.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        open_rank: Callable[[RankEntry], ObjectReader],
+        *,
+        map_location: Any,
+        resolve_device: Callable[[str, Any], torch.device],
+        where: str,
+    ) -> None:
+        self.manifest = manifest
+        self.open_rank = open_rank
+        self.map_location = map_location
+        self.resolve_device = resolve_device
+        self.where = where
+        self.reads: list[_Read] = []
+        self.fresh: list[torch.Tensor] = []
+
+    def tensor(self, g: GlobalTensor, target: torch.Tensor | None, key: str) -> torch.Tensor:
+        """The tensor at ``key``: ``target`` (checked, filled by :meth:`execute`) or a fresh full tensor."""
+        dtype = dtype_from_name(g.dtype)
+        if target is None:
+            device = self._device_of(g)
+            target = torch.empty(g.shape, dtype=dtype, device=device)
+            self.fresh.append(target)
+        if target.dtype != dtype or tuple(target.shape) != tuple(g.shape):
+            kind = "DTensor" if is_dtensor(target) else "tensor"
+            raise StateDictMismatchError(
+                f"key {key!r}: the template {kind} is {target.dtype} {list(target.shape)} (global) but the checkpoint "
+                f"at {self.where} holds {dtype} {list(g.shape)}",
+                path=self.where,
+                key=key,
+            )
+        if is_dtensor(target):
+            local = target.to_local()
+            for box in local_boxes(target, key):
+                self._plan(g, (box.offsets, box.sizes), box.view(local), key)
+        elif volume(g.shape) > 0:
+            self._plan(g, ((0,) * len(g.shape), tuple(g.shape)), target, key)
+        return target
+
+    def _device_of(self, g: GlobalTensor) -> torch.device:
+        if not g.chunks:
+            return torch.device("cpu")
+        c = g.chunks[0]
+        return self.resolve_device(self.manifest.ranks[c.rank].tensors[c.tensor].device, self.map_location)
+
+    def _plan(self, g: GlobalTensor, want: Box, dest: torch.Tensor, key: str) -> None:
+        """The reads of every chunk of ``g`` that overlaps ``want`` (global box), into ``dest`` (its memory)."""
+        itemsize = dtype_from_name(g.dtype).itemsize
+        for c in g.chunks:
+            common = intersect(want, c.box)
+            if common is None:
+                continue
+            chunk_offsets, chunk_shape = c.box
+            sub = (tuple(o - co for o, co in zip(common[0], chunk_offsets)), common[1])
+            first, end = row_major_span(chunk_shape, sub)
+            t = self.manifest.ranks[c.rank].tensors[c.tensor]
+            lo = first * itemsize // CHUNK_BYTES * CHUNK_BYTES
+            hi = min(t.nbytes, -(-end * itemsize // CHUNK_BYTES) * CHUNK_BYTES)
+            view = dest
+            for d, (o, n, wo) in enumerate(zip(common[0], common[1], want[0])):
+                if o != wo or n != view.shape[d]:
+                    view = view.narrow(d, o - wo, n)
+            self.reads.append(_Read(c.rank, t, key, lo, hi, sub, first, view))
+
+    def execute(self, *, verify: bool, threads: int) -> int:
+        """Read every planned overlap into its target; returns the bytes read.
+
+        Raises:
+            CorruptCheckpointError: A rank file's size, header or a checksum does not match (names file and key).
+        """
+        by_rank: dict[int, list[_Read]] = {}
+        for r in self.reads:
+            by_rank.setdefault(r.rank, []).append(r)
+        total = 0
+        for rank, reads in sorted(by_rank.items()):
+            entry = self.manifest.ranks[rank]
+            src = self.open_rank(entry)
+            try:
+                check_size(src, entry, self.where)
+                check_header(src, entry, self.where)
+                for batch in _rounds(reads):
+                    total += self._read_round(src, entry, batch, verify=verify, threads=threads)
+            finally:
+                src.close()
+        return total
+
+    def _read_round(self, src: ObjectReader, entry: RankEntry, reads: list[_Read], *, verify: bool, threads: int) -> int:
+        extents: list[Extent] = []
+        copies: list[tuple[_Read, torch.Tensor]] = []
+        for r in reads:
+            itemsize = r.dest.element_size()
+            crcs = list(r.tensor.crc32c[r.first_byte // CHUNK_BYTES : -(-r.end_byte // CHUNK_BYTES)]) if verify else None
+            if _direct(r, itemsize):
+                buffer = contiguous_bytes(r.dest)
+            else:
+                staging = torch.empty(r.end_byte - r.first_byte, dtype=torch.uint8)
+                buffer = contiguous_bytes(staging)
+                copies.append((r, staging))
+            extents.append(Extent(r.tensor.offset + r.first_byte, buffer, crcs))
+        try:
+            nbytes = read_extents(src, extents, threads=threads)
+        except (ChecksumError, EOFError) as err:
+            raise read_error(err, self.where, entry.file, [r.key for r in reads], _after(reads)) from err
+        for r, staging in copies:
+            _copy_overlap(r, staging)
+        return nbytes
+
+
+def _direct(r: _Read, itemsize: int) -> bool:
+    """Whether the span read is exactly the overlap and its target is plain contiguous CPU memory."""
+    return (
+        r.first_byte == r.element0 * itemsize
+        and r.end_byte - r.first_byte == volume(r.sub[1]) * itemsize
+        and r.dest.is_cpu
+        and r.dest.is_contiguous()
+        and not r.dest.is_conj()
+        and not r.dest.is_neg()
+    )
+
+
+def _copy_overlap(r: _Read, staging: torch.Tensor) -> None:
+    """Copy the overlap's elements from the span read (``staging``, raw bytes) into its target."""
+    shape = r.tensor.shape
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    elements = staging.view(r.dest.dtype)
+    start = r.element0 - r.first_byte // r.dest.element_size()
+    source = elements.as_strided(r.sub[1], strides, start)
+    with torch.no_grad():
+        r.dest.copy_(source)
+
+
+def _rounds(reads: list[_Read]) -> list[list[_Read]]:
+    """The reads in rounds whose intermediate buffers hold at most ``ROUND_BYTES`` (one read at least)."""
+    rounds: list[list[_Read]] = [[]]
+    held = 0
+    for r in reads:
+        size = r.end_byte - r.first_byte
+        if rounds[-1] and held + size > ROUND_BYTES:
+            rounds.append([])
+            held = 0
+        rounds[-1].append(r)
+        held += size
+    return rounds
+
+
+def _after(reads: list[_Read]) -> str:
+    keys = sorted({r.key for r in reads})
+    return (
+        f"the template's tensors of keys {keys[:10]} may have been overwritten with partly read data "
+        "(its other values are untouched); load them again from a good checkpoint"
+    )

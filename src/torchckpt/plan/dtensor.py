@@ -1,0 +1,189 @@
+"""A ``DTensor`` as the boxes of its local shard, and which of its replicas writes them.
+
+Torch computes where a rank's shard lies in the global tensor
+(``torch.distributed.tensor`` placements ``Shard``, ``_StridedShard``,
+``Replicate``); here that becomes boxes: a shard along ``Shard`` placements is
+one box, one along ``_StridedShard`` placements may be several (a run of
+consecutive global indices per box). ``Partial`` placements are refused: their
+local tensors are addends, not parts.
+
+Replicas: ranks whose mesh coordinates differ only along ``Replicate``
+dimensions hold the same boxes. :class:`ReplicaChooser` picks one of them per
+tensor, the same on every rank without a collective, spreading the bytes:
+each tensor goes to the replica position that has been given the fewest
+bytes so far, the bytes counted as the tensor's global bytes divided by its
+number of distinct shards (the same figure on every rank).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UnsafeObjectError
+
+__all__ = ["LocalBox", "ReplicaChooser", "is_dtensor", "local_boxes"]
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build of torch without distributed
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_type()
+
+
+def is_dtensor(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor``."""
+    return _DTENSOR is not None and isinstance(value, _DTENSOR)
+
+
+@dataclass(frozen=True)
+class LocalBox:
+    """A box of the global tensor held by this rank's local tensor.
+
+    Attributes:
+        local_start: Where the box starts in the local tensor, per dimension.
+        offsets: Where it starts in the global tensor.
+        sizes: Its size per dimension.
+    """
+
+    local_start: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def view(self, local: torch.Tensor) -> torch.Tensor:
+        """The part of ``local`` (this rank's local tensor) that is this box."""
+        out = local
+        for d, (start, size) in enumerate(zip(self.local_start, self.sizes)):
+            if start != 0 or size != out.shape[d]:
+                out = out.narrow(d, start, size)
+        return out
+
+
+def _placements(dt: Any, key: str) -> tuple[Any, ...]:
+    from torch.distributed.tensor.placement_types import Replicate, Shard
+
+    placements = tuple(dt.placements)
+    for p in placements:
+        if not isinstance(p, (Replicate, Shard)) and type(p).__name__ != "_StridedShard":
+            raise UnsafeObjectError(
+                f"cannot save the DTensor at key {key or '[root]'!r}: its placement {p} is not supported "
+                "(a Partial placement holds addends, not parts: redistribute it to Replicate or Shard first)",
+                key=key,
+                type_name="torch.distributed.tensor.DTensor",
+            )
+    return placements
+
+
+def _global_indices(dt: Any, placements: Sequence[Any]) -> dict[int, list[int]] | None:
+    """Per sharded dimension, the global indices of this rank's local tensor (None: no _StridedShard, use offsets)."""
+    if not any(type(p).__name__ == "_StridedShard" for p in placements):
+        return None
+    from torch.distributed.tensor import _utils  # torch's own rule for strided shards
+
+    mesh = dt.device_mesh
+    coordinate = mesh.get_coordinate()
+    shape = list(dt.shape)
+    indices: dict[int, Any] = {}
+    for mesh_dim, p in enumerate(placements):
+        dim = getattr(p, "dim", None)
+        if dim is None:
+            continue
+        size, index = _utils._get_shard_size_and_offsets(
+            shape[dim], mesh.size(mesh_dim), coordinate[mesh_dim], p, indices.get(dim), dt.shape[dim], False
+        )
+        shape[dim] = size
+        indices[dim] = index if size else torch.arange(0)
+    return {d: [int(i) for i in idx.tolist()] for d, idx in indices.items()}
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
+    """``(local start, global start, length)`` of each run of consecutive ``indices``."""
+    runs: list[tuple[int, int, int]] = []
+    for pos, g in enumerate(indices):
+        if runs and runs[-1][1] + runs[-1][2] == g:
+            local, start, n = runs[-1]
+            runs[-1] = (local, start, n + 1)
+        else:
+            runs.append((pos, g, 1))
+    return runs
+
+
+def local_boxes(dt: Any, key: str) -> list[LocalBox]:
+    """The boxes of the global tensor that this rank's local tensor of ``dt`` holds (none when it is empty).
+
+    Raises:
+        UnsafeObjectError: A ``Partial`` placement, or a local tensor whose shape
+            is not the one its placements give (names the key).
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements = _placements(dt, key)
+    local = dt.to_local()
+    shape, offsets = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, placements)
+    if tuple(local.shape) != tuple(shape):
+        raise UnsafeObjectError(
+            f"cannot save the DTensor at key {key or '[root]'!r}: its local tensor is {list(local.shape)} but its "
+            f"placements {list(placements)} give {list(shape)}",
+            key=key,
+            type_name="torch.distributed.tensor.DTensor",
+        )
+    if math.prod(shape) == 0:
+        return []
+    indices = _global_indices(dt, placements)
+    per_dim: list[list[tuple[int, int, int]]] = []
+    for d, n in enumerate(shape):
+        if indices is not None and d in indices:
+            per_dim.append(_runs(indices[d]))
+        else:
+            per_dim.append([(0, offsets[d] if offsets else 0, n)])
+    boxes = [()]  # type: list[tuple[tuple[int, int, int], ...]]
+    for runs in per_dim:
+        boxes = [b + (r,) for b in boxes for r in runs]
+    return [
+        LocalBox(tuple(r[0] for r in b), tuple(r[1] for r in b), tuple(r[2] for r in b)) for b in boxes
+    ]
+
+
+def _replica_position(dt: Any) -> tuple[int, int]:
+    """This rank's position among the ranks holding the same shard, and their number."""
+    from torch.distributed.tensor.placement_types import Replicate
+
+    mesh = dt.device_mesh
+    coordinate = mesh.get_coordinate()
+    position, count = 0, 1
+    for mesh_dim, p in enumerate(dt.placements):
+        if isinstance(p, Replicate):
+            position = position * mesh.size(mesh_dim) + coordinate[mesh_dim]
+            count *= mesh.size(mesh_dim)
+    return position, count
+
+
+class ReplicaChooser:
+    """Decides, tensor by tensor in the order of the walk, whether this rank writes its shard.
+
+    Every rank walks the same keys in the same order (the state dicts of an SPMD
+    job), so every rank makes the same choices.
+    """
+
+    def __init__(self) -> None:
+        self._given: dict[int, int] = {}
+
+    def writes(self, dt: Any) -> bool:
+        """Whether this rank writes its shard of ``dt``."""
+        position, count = _replica_position(dt)
+        if count == 1:
+            return True
+        shards = math.prod(dt.device_mesh.size(d) for d in range(dt.device_mesh.ndim)) // count
+        share = math.prod(dt.shape) * dt.dtype.itemsize // max(1, shards)
+        chosen = min(range(count), key=lambda p: (self._given.get(p, 0), p))
+        self._given[chosen] = self._given.get(chosen, 0) + share
+        return chosen == position
