@@ -7,6 +7,15 @@ What lets a CheckpointManager take ``{"model": model, "optim": opt, "step": 3}``
 - on load, :func:`load_template` gives the checkpointer a template in which
   modules are filled in place, and :func:`restore_objects` then calls
   ``load_state_dict`` on the other objects with their saved state.
+
+Sharded modules (FSDP2, tensor parallel: parameters that are ``DTensor``s) and
+the optimizers over their parameters (given beside them at the top level,
+``{"model": model, "optim": opt}``) go through
+``torch.distributed.checkpoint.state_dict``: ``get_model_state_dict`` /
+``get_optimizer_state_dict`` on save (keys by parameter name, so they load on
+another layout), the same as the template of a load (the optimizer's state
+initialised, so every tensor is there to fill in place), and
+``set_optimizer_state_dict`` after it.
 """
 
 from __future__ import annotations
@@ -16,12 +25,42 @@ from typing import Any
 import torch
 
 from .format.tree import MAX_DEPTH
+from .plan.dtensor import is_dtensor
 
 __all__ = ["load_template", "restore_objects", "to_state_dict"]
 
 
 def _has_state_dict(value: Any) -> bool:
     return hasattr(value, "state_dict") and callable(value.state_dict)
+
+
+def _sharded_module(module: Any) -> bool:
+    return isinstance(module, torch.nn.Module) and any(is_dtensor(p) for p in module.parameters())
+
+
+def _owners(state: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    """The sharded module of each top-level optimizer over its parameters (by the optimizer's key)."""
+    modules = [v for v in state.values() if _sharded_module(v)]
+    owners: dict[str, torch.nn.Module] = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.optim.Optimizer):
+            continue
+        params = {id(p) for group in v.param_groups for p in group["params"]}
+        for m in modules:
+            if params <= {id(p) for p in m.parameters()}:
+                owners[k] = m
+                break
+    return owners
+
+
+def _sharded_state_dicts(state: dict[str, Any]) -> dict[str, Any]:
+    """The state dicts of the sharded modules and of the optimizers over them, by key."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    out: dict[str, Any] = {k: get_model_state_dict(v) for k, v in state.items() if _sharded_module(v)}
+    for k, model in _owners(state).items():
+        out[k] = get_optimizer_state_dict(model, state[k])
+    return out
 
 
 def to_state_dict(state: Any) -> Any:
@@ -36,12 +75,15 @@ def to_state_dict(state: Any) -> Any:
     if not isinstance(state, dict):
         return state
     root: dict[Any, Any] = {}
+    sharded = _sharded_state_dicts(state)
     copies = {id(state): root}
     todo: list[tuple[dict[Any, Any], dict[Any, Any], int]] = [(state, root, 1)]
     while todo:
         source, copy, depth = todo.pop()
         for k, v in source.items():
-            if _has_state_dict(v):
+            if source is state and k in sharded:
+                copy[k] = sharded[k]
+            elif _has_state_dict(v):
                 copy[k] = v.state_dict()
             elif isinstance(v, dict) and id(v) in copies:
                 copy[k] = copies[id(v)]
@@ -57,13 +99,22 @@ def load_template(state: dict[str, Any] | None) -> dict[str, Any] | None:
     """The template a load of ``state`` reads into: a module's own state dict (filled in place), else None."""
     if state is None:
         return None
-    return {k: v.state_dict() if isinstance(v, torch.nn.Module) else None for k, v in state.items()}
+    sharded = _sharded_state_dicts(state)
+    return {
+        k: sharded[k] if k in sharded else v.state_dict() if isinstance(v, torch.nn.Module) else None
+        for k, v in state.items()
+    }
 
 
 def restore_objects(state: dict[str, Any] | None, loaded: dict[str, Any]) -> None:
     """Call ``load_state_dict`` with its saved state on every object of ``state`` that is not a module."""
     if state is None:
         return
+    owners = _owners(state)
     for k, v in state.items():
-        if k in loaded and not isinstance(v, torch.nn.Module) and hasattr(v, "load_state_dict"):
+        if k in owners and k in loaded:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            set_optimizer_state_dict(owners[k], v, loaded[k])
+        elif k in loaded and not isinstance(v, torch.nn.Module) and hasattr(v, "load_state_dict"):
             v.load_state_dict(loaded[k])
