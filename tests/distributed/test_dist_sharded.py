@@ -141,3 +141,99 @@ def test_four_ranks_reshard_to_another_world_size(tmp_path, load_world) -> None:
     for r in range(load_world):
         for name in SHAPES:
             assert torch.equal(out[r][name], full(name)), (r, name)
+
+
+def async_save_and_reload(rank: int, world: int, root: str) -> dict[str, torch.Tensor]:
+    mesh = _mesh((world,))
+    cfg = tc.CheckpointWriterConfig(format=tc.CheckpointFormat.SAFETENSORS, write_barrier_timeout_secs=60)
+    ck = tc.make_async_checkpointer(tc.CheckpointerConfig(writer_config=cfg))
+    try:
+        path = os.path.join(root, "ckpt")
+        state = {"model": distributed_state(mesh, "rows")}
+        futures = ck.save(path, state)
+        futures[1].result(timeout=120)
+        template = {"model": distributed_state(mesh, "cols")}
+        for v in template["model"].values():
+            if isinstance(v, torch.Tensor):
+                v.to_local().zero_()
+        ck.load(path, template)
+        return {k: v.full_tensor() for k, v in template["model"].items() if isinstance(v, torch.Tensor)}
+    finally:
+        ck.close()
+
+
+@pytest.mark.timeout(300)
+def test_async_save_of_dtensors(tmp_path) -> None:
+    out = values(launch(async_save_and_reload, 2, str(tmp_path)))
+    for r in (0, 1):
+        for name in SHAPES:
+            assert torch.equal(out[r][name], full(name)), (r, name)
+
+
+def fsdp_over_tp(rank: int, world: int, root: str) -> dict[str, Any]:
+    """FSDP2 over tensor parallel on a 2x2 mesh: parameters with _StridedShard placements."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = _mesh((2, 2))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 8))
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    sd = model.state_dict()
+    placements = {k: [type(p).__name__ for p in v.placements] for k, v in sd.items()}
+    ck = _native(world)
+    path = os.path.join(root, "ckpt")
+    ck.save(path, {"model": sd})
+    ck.close()
+    return {"placements": placements, "expected": expected}
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_over_tp_strided_shards_load_anywhere(tmp_path) -> None:
+    out = values(launch(fsdp_over_tp, 4, str(tmp_path)))
+    assert any("_StridedShard" in p for p in out[0]["placements"].values()), out[0]["placements"]
+    ck = tc.make_sync_checkpointer()
+    loaded = ck.load(str(tmp_path / "ckpt"))
+    ck.close()
+    for k, v in out[0]["expected"].items():
+        assert torch.equal(loaded["model"][k], v), k
+    resharded = values(launch(_load_into_rows, 2, str(tmp_path), out[0]["expected"]))
+    assert all(resharded.values())
+
+
+def _load_into_rows(rank: int, world: int, root: str, expected: dict[str, torch.Tensor]) -> bool:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _mesh((world,))
+    template = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in expected.items()}}
+    ck = _native(world)
+    ck.load(os.path.join(root, "ckpt"), template)
+    ck.close()
+    return all(torch.equal(template["model"][k].full_tensor(), v) for k, v in expected.items())
+
+
+def failing_rank(rank: int, world: int, root: str) -> str:
+    mesh = _mesh((world,))
+    state = {"model": distributed_state(mesh, "rows")}
+    if rank == 1:
+        state["bad"] = object()  # refused on rank 1 only (no pickle)
+    ck = _native(world)
+    try:
+        ck.save(os.path.join(root, "ckpt"), state)
+    except Exception as e:  # noqa: BLE001 - the test looks at it
+        return f"{type(e).__name__}: {e}"
+    finally:
+        ck.close()
+    return "saved"
+
+
+@pytest.mark.timeout(240)
+def test_one_rank_failing_fails_the_save_on_every_rank(tmp_path) -> None:
+    out = values(launch(failing_rank, 2, str(tmp_path)))
+    for r in (0, 1):
+        assert out[r].startswith("DistributedCheckpointError"), out[r]
+        assert "failed on 1 of 2 ranks, nothing was committed: rank 1: UnsafeObjectError" in out[r], out[r]
+        assert "key 'bad'" in out[r], out[r]
+    assert not os.path.exists(tmp_path / "ckpt" / "manifest.json")
