@@ -45,6 +45,7 @@ __all__ = [
     "DcpTensor",
     "DcpValue",
     "RestrictedUnpickler",
+    "check_tiling",
     "read_dcp_index",
 ]
 
@@ -74,6 +75,10 @@ _PATHS: dict[str, type[pathlib.PurePath]] = {
     "PureWindowsPath": pathlib.PureWindowsPath,
     "Path": pathlib.PurePosixPath,
 }
+
+
+#: torch's dtypes by attribute name (``float32``, ``bfloat16``...), looked up without touching torch's lazy attributes.
+_DTYPES = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
 
 
 def _layout_from_name(name: str) -> torch.layout:
@@ -107,8 +112,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _dcp_class(module, name)
         if module == "torch" and name == "Size":
             return torch.Size
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]
         if module == "torch.serialization" and name == "_get_layout":
             return _layout_from_name
         if module == "pathlib" and name in _PATHS:

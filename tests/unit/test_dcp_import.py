@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import itertools
 import json
 import os
 import pickle
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch.distributed.checkpoint as dcp
 from ckpt_testutil import assert_state_equal
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
@@ -21,7 +24,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 import torchckpt as tc
 from torchckpt.checkpoint_reader import read_manifest
 from torchckpt.dcp_import import import_dcp
-from torchckpt.dcp_metadata import read_dcp_index
+from torchckpt.dcp_metadata import DcpChunk, DcpLocation, check_tiling, read_dcp_index
 from torchckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeObjectError
 
 pytestmark = pytest.mark.timeout(120)
@@ -415,3 +418,51 @@ def test_cli_hostile_metadata_exits_2_naming_the_class(src: str, tmp_path: Any) 
     assert r.stderr.count("\n") == 1 and "refusing to unpickle posix.system" in r.stderr
     assert json.loads(r.stdout)["error"]["type"] == "UnsafeObjectError"
     assert not os.path.exists(marker) and not (tmp_path / "out").exists()
+
+
+# -- the tiling check, on generated grids --------------------------------------
+
+_LOC = DcpLocation("__0_0.distcp", 0, 0)
+
+
+def _cuts(draw: Any, n: int) -> list[tuple[int, int]]:
+    """A split of ``range(n)`` into consecutive (offset, size) pieces (empty pieces included)."""
+    points = sorted(draw(st.lists(st.integers(0, n), max_size=3)))
+    bounds = [0, *points, n]
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:])]
+
+
+@st.composite
+def _grids(draw: Any) -> tuple[tuple[int, ...], list[DcpChunk]]:
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=0, max_size=3)))
+    per_dim = [_cuts(draw, n) for n in shape]
+    chunks = [
+        DcpChunk(tuple(o for o, _ in box), tuple(s for _, s in box), _LOC) for box in itertools.product(*per_dim)
+    ]
+    return shape, draw(st.permutations(chunks))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_grids())
+def test_any_grid_tiles(grid: tuple[tuple[int, ...], list[DcpChunk]]) -> None:
+    shape, chunks = grid
+    check_tiling("k", shape, chunks, "/src")
+
+
+@settings(max_examples=200, deadline=None)
+@given(_grids(), st.data())
+def test_a_grid_missing_or_repeating_a_chunk_does_not_tile(grid: Any, data: st.DataObject) -> None:
+    shape, chunks = grid
+    full = [c for c in chunks if all(c.sizes)]
+    assume(full)
+    victim = data.draw(st.sampled_from(full))
+    rest = [c for c in chunks if c is not victim]
+    with pytest.raises(CorruptCheckpointError, match="key 'k': its chunks leave a gap"):
+        check_tiling("k", shape, rest, "/src")
+    with pytest.raises(CorruptCheckpointError, match="key 'k': its chunks at offsets .* overlap"):
+        check_tiling("k", shape, [*chunks, victim], "/src")
+    if not shape:
+        return  # a 0-dim chunk cannot grow
+    grown = DcpChunk(victim.offsets, tuple(s + 1 for s in victim.sizes), _LOC)
+    with pytest.raises(CorruptCheckpointError, match="key 'k': its (chunk at offsets .* lies outside|chunks at .* overlap)"):
+        check_tiling("k", shape, [*rest, grown], "/src")
