@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 MAX_LIST_LENGTH = 1 << 20
 #: DCP's data file names: ``__<rank>_<n>.distcp``.
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")
+#: How a torch.save payload (a zip archive) starts.
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,12 @@ class _SourceFiles:
 
 def _torch_load(data: bytes, key: str, what: str) -> Any:
     """``torch.load(weights_only=True)`` of an in-memory payload; a refusal names the key."""
+    if not data.startswith(_ZIP_MAGIC):
+        raise CorruptCheckpointError(
+            f"key {key!r}: its {what} is not a torch.save payload (DCP's safetensors serialization and "
+            "stream transforms are not supported)",
+            key=key,
+        )
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -306,6 +306,18 @@ def test_a_chunk_whose_payload_disagrees_is_refused(src: str, tmp_path: Any) -> 
              r"of torch.int64 \[12\], the metadata says a tensor of torch.float32 \[3, 4\]")  # fmt: skip
 
 
+def test_dcp_safetensors_serialization_is_refused_by_name(tmp_path: Any) -> None:
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    path = str(tmp_path / "dcp")
+    writer = dcp.FileSystemWriter(path, serialization_format=SerializationFormat.SAFETENSORS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(3), "n": 1}, storage_writer=writer)
+    _refused(path, tmp_path, CorruptCheckpointError, r"key 'w': its chunk at offsets \[0\] is not a torch.save payload "
+             r"\(DCP's safetensors serialization and stream transforms are not supported\)")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "field, value, match",
     [
