@@ -493,7 +493,7 @@ def test_every_argument_has_help() -> None:
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(sub.choices) == ["diff", "export", "gc", "inspect", "ls", "verify"]
+    assert sorted(sub.choices) == ["diff", "export", "gc", "import-dcp", "inspect", "ls", "verify"]
     for name, p in sub.choices.items():
         for action in p._actions:
             if isinstance(action, argparse._HelpAction):

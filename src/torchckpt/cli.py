@@ -1,4 +1,4 @@
-"""The ``torchckpt`` command: list, inspect, verify, compare, export and prune checkpoints.
+"""The ``torchckpt`` command: list, inspect, verify, compare, export, prune and import checkpoints.
 
 Exit codes: 0 success; 1 a checkpoint is bad (``verify``), two differ
 (``diff``) or something could not be deleted (``gc``); 2 a bad path, a bad
@@ -11,6 +11,7 @@ quietly, as other Unix tools.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -331,6 +332,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_dcp(args: argparse.Namespace) -> int:
+    from .dcp_import import import_dcp
+
+    s = import_dcp(args.src, args.dst, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"ok": True, **dataclasses.asdict(s)}, indent=1))
+        return 0
+    print(
+        f"imported {s.src} -> {s.dst}: {s.tensors} tensors ({_human(s.tensor_bytes)}, from {s.chunks} chunks), "
+        f"{s.values} plain values; source: {s.source_ranks} rank(s), {s.files} file(s), DCP {s.dcp_version or '?'}"
+    )
+    return 0
+
+
 def _keep_last(value: str) -> int:
     try:
         n = int(value)
@@ -436,12 +451,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-last", required=True, metavar="N", help="keep the N newest steps (N >= 1)")
     s.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     s.set_defaults(fn=cmd_gc)
+    _add_import_dcp(sub)
     return p
+
+
+def _add_import_dcp(sub: Any) -> None:
+    s = sub.add_parser(
+        "import-dcp",
+        help="convert a torch DCP checkpoint",
+        description="Convert a checkpoint saved by torch.distributed.checkpoint (any number of ranks) into a "
+        "one-rank torchckpt checkpoint of full tensors (native layout), committed atomically. Its .metadata "
+        "pickle is read without running code from it; every value must be plain data.",
+    )
+    s.add_argument("src", metavar="SRC", help="the DCP checkpoint directory (holding .metadata and *.distcp)")
+    s.add_argument("dst", metavar="DST", help="the torchckpt checkpoint directory to write (must not exist)")
+    s.add_argument("--overwrite", action="store_true", help="replace a checkpoint at DST (atomically)")
+    s.add_argument("--json", action="store_true", help=_JSON_HELP)
+    s.set_defaults(fn=cmd_import_dcp)
 
 
 def _refuse_urls(args: argparse.Namespace) -> None:
     """Every path argument is a local path: a URL is refused by name before anything is opened or created."""
-    for name in ("root", "path", "a", "b", "out"):
+    for name in ("root", "path", "a", "b", "out", "src", "dst"):
         value = getattr(args, name, None)
         if isinstance(value, str):
             local_path(value)
