@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .plan.boxes import tiling_problem
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeObjectError
 
 __all__ = [
@@ -374,38 +375,14 @@ def _volume(sizes: tuple[int, ...]) -> int:
 
 
 def check_tiling(key: str, shape: tuple[int, ...], chunks: list[DcpChunk], src: str) -> None:
-    """Check that ``chunks`` tile ``shape`` exactly: each inside it, no two overlapping, no gap.
-
-    No overlap and volumes adding up to the tensor's mean no gap. Overlaps are
-    found by a sweep along dimension 0: a chunk is compared only with the
-    chunks whose dimension-0 range it starts in.
+    """Check that ``chunks`` tile ``shape`` exactly: each inside it, no two overlapping, no gap (``plan.boxes``).
 
     Raises:
         CorruptCheckpointError: Naming the key and the chunk(s) at fault.
     """
-    for c in chunks:
-        if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, shape)):
-            raise _corrupt(
-                src, f"its chunk at offsets {list(c.offsets)} of sizes {list(c.sizes)} lies outside "
-                f"the tensor's shape {list(shape)}", key,
-            )  # fmt: skip
-    boxes = sorted((c for c in chunks if _volume(c.sizes) > 0), key=lambda c: c.offsets)
-    active: list[DcpChunk] = []
-    for c in boxes:
-        if shape:
-            active = [a for a in active if a.offsets[0] + a.sizes[0] > c.offsets[0]]
-        for a in active:
-            if all(ao < co + cs and co < ao + as_ for ao, as_, co, cs in zip(a.offsets, a.sizes, c.offsets, c.sizes)):
-                raise _corrupt(
-                    src, f"its chunks at offsets {list(a.offsets)} (sizes {list(a.sizes)}) and "
-                    f"{list(c.offsets)} (sizes {list(c.sizes)}) overlap", key,
-                )  # fmt: skip
-        active.append(c)
-    covered, total = sum(_volume(c.sizes) for c in boxes), _volume(shape)
-    if covered != total:
-        raise _corrupt(
-            src, f"its chunks leave a gap: they cover {covered} of the {total} elements of shape {list(shape)}", key
-        )
+    problem = tiling_problem(shape, [(tuple(c.offsets), tuple(c.sizes)) for c in chunks])
+    if problem is not None:
+        raise _corrupt(src, problem, key)
 
 
 def _paths(md: Any, keys: list[str], src: str) -> dict[str, tuple[str | int, ...]]:
