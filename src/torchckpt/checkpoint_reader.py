@@ -193,6 +193,24 @@ def _rank_signature(entry: RankEntry) -> dict[str, Any]:
     return {t.name: (t.dtype, t.shape, t.crc32c) for i, t in enumerate(entry.tensors) if i not in chunks}
 
 
+def _named_tree(entry: RankEntry) -> Any:
+    """The rank's tree with each tensor reference by name: equal for ranks whose tables are numbered apart."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(n) for n in node]
+        if isinstance(node, dict) and len(node) == 1:
+            ((tag, body),) = node.items()
+            if tag == "T" and isinstance(body, int) and 0 <= body < len(entry.tensors):
+                return {"T": entry.tensors[body].name}
+            if tag == "DT" and isinstance(body, int) and 0 <= body < len(entry.sharded):
+                return {"DT": entry.sharded[body].name}
+            return {tag: walk(body)}
+        return node
+
+    return walk(entry.tree)
+
+
 def _check_replicated(manifest: Manifest, path: str, world_size: int) -> None:
     """A checkpoint loads on another world size only when every rank saved the same state.
 
@@ -214,7 +232,7 @@ def _check_replicated(manifest: Manifest, path: str, world_size: int) -> None:
     for entry in manifest.ranks[1:]:
         other = _rank_signature(entry)
         differing.update(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
-        if entry.tree != first.tree:
+        if _named_tree(entry) != _named_tree(first):
             differing.add("(structure or plain values)")
     if differing:
         keys = sorted(differing)

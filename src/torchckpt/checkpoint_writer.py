@@ -38,6 +38,7 @@ from .format.torch_save import rank_file_name, save_torch_save
 from .format.tree import (
     MAX_DEPTH, STACK_FRAMES_NEEDED, Flattened, check_saveable, deepest_key, dtensor_needs_native, flatten, unflatten,
 )  # fmt: skip
+from .replicas import OtherRankFailed, ReplicaExchange, deduplicate, replica_digests
 from .keywords import WRITE_KEYWORDS, accepted_keywords, check_keywords, keywords_for
 from .shm import own_storage
 from .storage.base import SaveSession
@@ -224,9 +225,28 @@ class CheckpointWriter:
             hear of it), else None (the error is raised).
         """
         rank = self._rank_info.global_rank
+        dedup = self._deduplicates(collective)
+        error: Exception | None = None
         try:
             self.check_keywords(save.path, kwargs, unknown="warn")
             save.metadata = check_metadata(kwargs.get("metadata"), save.path)  # before a byte is written
+            if dedup:
+                state = _flattened(state, allow_pickle=self._pickle(kwargs))
+        except Exception as e:
+            error = e
+        if dedup:
+            try:
+                state = self._agree_on_replicas(save, state if error is None else None, error)
+            except OtherRankFailed:
+                if error is None:
+                    return None  # this rank writes nothing; the agreement names the rank that failed
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            if not collective:
+                raise error
+            return error
+        try:
             save.session = storage_for(save.path).begin_save(
                 rank=rank, world_size=self._rank_info.global_world_size, coordinator=rank == 0,
                 timeout_s=self._config.write_barrier_timeout_secs, marker=MANIFEST_NAME,
@@ -243,6 +263,42 @@ class CheckpointWriter:
             return e
         return None
 
+    def _pickle(self, kwargs: Mapping[str, Any]) -> bool:
+        flag = kwargs.get("allow_pickle")
+        return self._config.allow_pickle if flag is None else bool(flag)
+
+    def _deduplicates(self, collective: bool) -> bool:
+        """Whether this save writes replicated plain tensors once (``replicas.py``)."""
+        native = CheckpointFormat(self._config.format) is CheckpointFormat.SAFETENSORS
+        return self._config.dedup_replicated and collective and native
+
+    def _agreement(self, save: _Save, store: Any) -> Agreement:
+        return Agreement(
+            store, rank=self._rank_info.global_rank, world_size=self._rank_info.global_world_size, path=save.path,
+            save_number=save.save_number, timeout_s=self._config.write_barrier_timeout_secs,
+        )  # fmt: skip
+
+    def _agree_on_replicas(self, save: _Save, flat: Any, error: BaseException | None) -> Flattened:
+        """Step 1b (``dedup_replicated``): agree on the replicated tensors, then keep only those this rank writes.
+
+        Args:
+            save: This save.
+            flat: This rank's flattened state (None when ``error``).
+            error: This rank's error so far, published so that no rank waits for it.
+
+        Raises:
+            OtherRankFailed: A rank (this one included, when ``error``) failed first.
+            TimeoutError: A rank did not publish in time.
+        """
+        rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
+        store = self._store()
+        exchange = ReplicaExchange(
+            store, prefix=self._agreement(save, store).prefix, rank=rank, world_size=world,
+            timeout_s=self._config.write_barrier_timeout_secs,
+        )  # fmt: skip
+        agreed = exchange.agree(replica_digests(flat) if flat is not None else None, error)
+        return deduplicate(flat, agreed, rank=rank, world_size=world)
+
     def _agree_and_commit(
         self, save: _Save, store: Any, local_error: Exception | None
     ) -> None:
@@ -255,10 +311,7 @@ class CheckpointWriter:
             self._commit(save)
 
         if store is not None:
-            agreement = Agreement(
-                store, rank=rank, world_size=world, path=save.path, save_number=save.save_number,
-                timeout_s=self._config.write_barrier_timeout_secs,
-            )  # fmt: skip
+            agreement = self._agreement(save, store)
             run_collective(agreement, local_error=local_error, barrier=barrier, commit=do_commit)
         else:
             if barrier is not None:
@@ -442,6 +495,7 @@ def check_metadata(metadata: Any, path: str) -> dict[str, Any]:
 
 def _sidecar(rank: int) -> str:
     return f"rank_{rank:05d}.entry.json"
+
 
 
 def _write_entry_sidecar(session: SaveSession, entry: RankEntry) -> None:

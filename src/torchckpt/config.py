@@ -73,6 +73,10 @@ class CheckpointWriterConfig:
         allow_pickle: Store values that have no safe form with pickle instead of
             refusing them at save time. Loading them then needs ``allow_pickle`` too.
         io_threads: Threads writing one rank file in parallel (native format).
+        dedup_replicated: Write a plain tensor that every rank holds with the same
+            bytes once, by one rank, the writes spread over the ranks (native format,
+            several ranks agreeing through a store; ``replicas.py``). Off by default:
+            the reference writes every rank's state; the manager turns it on.
     """
 
     write_barrier_timeout_secs: int = 600
@@ -81,6 +85,7 @@ class CheckpointWriterConfig:
     format: CheckpointFormat | str = CheckpointFormat.TORCH_SAVE
     allow_pickle: bool = False
     io_threads: int = 2
+    dedup_replicated: bool = False
 
     def __post_init__(self) -> None:
         if self.write_barrier_timeout_secs <= 0:

@@ -67,6 +67,9 @@ class CheckpointManager:
         format: ``"safetensors"`` (native, default) or ``"torch_save"``.
         checkpointer: Use this checkpointer instead of building one.
         rank_info: This process's rank (default: from the process group, else 0 of 1).
+        dedup_replicated: Write a plain tensor that every rank holds with the same
+            bytes once (``CheckpointWriterConfig.dedup_replicated``); None (default):
+            on when there are several ranks. Ignored with ``checkpointer``.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class CheckpointManager:
         format: str = "safetensors",
         checkpointer: Checkpointer | None = None,
         rank_info: RankInfo | None = None,
+        dedup_replicated: bool | None = None,
     ) -> None:
         self.root = os.path.abspath(local_path(root))
         self._policies: list[RetentionPolicy] = (
@@ -85,7 +89,10 @@ class CheckpointManager:
         )
         self._async = async_save
         if checkpointer is None:
-            config = CheckpointerConfig(writer_config=CheckpointWriterConfig(format=format))
+            if dedup_replicated is None:
+                dedup_replicated = (rank_info.global_world_size if rank_info is not None else _world_size()) > 1
+            writer_config = CheckpointWriterConfig(format=format, dedup_replicated=dedup_replicated)
+            config = CheckpointerConfig(writer_config=writer_config)
             checkpointer = (
                 make_async_checkpointer(config, rank_info) if async_save else make_sync_checkpointer(config, rank_info)
             )
@@ -362,6 +369,12 @@ class CheckpointManager:
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         close_on_exit(self.close, exc_type, "checkpoint manager")
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _current_rank() -> int:
