@@ -402,34 +402,13 @@ def _print_leftovers(verb: str, leftovers: list[str], kept: list[tuple[str, str]
 _JSON_HELP = "print JSON (errors too: {\"ok\": false, \"error\": {...}}, same exit codes)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's argument parser (every subcommand and argument with its help)."""
-    p = _Parser(prog="torchckpt", description="Inspect and manage torchckpt checkpoints.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    s = sub.add_parser("ls", help="list the steps under a root", description="List the steps of a CheckpointManager.")
-    s.add_argument("root", metavar="ROOT", help="a CheckpointManager's root directory (holding step_* directories)")
-    s.add_argument("--verify", action="store_true", help="also verify every checksum of every step (reads all data)")
-    s.add_argument("--json", action="store_true", help=_JSON_HELP)
-    s.set_defaults(fn=cmd_ls)
-    s = sub.add_parser("inspect", help="the keys of a checkpoint", description="Show the keys of one checkpoint.")
-    s.add_argument("path", metavar="PATH", help="one checkpoint directory (a step's, not a manager's root)")
-    s.add_argument("--rank", type=int, default=0, help="whose part to show, for a checkpoint of several ranks (0)")
-    s.add_argument("--json", action="store_true", help=_JSON_HELP)
-    s.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser("verify", help="check every size and checksum", description="Verify one checkpoint.")
-    s.add_argument("path", metavar="PATH", help="one checkpoint directory; exit 1 naming each bad file and key")
-    s.add_argument("--json", action="store_true", help=_JSON_HELP)
-    s.set_defaults(fn=cmd_verify)
-    s = sub.add_parser("diff", help="compare two checkpoints", description="Compare two checkpoints (exit 1: differ).")
-    s.add_argument("a", metavar="A", help="the first checkpoint directory")
-    s.add_argument("b", metavar="B", help="the second checkpoint directory")
-    s.add_argument("--rank", type=int, default=0, help="whose parts to compare, for checkpoints of several ranks (0)")
-    s.add_argument("--json", action="store_true", help=_JSON_HELP)
-    s.set_defaults(fn=cmd_diff)
+def _add_export(sub: Any) -> None:
+    """The ``export`` subcommand and its arguments."""
     s = sub.add_parser(
         "export",
         help="write one rank's state as one file",
-        description="Write one rank's state as one file, streamed; it appears complete or not at all.",
+        description="Write one rank's state as one file (sharded tensors whole), streamed; it appears complete or "
+        "not at all.",
     )
     s.add_argument("path", metavar="PATH", help="the checkpoint directory to export")
     s.add_argument(
@@ -456,6 +435,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="safetensors: write the keys that start with PREFIX without it (e.g. 'model.')",
     )
     s.set_defaults(fn=cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's argument parser (every subcommand and argument with its help)."""
+    p = _Parser(prog="torchckpt", description="Inspect and manage torchckpt checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    s = sub.add_parser("ls", help="list the steps under a root", description="List the steps of a CheckpointManager.")
+    s.add_argument("root", metavar="ROOT", help="a CheckpointManager's root directory (holding step_* directories)")
+    s.add_argument("--verify", action="store_true", help="also verify every checksum of every step (reads all data)")
+    s.add_argument("--json", action="store_true", help=_JSON_HELP)
+    s.set_defaults(fn=cmd_ls)
+    s = sub.add_parser("inspect", help="the keys of a checkpoint", description="Show the keys of one checkpoint.")
+    s.add_argument("path", metavar="PATH", help="one checkpoint directory (a step's, not a manager's root)")
+    s.add_argument("--rank", type=int, default=0, help="whose part to show, for a checkpoint of several ranks (0)")
+    s.add_argument("--json", action="store_true", help=_JSON_HELP)
+    s.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser("verify", help="check every size and checksum", description="Verify one checkpoint.")
+    s.add_argument("path", metavar="PATH", help="one checkpoint directory; exit 1 naming each bad file and key")
+    s.add_argument("--json", action="store_true", help=_JSON_HELP)
+    s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("diff", help="compare two checkpoints", description="Compare two checkpoints (exit 1: differ).")
+    s.add_argument("a", metavar="A", help="the first checkpoint directory")
+    s.add_argument("b", metavar="B", help="the second checkpoint directory")
+    s.add_argument("--rank", type=int, default=0, help="whose parts to compare, for checkpoints of several ranks (0)")
+    s.add_argument("--json", action="store_true", help=_JSON_HELP)
+    s.set_defaults(fn=cmd_diff)
+    _add_export(sub)
     s = sub.add_parser(
         "gc",
         help="delete old steps and leftovers",

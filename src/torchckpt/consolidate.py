@@ -32,7 +32,7 @@ from .format.shards import GlobalTensor
 from .reading import CheckpointSnapshot, GenerationReplaced
 from .storage.base import ObjectReader, ObjectWriter
 
-__all__ = ["ExportItem", "ShardedView", "materialize", "ranks_text", "sharded_view", "write_streamed"]
+__all__ = ["ExportItem", "ShardedView", "materialize", "ranks_text", "replace_views", "sharded_view", "write_streamed"]
 
 
 def ranks_text(ranks: Sequence[int]) -> str:

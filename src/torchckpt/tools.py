@@ -251,31 +251,40 @@ def export(path: str, out: str, *, fmt: str, rank: int = 0, strip_prefix: str | 
         raise ValueError("strip_prefix applies to the safetensors format only (a torch export keeps the state's nesting)")
     with open_lazy(path, rank) as (_manifest, state):
         target = export_path(path, out, fmt)
-        directory, name = os.path.split(os.path.abspath(target))
-        if os.path.isdir(target):
-            raise CheckpointIOError(
-                f"cannot export to {target}: it is a directory", errno=errno.EISDIR, path=target, operation="export"
-            )
-        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise _export_error(target, e) from e
-        try:
-            try:
-                _write_export(fd, state, fmt=fmt, rank=rank, strip_prefix=strip_prefix or "")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, target)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(e, (OSError, RuntimeError)):
-                raise _export_error(target, e) from e
-            raise
-        _fsync_parent(target)
+        _write_file(target, lambda fd: _write_export(fd, state, fmt=fmt, rank=rank, strip_prefix=strip_prefix or ""))
         return os.path.getsize(target)
+
+
+def _write_file(target: str, write: Callable[[int], None]) -> None:
+    """Write ``target`` through ``write(fd)`` under a temporary name beside it, synced, then renamed into place.
+
+    Raises:
+        CheckpointIOError: ``target`` is a directory, or writing failed (names it); the temporary file is removed.
+    """
+    directory, name = os.path.split(os.path.abspath(target))
+    if os.path.isdir(target):
+        raise CheckpointIOError(
+            f"cannot export to {target}: it is a directory", errno=errno.EISDIR, path=target, operation="export"
+        )
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise _export_error(target, e) from e
+    try:
+        try:
+            write(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise _export_error(target, e) from e
+        raise
+    _fsync_parent(target)
 
 
 def _write_export(fd: int, state: Any, *, fmt: str, rank: int, strip_prefix: str) -> None:
