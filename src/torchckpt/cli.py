@@ -177,6 +177,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _describe(value: Any) -> dict[str, Any]:
+    from .consolidate import ShardedView
+
+    if isinstance(value, ShardedView):
+        return {
+            "type": "sharded tensor",
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "shape": list(value.shape),
+            "bytes": value.nbytes,
+            "chunks": value.chunks,
+            "ranks": list(value.ranks),
+        }
     if isinstance(value, torch.Tensor):
         return {
             "type": "tensor",
@@ -189,6 +200,7 @@ def _describe(value: Any) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .consolidate import ranks_text
     from .tools import iter_leaves, open_lazy, tied_keys
 
     _check_checkpoint(args.path)
@@ -198,7 +210,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for k, d in leaves:
         if k in tied:
             d["tied_to"] = tied[k]
-    tensors = [d for _, d in leaves if d["type"] == "tensor"]
+    tensors = [d for _, d in leaves if d["type"] in ("tensor", "sharded tensor")]
     stored = [d for d in tensors if "tied_to" not in d]  # a tied tensor is stored (and counted) once
     total = {"tensors": len(stored), "tensor_bytes": sum(d["bytes"] for d in stored), "tied_keys": len(tied),
              "values": len(leaves) - len(tensors)}  # fmt: skip
@@ -209,12 +221,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.path}: {man.layout}, {man.world_size} rank(s), showing rank {args.rank}")
     rows = []
     for k, d in leaves:
-        if d["type"] == "tensor":
+        if d["type"] == "sharded tensor":
+            rank_word = "ranks" if len(d["ranks"]) > 1 else "rank"
+            where = f"{d['chunks']} chunk{'s' if d['chunks'] != 1 else ''} from {rank_word} {ranks_text(d['ranks'])}"
+            rows.append([k, d["dtype"], str(d["shape"]), _human(d["bytes"]), where])
+        elif d["type"] == "tensor":
             size = f"(tied to {d['tied_to']})" if "tied_to" in d else _human(d["bytes"])
-            rows.append([k, d["dtype"], str(d["shape"]), size])
+            rows.append([k, d["dtype"], str(d["shape"]), size, ""])
         else:
-            rows.append([k, d["type"], d["value"], ""])
-    print(_table(rows, ["key", "dtype/type", "shape/value", "bytes"]))
+            rows.append([k, d["type"], d["value"], "", ""])
+    sharded = any(d["type"] == "sharded tensor" for d in tensors)
+    header = ["key", "dtype/type", "shape/value", "bytes"] + (["sharded"] if sharded else [])
+    print(_table([r[: len(header)] for r in rows], header))
     ties = f"; {len(tied)} tied key{'s' if len(tied) > 1 else ''} (same tensor as another key)" if tied else ""
     print(f"total: {total['tensors']} tensors, {_human(total['tensor_bytes'])}{ties}; {total['values']} plain values")
     return 0
@@ -247,7 +265,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             {"file": p.file, "key": p.key, "message": p.message} for p in problems]}, indent=1))  # fmt: skip
     elif good:
         assert man is not None
-        print(f"{args.path}: OK ({man.world_size} rank file(s), {_human(_size(man))}, every checksum verified)")
+        tiled = f", {len(man.sharded)} sharded tensor(s) tiled by their chunks" if man.sharded else ""
+        print(f"{args.path}: OK ({man.world_size} rank file(s), {_human(_size(man))}, every checksum verified{tiled})")
     else:
         print(f"{args.path}: BAD ({len(problems)} problem(s))")
         for p in problems:
@@ -287,6 +306,7 @@ def _compare(a: Any, b: Any) -> dict[str, Any] | None:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from .consolidate import materialize
     from .tools import iter_nodes, open_lazy
 
     _check_checkpoint(args.a)
@@ -297,7 +317,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         removed = sorted(la.keys() - lb.keys())
         changed = {}
         for k in sorted(la.keys() & lb.keys()):
-            c = _compare(la[k], lb[k])
+            c = _compare(materialize(la[k]), materialize(lb[k]))  # a sharded tensor whole, one at a time
             if c is not None:
                 changed[k] = c
     same = not (added or removed or changed)
@@ -327,7 +347,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .tools import export, export_path
 
     _check_checkpoint(args.path)
-    n = export(args.path, args.out, fmt=args.format, rank=args.rank)
+    n = export(args.path, args.out, fmt=args.format, rank=args.rank, strip_prefix=args.strip_prefix)
     print(f"wrote {export_path(args.path, args.out, args.format)} ({_human(n)}, {args.format})")
     return 0
 
@@ -397,6 +417,41 @@ def _print_leftovers(verb: str, leftovers: list[str], kept: list[tuple[str, str]
 _JSON_HELP = "print JSON (errors too: {\"ok\": false, \"error\": {...}}, same exit codes)"
 
 
+def _add_export(sub: Any) -> None:
+    """The ``export`` subcommand and its arguments."""
+    s = sub.add_parser(
+        "export",
+        help="write one rank's state as one file",
+        description="Write one rank's state as one file (sharded tensors whole), streamed; it appears complete or "
+        "not at all.",
+    )
+    s.add_argument("path", metavar="PATH", help="the checkpoint directory to export")
+    s.add_argument(
+        "out",
+        metavar="OUT",
+        help="the file to write (replaced if it exists); an existing directory: the file goes inside it, "
+        "named after PATH (PATH.safetensors or PATH.pt), as cp does",
+    )
+    s.add_argument(
+        "--format",
+        choices=["safetensors", "torch"],
+        required=True,
+        help="safetensors: every key loads with safetensors (a tied key as its own copy); torch: for torch.load",
+    )
+    s.add_argument(
+        "--rank",
+        type=int,
+        default=0,
+        help="whose part to export, for a checkpoint of several ranks (0); sharded tensors are exported whole",
+    )
+    s.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        help="safetensors: write the keys that start with PREFIX without it (e.g. 'model.')",
+    )
+    s.set_defaults(fn=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser (every subcommand and argument with its help)."""
     p = _Parser(prog="torchckpt", description="Inspect and manage torchckpt checkpoints.")
@@ -421,26 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=0, help="whose parts to compare, for checkpoints of several ranks (0)")
     s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_diff)
-    s = sub.add_parser(
-        "export",
-        help="write one rank's state as one file",
-        description="Write one rank's state as one file, streamed; it appears complete or not at all.",
-    )
-    s.add_argument("path", metavar="PATH", help="the checkpoint directory to export")
-    s.add_argument(
-        "out",
-        metavar="OUT",
-        help="the file to write (replaced if it exists); an existing directory: the file goes inside it, "
-        "named after PATH (PATH.safetensors or PATH.pt), as cp does",
-    )
-    s.add_argument(
-        "--format",
-        choices=["safetensors", "torch"],
-        required=True,
-        help="safetensors: every key loads with safetensors (a tied key as its own copy); torch: for torch.load",
-    )
-    s.add_argument("--rank", type=int, default=0, help="whose part to export, for a checkpoint of several ranks (0)")
-    s.set_defaults(fn=cmd_export)
+    _add_export(sub)
     s = sub.add_parser(
         "gc",
         help="delete old steps and leftovers",

@@ -200,7 +200,7 @@ def _parse(src: ObjectReader, where: str) -> Manifest:
         return parse_manifest(_read_sealed(src))
     except ManifestError as e:
         raise CorruptCheckpointError(
-            f"corrupt checkpoint {where}: manifest.json: {e}", path=where, file=MANIFEST_NAME
+            f"corrupt checkpoint {where}: manifest.json: {e}", path=where, file=MANIFEST_NAME, key=e.key
         ) from e
 
 

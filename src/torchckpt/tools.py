@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import mmap
 import os
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +24,14 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, CheckpointIOError, CorruptCheckpointError
+from .consolidate import ExportItem, ShardedView, replace_views, sharded_view, write_streamed
 from .format.dtypes import dtype_from_name
 from .format.manifest import Layout, Manifest, RankEntry
 from .format.native import plan_rank_file, write_rank_file
 from .format.torch_save import unpickle_rank_file
 from .format.tree import Flattened, flatten, join_key, unflatten
 from .format.verification import check_file_digest, check_header, check_size, check_tensor_bytes
-from .reading import CheckpointSnapshot, read_consistently
+from .reading import READ_ATTEMPTS, CheckpointSnapshot, GenerationReplaced, open_checkpoint
 from .storage.base import ObjectReader
 from .storage.local_save import LocalObjectWriter
 from .storage.paths import local_path
@@ -46,23 +48,42 @@ def open_lazy(path: str, rank: int = 0) -> Iterator[tuple[Manifest, Any]]:
     loader's checks (``format/verification.py``): native tensors against
     their checksums as they are mapped; ``torch_save`` files against their
     digest, then read with ``weights_only=True``. Mapping needs a local file
-    (``ObjectReader.fileno``).
+    (``ObjectReader.fileno``). A sharded tensor is a
+    :class:`~.consolidate.ShardedView` (nothing read until its ``full()``;
+    the checkpoint is held open until the block ends).
 
     Raises:
         CheckpointNotFoundError: No committed checkpoint at ``path``.
         CorruptCheckpointError: The manifest, a size or a checksum is wrong.
         UnsafeObjectError: The rank file needs pickle (never unpickled here).
     """
-    manifest, entry, src = read_consistently(path, lambda snapshot: _open_rank(snapshot, rank))
-    with contextlib.closing(src):
+    snapshot, manifest, entry, src = _open_consistently(path, rank)
+    with contextlib.closing(snapshot), contextlib.closing(src):
         if manifest.layout == Layout.SAFETENSORS:
-            yield manifest, _lazy_native(src, entry, path)
+            views = functools.partial(sharded_view, snapshot, manifest, entry)
+            yield manifest, _lazy_native(src, entry, path, views)
         else:
             yield manifest, _lazy_torch_save(src, entry, path)
 
 
+def _open_consistently(path: str, rank: int) -> tuple[CheckpointSnapshot, Manifest, RankEntry, ObjectReader]:
+    """The committed generation held open, its manifest, and ``rank``'s entry and open file (as ``read_consistently``)."""
+    for _ in range(READ_ATTEMPTS):
+        snapshot = open_checkpoint(path)
+        try:
+            return (snapshot, *_open_rank(snapshot, rank))
+        except GenerationReplaced:
+            snapshot.close()
+        except BaseException:
+            snapshot.close()
+            raise
+    raise CorruptCheckpointError(
+        f"corrupt checkpoint {path}: replaced by other saves {READ_ATTEMPTS} times while it was being read", path=path
+    )
+
+
 def _open_rank(snapshot: CheckpointSnapshot, rank: int) -> tuple[Manifest, RankEntry, ObjectReader]:
-    """The manifest, and the entry and open rank file of ``rank`` (usable after the snapshot is closed)."""
+    """The manifest, and the entry and open rank file of ``rank``."""
     manifest = snapshot.manifest()
     if not 0 <= rank < manifest.world_size:
         raise ValueError(f"rank {rank} out of range: {snapshot.path} was saved by {manifest.world_size} ranks")
@@ -78,7 +99,7 @@ def _mapped(src: ObjectReader, entry: RankEntry) -> mmap.mmap | None:
     return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if entry.size_bytes else None
 
 
-def _lazy_native(src: ObjectReader, entry: RankEntry, path: str) -> Any:
+def _lazy_native(src: ObjectReader, entry: RankEntry, path: str, sharded: Callable[[int], Any]) -> Any:
     check_size(src, entry, path)  # the loader's checks: size, and header against the manifest's digest
     check_header(src, entry, path)
     mm = _mapped(src, entry)
@@ -100,7 +121,7 @@ def _lazy_native(src: ObjectReader, entry: RankEntry, path: str) -> Any:
         return raw.view(dtype).view(t.shape)
 
     try:
-        return unflatten(entry.tree, tensor, allow_pickle=False, where=path)
+        return unflatten(entry.tree, tensor, allow_pickle=False, where=path, sharded=sharded)
     except CheckpointError:
         raise
     except ValueError as e:  # as the loader says it
@@ -193,7 +214,7 @@ def export_path(path: str, out: str, fmt: str) -> str:
     return out
 
 
-def export(path: str, out: str, *, fmt: str, rank: int = 0) -> int:
+def export(path: str, out: str, *, fmt: str, rank: int = 0, strip_prefix: str | None = None) -> int:
     """Write rank ``rank``'s state of the checkpoint at ``path`` as one file.
 
     ``fmt="safetensors"``: a safetensors file (tensors under their key paths;
@@ -205,6 +226,12 @@ def export(path: str, out: str, *, fmt: str, rank: int = 0) -> int:
     Tensors stream from the checkpoint file (mapped, not copied), so memory
     does not grow with its size.
 
+    A sharded tensor (a saved ``DTensor``) is exported whole, assembled from
+    the chunks of every rank. In a safetensors export the tensors are written
+    one at a time: memory holds at most one full tensor and the read buffers
+    of its chunks. ``strip_prefix`` (safetensors only): keys that start with
+    it are written without it (``"model."``: the model's own parameter names).
+
     ``out`` may be an existing directory: the file goes inside it (see
     :func:`export_path`). The file appears complete or not at all: it is
     written to a temporary name beside it, removed on any failure.
@@ -214,62 +241,109 @@ def export(path: str, out: str, *, fmt: str, rank: int = 0) -> int:
 
     Raises:
         CheckpointIOError: Writing failed (names the file and the errno).
+        ValueError: An unknown format, ``strip_prefix`` with ``fmt="torch"``, or
+            two keys that are one name once the prefix is stripped.
     """
     out = local_path(out)
     if fmt not in ("safetensors", "torch"):
         raise ValueError(f"unknown export format {fmt!r} (safetensors or torch)")
+    if strip_prefix and fmt != "safetensors":
+        raise ValueError("strip_prefix applies to the safetensors format only (a torch export keeps the state's nesting)")
     with open_lazy(path, rank) as (_manifest, state):
         target = export_path(path, out, fmt)
-        directory, name = os.path.split(os.path.abspath(target))
-        if os.path.isdir(target):
-            raise CheckpointIOError(
-                f"cannot export to {target}: it is a directory", errno=errno.EISDIR, path=target, operation="export"
-            )
-        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise _export_error(target, e) from e
-        try:
-            try:
-                _write_export(fd, state, fmt=fmt, rank=rank)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, target)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(e, (OSError, RuntimeError)):
-                raise _export_error(target, e) from e
-            raise
-        _fsync_parent(target)
+        _write_file(target, lambda fd: _write_export(fd, state, fmt=fmt, rank=rank, strip_prefix=strip_prefix or ""))
         return os.path.getsize(target)
 
 
-def _write_export(fd: int, state: Any, *, fmt: str, rank: int) -> None:
+def _write_file(target: str, write: Callable[[int], None]) -> None:
+    """Write ``target`` through ``write(fd)`` under a temporary name beside it, synced, then renamed into place.
+
+    Raises:
+        CheckpointIOError: ``target`` is a directory, or writing failed (names it); the temporary file is removed.
+    """
+    directory, name = os.path.split(os.path.abspath(target))
+    if os.path.isdir(target):
+        raise CheckpointIOError(
+            f"cannot export to {target}: it is a directory", errno=errno.EISDIR, path=target, operation="export"
+        )
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise _export_error(target, e) from e
+    try:
+        try:
+            write(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise _export_error(target, e) from e
+        raise
+    _fsync_parent(target)
+
+
+def _write_export(fd: int, state: Any, *, fmt: str, rank: int, strip_prefix: str) -> None:
     if fmt == "torch":
         with os.fdopen(os.dup(fd), "wb") as f:
-            torch.save(state, f)
+            torch.save(replace_views(state, ShardedView.full), f)  # every sharded tensor whole
         return
-    flat = flatten(state, allow_pickle=False)
+    views: dict[int, ShardedView] = {}
+
+    def placeholder(view: ShardedView) -> torch.Tensor:
+        t = torch.empty(0, dtype=view.dtype)  # its own table entry; its bytes come from the view when written
+        views[id(t)] = view
+        return t
+
+    skeleton = replace_views(state, placeholder)
+    flat, meta = _with_ties(skeleton, flatten(skeleton, allow_pickle=False))
+    names = [n.removeprefix(strip_prefix) if strip_prefix else n for n in flat.names]
+    if strip_prefix and "torchckpt_tied" in meta:
+        tied = json.loads(meta["torchckpt_tied"]).items()
+        meta["torchckpt_tied"] = json.dumps({k.removeprefix(strip_prefix): v.removeprefix(strip_prefix) for k, v in tied})
+    writer = LocalObjectWriter(fd, "the exported file")
+    if not views and len(set(names)) == len(names):
+        flat = Flattened(tree=flat.tree, tensors=flat.tensors, names=names)
+        write_rank_file(writer, plan_rank_file(flat, rank=rank, metadata=meta), threads=2)
+        return
+    items = [
+        ExportItem(n, views[id(t)].dtype, views[id(t)].shape, views[id(t)].full) if id(t) in views
+        else ExportItem(n, t.dtype, tuple(t.shape), functools.partial(_same, t))
+        for t, n in zip(flat.tensors, names)
+    ]  # fmt: skip
+    meta = {"torchckpt_format": "1", "rank": str(rank), **meta}
+    write_streamed(writer, items, meta)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _with_ties(state: Any, flat: Flattened) -> tuple[Flattened, dict[str, str]]:
+    """``flat`` with a copy of every tied key's tensor under that key, and the export's metadata."""
     ties = list(_ties(state))
-    meta = {"torchckpt_tree": json.dumps(flat.tree, separators=(",", ":"))}
-    if ties:
-        stored = {id(t): n for t, n in zip(flat.tensors, flat.names)}
-        used = set(flat.names)
-        flat = Flattened(tree=flat.tree, tensors=list(flat.tensors), names=list(flat.names))
-        tied: dict[str, str] = {}
-        for key, tensor, earlier, earlier_tensor in ties:
-            alias, n = key, 2
-            while alias in used:
-                alias, n = f"{key}#{n}", n + 1
-            used.add(alias)
-            flat.tensors.append(tensor)  # its own copy: safetensors readers have no ties
-            flat.names.append(alias)
-            tied[alias] = stored.get(id(earlier_tensor), earlier)
-        meta["torchckpt_tied"] = json.dumps(tied, separators=(",", ":"))
-    write_rank_file(LocalObjectWriter(fd, "the exported file"), plan_rank_file(flat, rank=rank, metadata=meta), threads=2)
+    # "format": "pt" is what Hugging Face loaders require of a safetensors file's metadata.
+    meta = {"format": "pt", "torchckpt_tree": json.dumps(flat.tree, separators=(",", ":"))}
+    if not ties:
+        return flat, meta
+    stored = {id(t): n for t, n in zip(flat.tensors, flat.names)}
+    used = set(flat.names)
+    flat = Flattened(tree=flat.tree, tensors=list(flat.tensors), names=list(flat.names))
+    tied: dict[str, str] = {}
+    for key, tensor, earlier, earlier_tensor in ties:
+        alias, n = key, 2
+        while alias in used:
+            alias, n = f"{key}#{n}", n + 1
+        used.add(alias)
+        flat.tensors.append(tensor)  # its own copy: safetensors readers have no ties
+        flat.names.append(alias)
+        tied[alias] = stored.get(id(earlier_tensor), earlier)
+    meta["torchckpt_tied"] = json.dumps(tied, separators=(",", ":"))
+    return flat, meta
 
 
 def _export_error(target: str, e: BaseException) -> CheckpointIOError:

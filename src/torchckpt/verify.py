@@ -69,8 +69,8 @@ def verify_checkpoint(
     with open_checkpoint(path) as snapshot:
         try:
             manifest = snapshot.manifest()
-        except CorruptCheckpointError as e:
-            return None, [Problem("manifest.json", None, str(e))]
+        except CorruptCheckpointError as e:  # the chunks of a sharded tensor that do not tile it among them
+            return None, [Problem("manifest.json", e.key, str(e))]
         problems: list[Problem] = []
         for entry in manifest.ranks:
             problems.extend(_verify_rank(snapshot, manifest, entry, progress))

@@ -23,7 +23,7 @@ from .dtypes import dtype_from_name
 from .extents import CHUNK_BYTES
 from .extents import checksum as crc32c_of
 from .gcpause import paused_gc
-from .shards import ChunkEntry, GlobalTensor, ShardedEntry, build_index
+from .shards import ChunkEntry, GlobalTensor, ShardedEntry, ShardingError, build_index
 from .tree import MAX_DEPTH, MAX_DIMS, STACK_FRAMES_NEEDED, deepest_key
 
 __all__ = [
@@ -195,7 +195,15 @@ def seal_manifest(doc: dict[str, Any]) -> bytes:
 
 
 class ManifestError(ValueError):
-    """Raised by :func:`parse_manifest`; the caller adds the path."""
+    """Raised by :func:`parse_manifest`; the caller adds the path.
+
+    Attributes:
+        key: The key path of the (sharded) tensor at fault, when one is.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def check_seal_prefix(head: bytes) -> int:
@@ -303,8 +311,8 @@ def parse_manifest(data: bytes) -> Manifest:
         raise ManifestError("created_unix_s must be a number")
     try:
         sharded = build_index(ranks)
-    except ValueError as e:
-        raise ManifestError(str(e)) from None
+    except ShardingError as e:
+        raise ManifestError(str(e), key=e.key) from None
     return Manifest(layout, world_size, ranks, chunk_bytes, metadata, stats, float(created), version, sharded)
 
 
@@ -357,31 +365,47 @@ def _ints(doc: Any, key: str, where: str) -> tuple[int, ...]:
 
 
 def _parse_sharded(doc: Any, where: str, tensors: tuple[TensorEntry, ...]) -> ShardedEntry:
-    """One sharded tensor of a rank entry; its chunks refer to the rank's tensors and lie in its shape."""
+    """One sharded tensor of a rank entry; its chunks refer to the rank's tensors and lie in its shape.
+
+    Every error after the name is parsed names the tensor (``ManifestError.key``).
+    """
     name = _get(doc, "name", str, where)
+    where = f"{where} (sharded tensor {name!r})"
     dtype = _get(doc, "dtype", str, where)
     try:
         itemsize = dtype_from_name(dtype).itemsize
     except KeyError:
-        raise ManifestError(f"{where}: unknown dtype {dtype!r}") from None
-    shape = _ints(doc, "shape", where)
+        raise ManifestError(f"{where}: unknown dtype {dtype!r}", key=name) from None
+    try:
+        shape = _ints(doc, "shape", where)
+        chunks_doc = _get(doc, "chunks", list, where)
+    except ManifestError as e:
+        raise ManifestError(str(e), key=name) from None
     if math.prod(max(d, 1) for d in shape) * itemsize > MAX_FILE_BYTES:
-        raise ManifestError(f"{where}: absurd shape {list(shape)} of sharded tensor {name!r}")
-    chunks = []
-    for k, c in enumerate(_get(doc, "chunks", list, where)):
-        at = f"{where}.chunks[{k}]"
-        index = _get(c, "T", int, at)
-        if not 0 <= index < len(tensors):
-            raise ManifestError(f"{at}: refers to tensor {index} of {len(tensors)}")
-        offsets = _ints(c, "offsets", at)
-        t = tensors[index]
-        if t.dtype != dtype or len(t.shape) != len(shape) or len(offsets) != len(shape):
-            raise ManifestError(
-                f"{at}: chunk {t.name!r} is {t.dtype} {list(t.shape)} at {list(offsets)}, "
-                f"not a part of {name!r} {dtype} {list(shape)}"
-            )
-        chunks.append(ChunkEntry(index, offsets))
+        raise ManifestError(f"{where}: absurd shape {list(shape)} (more than {MAX_FILE_BYTES} bytes)", key=name)
+    chunks = (_parse_chunk(c, f"{where}.chunks[{k}]", name, dtype, shape, tensors) for k, c in enumerate(chunks_doc))
     return ShardedEntry(name, dtype, shape, tuple(chunks))
+
+
+def _parse_chunk(
+    doc: Any, at: str, name: str, dtype: str, shape: tuple[int, ...], tensors: tuple[TensorEntry, ...]
+) -> ChunkEntry:
+    """One chunk of sharded tensor ``name``: a tensor of the rank's table of its dtype and rank, and its offsets."""
+    try:
+        index = _get(doc, "T", int, at)
+        offsets = _ints(doc, "offsets", at)
+    except ManifestError as e:
+        raise ManifestError(str(e), key=name) from None
+    if not 0 <= index < len(tensors):
+        raise ManifestError(f"{at}: refers to tensor {index} of the rank's {len(tensors)}", key=name)
+    t = tensors[index]
+    if t.dtype != dtype or len(t.shape) != len(shape) or len(offsets) != len(shape):
+        raise ManifestError(
+            f"{at}: chunk {t.name!r} is {t.dtype} {list(t.shape)} at {list(offsets)}, "
+            f"not a part of {name!r} {dtype} {list(shape)}",
+            key=name,
+        )
+    return ChunkEntry(index, offsets)
 
 
 #: Device strings ``torch.device`` has accepted in a manifest (checked once, not per tensor).

@@ -116,9 +116,9 @@ class _Loads:
             return self.sharded.tensor(one_chunk(self.entry, ref.index), target, key)
         if not 0 <= ref.index < len(self.entry.sharded):
             raise CorruptCheckpointError(
-                f"corrupt checkpoint {self.where}: tree refers to sharded tensor {ref.index} of "
+                f"corrupt checkpoint {self.where}: key {key!r}: tree refers to sharded tensor {ref.index} of "
                 f"{len(self.entry.sharded)}",
-                path=self.where, file=self.entry.file,
+                path=self.where, file="manifest.json", key=key,
             )  # fmt: skip
         name = self.entry.sharded[ref.index].name
         return self.sharded.tensor(self.sharded.manifest.sharded[name], target, key)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..plan.boxes import Box, tiling_problem
 
-__all__ = ["ChunkEntry", "GlobalTensor", "SavedChunk", "ShardedEntry", "build_index"]
+__all__ = ["ChunkEntry", "GlobalTensor", "SavedChunk", "ShardedEntry", "ShardingError", "build_index"]
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,23 @@ class GlobalTensor:
     chunks: list[SavedChunk] = field(default_factory=list)
 
 
+class ShardingError(ValueError):
+    """The ranks' sharded tensors do not fit together (raised by :func:`build_index`).
+
+    Attributes:
+        key: The name (key path) of the sharded tensor at fault.
+    """
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def build_index(ranks: Sequence[Any]) -> dict[str, GlobalTensor]:
     """The global tensors of a checkpoint, from its rank entries (each with ``rank``, ``sharded``, ``tensors``).
 
     Raises:
-        ValueError: Ranks disagree on a tensor's dtype or shape, or its chunks do
+        ShardingError: Ranks disagree on a tensor's dtype or shape, or its chunks do
             not tile it (a gap, an overlap, a chunk out of bounds): names the tensor.
     """
     index: dict[str, GlobalTensor] = {}
@@ -86,14 +98,15 @@ def build_index(ranks: Sequence[Any]) -> dict[str, GlobalTensor]:
             if g is None:
                 g = index[s.name] = GlobalTensor(s.name, s.dtype, s.shape)
             elif (g.dtype, g.shape) != (s.dtype, s.shape):
-                raise ValueError(
+                raise ShardingError(
                     f"sharded tensor {s.name!r}: rank {entry.rank} saved it as {s.dtype} {list(s.shape)}, "
-                    f"another rank as {g.dtype} {list(g.shape)}"
+                    f"another rank as {g.dtype} {list(g.shape)}",
+                    s.name,
                 )
             for c in s.chunks:
                 g.chunks.append(SavedChunk(entry.rank, c.tensor, (c.offsets, tuple(entry.tensors[c.tensor].shape))))
     for g in index.values():
         problem = tiling_problem(g.shape, [c.box for c in g.chunks])
         if problem is not None:
-            raise ValueError(f"the chunks of sharded tensor {g.name!r} {list(g.shape)} do not tile it: {problem}")
+            raise ShardingError(f"the chunks of sharded tensor {g.name!r} {list(g.shape)} do not tile it: {problem}", g.name)
     return index
