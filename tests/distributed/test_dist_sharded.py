@@ -237,3 +237,28 @@ def test_one_rank_failing_fails_the_save_on_every_rank(tmp_path) -> None:
         assert "failed on 1 of 2 ranks, nothing was committed: rank 1: UnsafeObjectError" in out[r], out[r]
         assert "key 'bad'" in out[r], out[r]
     assert not os.path.exists(tmp_path / "ckpt" / "manifest.json")
+
+
+def partial_template(rank: int, world: int, root: str) -> str:
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = _mesh((world,))
+    ck = _native(world)
+    path = os.path.join(root, "ckpt")
+    ck.save(path, {"model": distributed_state(mesh, "rows")})
+    template = {"model": {"a": DTensor.from_local(torch.zeros(SHAPES["a"]), mesh, [Partial()])}}
+    try:
+        ck.load(path, template)
+    except Exception as e:  # noqa: BLE001 - the test looks at it
+        return f"{type(e).__name__}: {e}"
+    finally:
+        ck.close()
+    return "loaded"
+
+
+@pytest.mark.timeout(240)
+def test_a_template_placement_the_loader_does_not_know_is_refused_naming_the_key(tmp_path) -> None:
+    out = values(launch(partial_template, 2, str(tmp_path)))
+    for r in (0, 1):
+        assert out[r].startswith("UnsafeObjectError: cannot load into the DTensor at key 'model.a': its placement"), out[r]
+        assert "Partial" in out[r]

@@ -99,7 +99,7 @@ class ShardedLoads:
             )
         if is_dtensor(target):
             local = target.to_local()
-            for box in local_boxes(target, key):
+            for box in local_boxes(target, key, action="load into"):
                 self._plan(g, (box.offsets, box.sizes), box.view(local), key)
         elif volume(g.shape) > 0:
             self._plan(g, ((0,) * len(g.shape), tuple(g.shape)), target, key)

@@ -68,14 +68,14 @@ class LocalBox:
         return out
 
 
-def _placements(dt: Any, key: str) -> tuple[Any, ...]:
+def _placements(dt: Any, key: str, action: str) -> tuple[Any, ...]:
     from torch.distributed.tensor.placement_types import Replicate, Shard
 
     placements = tuple(dt.placements)
     for p in placements:
         if not isinstance(p, (Replicate, Shard)) and type(p).__name__ != "_StridedShard":
             raise UnsafeObjectError(
-                f"cannot save the DTensor at key {key or '[root]'!r}: its placement {p} is not supported "
+                f"cannot {action} the DTensor at key {key or '[root]'!r}: its placement {p} is not supported "
                 "(a Partial placement holds addends, not parts: redistribute it to Replicate or Shard first)",
                 key=key,
                 type_name="torch.distributed.tensor.DTensor",
@@ -117,8 +117,10 @@ def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def local_boxes(dt: Any, key: str) -> list[LocalBox]:
+def local_boxes(dt: Any, key: str, *, action: str = "save") -> list[LocalBox]:
     """The boxes of the global tensor that this rank's local tensor of ``dt`` holds (none when it is empty).
+
+    ``action`` names what is done with it in the errors (``"save"``, ``"load into"``).
 
     Raises:
         UnsafeObjectError: A ``Partial`` placement, or a local tensor whose shape
@@ -126,12 +128,12 @@ def local_boxes(dt: Any, key: str) -> list[LocalBox]:
     """
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    placements = _placements(dt, key)
+    placements = _placements(dt, key, action)
     local = dt.to_local()
     shape, offsets = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, placements)
     if tuple(local.shape) != tuple(shape):
         raise UnsafeObjectError(
-            f"cannot save the DTensor at key {key or '[root]'!r}: its local tensor is {list(local.shape)} but its "
+            f"cannot {action} the DTensor at key {key or '[root]'!r}: its local tensor is {list(local.shape)} but its "
             f"placements {list(placements)} give {list(shape)}",
             key=key,
             type_name="torch.distributed.tensor.DTensor",
