@@ -32,6 +32,9 @@ from .format.shards import GlobalTensor
 from .reading import CheckpointSnapshot, GenerationReplaced
 from .storage.base import ObjectReader, ObjectWriter
 
+#: Most bytes of read buffers an export holds beside the tensor being assembled.
+EXPORT_ROUND_BYTES = 64 * 1024 * 1024
+
 __all__ = ["ExportItem", "ShardedView", "materialize", "ranks_text", "replace_views", "sharded_view", "write_streamed"]
 
 
@@ -112,7 +115,10 @@ def _assemble(snapshot: CheckpointSnapshot, manifest: Manifest, g: GlobalTensor)
                 path=snapshot.path, file=entry.file, key=g.name,
             ) from None  # fmt: skip
 
-    loads = ShardedLoads(manifest, open_rank, map_location="cpu", resolve_device=resolve_device, where=snapshot.path)
+    loads = ShardedLoads(
+        manifest, open_rank, map_location="cpu", resolve_device=resolve_device, where=snapshot.path,
+        round_bytes=EXPORT_ROUND_BYTES,
+    )  # fmt: skip
     out = loads.tensor(g, None, g.name)
     loads.execute(verify=True, threads=2)
     return out

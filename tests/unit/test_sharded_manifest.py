@@ -22,6 +22,7 @@ import torch
 from ckpt_testutil import checkpointer
 from sharded_testutil import manifest_doc, rewrite, sharded_checkpoint
 
+import torchckpt as tc
 from torchckpt.checkpoint_reader import read_manifest
 from torchckpt.errors import CorruptCheckpointError, StateDictMismatchError
 from torchckpt.format.manifest import ManifestError, parse_manifest
@@ -254,3 +255,23 @@ def test_the_sharded_entries_round_trip_the_manifest(good: str) -> None:
                                 "chunks": [{"T": _table_index(doc, "model.w"), "offsets": [0, 0]}]}  # fmt: skip
     m = read_manifest(good)
     assert [s.to_json() for s in m.ranks[1].sharded] == doc["ranks"][1]["sharded"]
+
+
+def test_a_staged_overlap_larger_than_a_round_is_read_in_slabs(tmp_path, monkeypatch) -> None:
+    from torchckpt.format import sharded_read
+
+    w = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
+    path = sharded_checkpoint(str(tmp_path / "ckpt"), {"model.w": w}, world=2)
+    reads: list[int] = []
+    original = sharded_read.read_extents
+
+    def counting(src, extents, **kw):  # type: ignore[no-untyped-def]
+        reads.append(len(extents))
+        return original(src, extents, **kw)
+
+    monkeypatch.setattr(sharded_read, "read_extents", counting)
+    monkeypatch.setattr(sharded_read, "ROUND_BYTES", 5 * 6 * 4)  # five rows per slab
+    template = {"model": {"w": torch.zeros(6, 40).t()}}  # not contiguous: read through buffers
+    tc.make_sync_checkpointer().load(path, template)
+    assert torch.equal(template["model"]["w"], w)
+    assert sum(reads) == 8 and len(reads) == 8  # 2 chunks of 20 rows, 4 slabs each, one slab per round

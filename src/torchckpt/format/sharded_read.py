@@ -73,7 +73,9 @@ class ShardedLoads:
         map_location: Any,
         resolve_device: Callable[[str, Any], torch.device],
         where: str,
+        round_bytes: int | None = None,
     ) -> None:
+        self.round_bytes = ROUND_BYTES if round_bytes is None else round_bytes
         self.manifest = manifest
         self.open_rank = open_rank
         self.map_location = map_location
@@ -120,15 +122,37 @@ class ShardedLoads:
                 continue
             chunk_offsets, chunk_shape = c.box
             sub = (tuple(o - co for o, co in zip(common[0], chunk_offsets)), common[1])
-            first, end = row_major_span(chunk_shape, sub)
-            t = self.manifest.ranks[c.rank].tensors[c.tensor]
-            lo = first * itemsize // CHUNK_BYTES * CHUNK_BYTES
-            hi = min(t.nbytes, -(-end * itemsize // CHUNK_BYTES) * CHUNK_BYTES)
             view = dest
             for d, (o, n, wo) in enumerate(zip(common[0], common[1], want[0])):
                 if o != wo or n != view.shape[d]:
                     view = view.narrow(d, o - wo, n)
-            self.reads.append(_Read(c.rank, t, key, lo, hi, sub, first, view))
+            t = self.manifest.ranks[c.rank].tensors[c.tensor]
+            for part, part_view in self._slabs(chunk_shape, sub, view, itemsize):
+                first, end = row_major_span(chunk_shape, part)
+                lo = first * itemsize // CHUNK_BYTES * CHUNK_BYTES
+                hi = min(t.nbytes, -(-end * itemsize // CHUNK_BYTES) * CHUNK_BYTES)
+                self.reads.append(_Read(c.rank, t, key, lo, hi, part, first, part_view))
+
+    def _slabs(
+        self, chunk_shape: tuple[int, ...], sub: Box, view: torch.Tensor, itemsize: int
+    ) -> list[tuple[Box, torch.Tensor]]:
+        """``sub`` cut along its first dimension so that a span read through a buffer stays near ``round_bytes``.
+
+        An overlap read straight into its target (a contiguous span) is not cut.
+        """
+        first, end = row_major_span(chunk_shape, sub)
+        if not sub[1] or (end - first) * itemsize <= self.round_bytes or (
+            end - first == volume(sub[1]) and view.is_contiguous() and view.is_cpu
+        ):
+            return [(sub, view)]
+        row = volume(chunk_shape[1:]) * itemsize  # one index of the first dimension, in the chunk
+        rows = max(1, self.round_bytes // max(1, row))
+        out = []
+        for k in range(0, sub[1][0], rows):
+            n = min(rows, sub[1][0] - k)
+            part = ((sub[0][0] + k, *sub[0][1:]), (n, *sub[1][1:]))
+            out.append((part, view.narrow(0, k, n)))
+        return out
 
     def execute(self, *, verify: bool, threads: int) -> int:
         """Read every planned overlap into its target; returns the bytes read.
@@ -146,7 +170,7 @@ class ShardedLoads:
             try:
                 check_size(src, entry, self.where)
                 check_header(src, entry, self.where)
-                for batch in _rounds(reads):
+                for batch in _rounds(reads, self.round_bytes):
                     total += self._read_round(src, entry, batch, verify=verify, threads=threads)
             finally:
                 src.close()
@@ -199,13 +223,13 @@ def _copy_overlap(r: _Read, staging: torch.Tensor) -> None:
         r.dest.copy_(source)
 
 
-def _rounds(reads: list[_Read]) -> list[list[_Read]]:
-    """The reads in rounds whose intermediate buffers hold at most ``ROUND_BYTES`` (one read at least)."""
+def _rounds(reads: list[_Read], round_bytes: int) -> list[list[_Read]]:
+    """The reads in rounds whose intermediate buffers hold at most ``round_bytes`` (one read at least)."""
     rounds: list[list[_Read]] = [[]]
     held = 0
     for r in reads:
         size = r.end_byte - r.first_byte
-        if rounds[-1] and held + size > ROUND_BYTES:
+        if rounds[-1] and held + size > round_bytes:
             rounds.append([])
             held = 0
         rounds[-1].append(r)
