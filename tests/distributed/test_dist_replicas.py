@@ -127,3 +127,26 @@ def test_the_reference_api_keeps_per_rank_copies_by_default(tmp_path) -> None:
     manifest = read_manifest(str(tmp_path / "ckpt"))
     assert sum(t.nbytes for r in manifest.ranks for t in r.tensors) == 2 * _state_bytes(replicated())
     assert tc.CheckpointWriterConfig().dedup_replicated is False
+
+
+def manager_ddp(rank: int, world: int, root: str) -> int:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    with tc.CheckpointManager(root) as mgr:  # async by default; dedup by default on several ranks
+        mgr.save(1, {"model": model, "optim": opt})
+        mgr.wait()
+        step, _ = mgr.load({"model": model, "optim": opt})
+    return step
+
+
+@pytest.mark.timeout(240)
+def test_the_manager_deduplicates_a_ddp_state_by_default(tmp_path) -> None:
+    root = str(tmp_path / "run")
+    assert set(values(launch(manager_ddp, 2, root)).values()) == {1}
+    manifest = read_manifest(os.path.join(root, "step_0000000001"))
+    written = sum(t.nbytes for r in manifest.ranks for t in r.tensors)
+    expected = (16 * 8 + 8) * 4 * 2  # weights and biases, and their momentum buffers, once
+    assert written == expected, written
