@@ -125,8 +125,8 @@ def _save_rows(rank: int, world: int, root: str) -> None:
 
 
 def _load_rows(rank: int, world: int, root: str) -> dict[str, torch.Tensor]:
-    mesh = _mesh((world,))
-    template = {"model": distributed_state(mesh, "cols")}
+    mesh = _mesh((2, 2)) if world == 4 else _mesh((world,))
+    template = {"model": distributed_state(mesh, "dp_tp" if world == 4 else "cols")}
     ck = _native(world)
     ck.load(os.path.join(root, "ckpt"), template)
     ck.close()
@@ -134,8 +134,9 @@ def _load_rows(rank: int, world: int, root: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("load_world", [1, 3])
+@pytest.mark.parametrize("load_world", [1, 2, 3, 4])
 def test_four_ranks_reshard_to_another_world_size(tmp_path, load_world) -> None:
+    # 1-D rows on 4 ranks -> columns on 1, 2 and 3 (uneven) ranks, and -> a 2-D (2 x 2) mesh
     launch(_save_rows, 4, str(tmp_path))
     out = values(launch(_load_rows, load_world, str(tmp_path)))
     for r in range(load_world):
