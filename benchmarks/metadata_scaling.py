@@ -49,6 +49,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,11 @@ def templates(mesh: Any, n_tensors: int) -> dict[str, Any]:
     return out
 
 
-def point_tc(world: int, n_tensors: int) -> dict[str, float]:
-    """torchckpt's commit work, manifest parse and one rank's load plan, for ``world`` ranks."""
+def point_tc(world: int, n_tensors: int, emit: Callable[[dict[str, Any]], None] = lambda d: None) -> dict[str, Any]:
+    """torchckpt's commit work, manifest parse and one rank's load plan, for ``world`` ranks.
+
+    ``emit`` gets the figures so far after each step (a point cut off by its time limit still says those).
+    """
     import torch
     from torchckpt.format.extents import CHUNK_BYTES
     from torchckpt.format.manifest import build_manifest, parse_manifest, parse_rank_entry
@@ -158,10 +162,13 @@ def point_tc(world: int, n_tensors: int) -> dict[str, float]:
     data = build_manifest(layout="safetensors", ranks=entries, chunk_bytes=CHUNK_BYTES)
     t2 = time.perf_counter()
     del entries
+    out: dict[str, Any] = {"tc_entries_s": t_entries, "tc_index_s": t1 - t0, "tc_build_s": t2 - t1,
+                           "tc_commit_s": t_entries + t2 - t0, "manifest_bytes": len(data)}  # fmt: skip
+    emit(out)
+    t2 = time.perf_counter()
     manifest = parse_manifest(data)
-    t3 = time.perf_counter()
-    out = {"tc_entries_s": t_entries, "tc_index_s": t1 - t0, "tc_build_s": t2 - t1,
-           "tc_commit_s": t_entries + t2 - t0, "tc_parse_s": t3 - t2, "manifest_bytes": len(data)}  # fmt: skip
+    out["tc_parse_s"] = time.perf_counter() - t2
+    emit(out)
     del data
     targets = templates(fake_group(world), n_tensors)
     loads = ShardedLoads(manifest, lambda e: None, map_location=None,  # type: ignore[arg-type, return-value]
@@ -236,7 +243,8 @@ def child(system: str, world: int, n_tensors: int) -> int:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    figs = point_tc(world, n_tensors) if system == "tc" else point_dcp(world, n_tensors)
+    figs = point_tc(world, n_tensors, lambda d: print(json.dumps(d), flush=True)) if system == "tc" else (
+        point_dcp(world, n_tensors))  # fmt: skip
     figs["wall_s"] = time.perf_counter() - t0
     figs["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(figs), flush=True)
@@ -248,12 +256,20 @@ def run_point(system: str, world: int, n_tensors: int, limit_s: float) -> dict[s
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, str(world), str(n_tensors)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {limit_s:.0f} s"}
+    except subprocess.TimeoutExpired as e:
+        partial = _last_json(e.stdout)  # the steps it finished
+        return {**partial, "error": f"did not finish within {limit_s:.0f} s"}
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": f"failed (exit {proc.returncode}): {tail}"}
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _last_json(out: str | bytes | None) -> dict[str, Any]:
+    """The last JSON line of a child's output (empty when there is none)."""
+    text = out.decode() if isinstance(out, bytes) else (out or "")
+    lines = [x for x in text.strip().splitlines() if x.startswith("{")]
+    return dict(json.loads(lines[-1])) if lines else {}
 
 
 def _too_big(prev: tuple[int, dict[str, Any]] | None, world: int) -> str | None:
@@ -312,7 +328,7 @@ def _cell(point: dict[str, Any], key: str) -> str:
         v = point[key]
         return f"{v / 1e6:,.0f}" if key == "manifest_bytes" else (
             f"{v / 2**30:.1f}" if key == "peak_rss" else f"{v:.3f}")  # fmt: skip
-    return "–" if "error" not in point else "n/a"
+    return "–" if "error" not in point else "> limit" if "within" in point["error"] else "n/a"
 
 
 def render(results: dict[str, dict[int, dict[str, Any]]], worlds: list[int], n_tensors: int, limit_s: float,
