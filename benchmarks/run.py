@@ -35,6 +35,8 @@ Usage::
     python benchmarks/run.py --many-small         # only the many-small case
     python benchmarks/run.py --only limits,tc_sync_native --reps 5
     python benchmarks/run.py --report             # and update benchmarks/README.md
+    python benchmarks/run.py --sharded            # FSDP2 state on 2 and 4 gloo ranks vs DCP (sharded.py)
+    python benchmarks/run.py --metadata-scaling   # metadata work at 8 to 4,096 simulated ranks (metadata_scaling.py)
 """
 
 from __future__ import annotations
@@ -273,11 +275,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-prefault", action="store_true", help="do not touch fresh memory before timed operations")
     p.add_argument("--no-memory", action="store_true", help="do not sample resident memory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sharded", action="store_true",
+                   help="the sharded case instead: an FSDP2 state of --size-gib on gloo ranks (sharded.py)")
+    p.add_argument("--metadata-scaling", action="store_true",
+                   help="the metadata scaling case instead (metadata_scaling.py, its defaults; --out-dir, --report)")
+    p.add_argument("--ranks", default="2,4", help="world sizes of --sharded (default 2,4; both: the 4 -> 2 reshard)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.metadata_scaling:
+        import metadata_scaling
+
+        return metadata_scaling.main(["--out-dir", args.out_dir] + (["--report"] if args.report else []))
+    if args.sharded:
+        import sharded
+
+        torch.set_num_threads(1)
+        return sharded.main(args)
     all_keys = [b.key for b in main_blocks()] + [b.key for b in many_small_blocks()]
     if args.list:
         print("\n".join(all_keys))

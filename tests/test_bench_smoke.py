@@ -74,3 +74,18 @@ def test_probes_run_and_print_their_figures(tmp_path: Path, capsys) -> None:
         assert probes.main([probe, "--size-gib", "0.004", "--pairs", "1", "--dir", str(tmp_path)]) == 0
         assert re.search(pattern, capsys.readouterr().out), probe
     assert list(tmp_path.iterdir()) == []  # scratch removed
+
+
+def test_metadata_scaling_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "metadata_scaling.py"), "--ranks", "4,8", "--tensors", "8",
+           "--time-limit", "60", "--out-dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| torchckpt: commit total |" in proc.stdout and "| DCP: global save plan (incl. validation) |" in proc.stdout
+    (json_path,) = out.glob("*-metadata.json")
+    results = json.loads(json_path.read_text())["results"]
+    for world in ("4", "8"):
+        assert results["tc"][world]["tc_plan_reads"] == 8  # one read per tensor: the rank's own chunk
+        assert results["dcp"][world]["dcp_load_reads"] == 8
+        assert results["tc"][world]["tc_commit_s"] > 0 and results["dcp"][world]["dcp_global_s"] > 0
