@@ -6,16 +6,17 @@ process per point (a child process, killed at ``--time-limit``), measures:
 
 torchckpt, what the coordinator does at commit and what a rank does at load:
 
-- *rank entries parse*: every rank's entry as it reports it (its JSON
-  sidecar: tensor table, ``ShardedEntry``/``ChunkEntry`` list, tree), read
-  back with ``json.loads`` + ``parse_rank_entry`` (the coordinator's
-  ``_read_entry_sidecars``; making the JSON is each rank's work, untimed);
-- *index*: ``build_index`` (every tensor's chunks joined and their tiling checked);
+- *rank reports read*: every rank's report as the coordinator reads it
+  (``reports.read_reports``: its manifest line, its table digest, the chunks
+  it lists; writing the reports and index objects is each rank's work, untimed);
+- *global table*: the index object of one rank per distinct table read back,
+  the table built and checked (``build_table`` + ``parse_table``);
 - *manifest build*: ``build_manifest`` (the bytes written at commit);
 - commit = the three above;
 - *manifest parse*: ``parse_manifest`` of those bytes (what every rank's load does first);
 - *per-rank load plan*: ``ShardedLoads.tensor`` for each of the 1,000 tensors
   with a ``DTensor`` template of one rank (the middle one; the same layout),
+  the index objects of the ranks it reads from parsed on the way,
   on a fake process group of that many ranks (meta tensors: nothing is
   allocated or read): the reads that rank would issue.
 
@@ -58,8 +59,8 @@ HERE = Path(__file__).resolve().parent
 SHAPES = ((4096, 4096), (11008, 4096), (4096,), (1000, 4096))
 #: Columns of the table: (key, label).
 COLUMNS = (
-    ("tc_entries_s", "torchckpt: rank entries parse"),
-    ("tc_index_s", "torchckpt: index (tiling)"),
+    ("tc_entries_s", "torchckpt: rank reports read"),
+    ("tc_index_s", "torchckpt: global table (build + check)"),
     ("tc_build_s", "torchckpt: manifest build"),
     ("tc_commit_s", "torchckpt: commit total"),
     ("tc_parse_s", "torchckpt: manifest parse"),
@@ -84,12 +85,13 @@ def tensor_shape(i: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- torchckpt
 
 
-def rank_entry_json(rank: int, world: int, n_tensors: int) -> bytes:
-    """The entry rank ``rank`` reports for its ``Shard(0)`` parts of ``n_tensors`` bf16 tensors (its sidecar)."""
+def rank_entry(rank: int, world: int, n_tensors: int, mesh_ranks: tuple[int, ...]) -> Any:
+    """The whole entry of rank ``rank`` for its ``Shard(0)`` parts of ``n_tensors`` bf16 tensors (as its save makes it)."""
     from torchckpt.format.extents import CHUNK_BYTES
     from torchckpt.format.manifest import RankEntry, TensorEntry
-    from torchckpt.format.shards import ChunkEntry, ShardedEntry
+    from torchckpt.format.shards import ChunkEntry, Grid, ShardedEntry
 
+    grid = Grid((world,), mesh_ranks, (("S", 0),), 0)
     tensors, sharded, tree = [], [], {}
     offset = data_offset = 64
     for i in range(n_tensors):
@@ -104,11 +106,28 @@ def rank_entry_json(rank: int, world: int, n_tensors: int) -> bytes:
             tensors.append(TensorEntry(name, "bfloat16", local, offset, nbytes, crcs))
             chunks = (ChunkEntry(len(tensors) - 1, (start,) + (0,) * (len(shape) - 1)),)
             offset += nbytes
-        sharded.append(ShardedEntry(name, "bfloat16", shape, chunks))
+        sharded.append(ShardedEntry(name, "bfloat16", shape, chunks, grid))
         tree[f"layers.{i}.weight"] = {"DT": i}
-    entry = RankEntry(rank, f"rank_{rank}.safetensors", offset, "crc32c:00000000", {"model": tree},
-                      tuple(tensors), data_offset, tuple(sharded))  # fmt: skip
-    return json.dumps(entry.to_json()).encode()
+    return RankEntry(rank, f"rank_{rank:05d}.safetensors", offset, "crc32c:00000000", {"model": tree},
+                     tuple(tensors), data_offset, tuple(sharded))  # fmt: skip
+
+
+class MemorySession:
+    """A save session in memory (``put``/``get``/``delete``): where the ranks' reports and indexes go."""
+
+    location = "memory"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put(self, name: str, data: bytes) -> None:
+        self.objects[name] = data
+
+    def get(self, name: str) -> bytes:
+        return self.objects[name]
+
+    def delete(self, name: str) -> None:
+        self.objects.pop(name, None)
 
 
 def fake_group(world: int) -> Any:
@@ -146,38 +165,51 @@ def point_tc(world: int, n_tensors: int, emit: Callable[[dict[str, Any]], None] 
     """
     import torch
     from torchckpt.format.extents import CHUNK_BYTES
-    from torchckpt.format.manifest import build_manifest, parse_manifest, parse_rank_entry
+    from torchckpt.format.manifest import build_manifest, parse_manifest, parse_rank_index
     from torchckpt.format.sharded_read import ShardedLoads
-    from torchckpt.format.shards import build_index
+    from torchckpt.format.table import build_table, parse_table
+    from torchckpt.reports import read_reports, representative_tables, write_report
 
-    entries, t_entries = [], 0.0
-    for r in range(world):
-        doc = rank_entry_json(r, world, n_tensors)  # the rank's work, untimed
-        t0 = time.perf_counter()
-        entries.append(parse_rank_entry(json.loads(doc), r, CHUNK_BYTES))
-        t_entries += time.perf_counter() - t0
+    session = MemorySession()
+    mesh_ranks = tuple(range(world))
+    for r in range(world):  # each rank's own work (its index and report), untimed
+        write_report(session, rank_entry(r, world, n_tensors, mesh_ranks))  # type: ignore[arg-type]
+    index_bytes = sum(len(v) for k, v in session.objects.items() if k.endswith(".index.json"))
     t0 = time.perf_counter()
-    build_index(entries)
+    reports = read_reports(session, world, "bench")  # type: ignore[arg-type]
     t1 = time.perf_counter()
-    data = build_manifest(layout="safetensors", ranks=entries, chunk_bytes=CHUNK_BYTES)
+    table = build_table(representative_tables(session, reports, world, "bench", None),  # type: ignore[arg-type]
+                        {r.entry.rank: r.listed for r in reports})  # fmt: skip
+    parse_table(table, world)
     t2 = time.perf_counter()
-    del entries
-    out: dict[str, Any] = {"tc_entries_s": t_entries, "tc_index_s": t1 - t0, "tc_build_s": t2 - t1,
-                           "tc_commit_s": t_entries + t2 - t0, "manifest_bytes": len(data)}  # fmt: skip
+    data = build_manifest(layout="safetensors", ranks=[r.entry for r in reports], chunk_bytes=CHUNK_BYTES, table=table)
+    t3 = time.perf_counter()
+    del reports
+    out: dict[str, Any] = {"tc_entries_s": t1 - t0, "tc_index_s": t2 - t1, "tc_build_s": t3 - t2,
+                           "tc_commit_s": t3 - t0, "manifest_bytes": len(data), "index_bytes": index_bytes}  # fmt: skip
     emit(out)
-    t2 = time.perf_counter()
+    t0 = time.perf_counter()
     manifest = parse_manifest(data)
-    out["tc_parse_s"] = time.perf_counter() - t2
+    out["tc_parse_s"] = time.perf_counter() - t0
     emit(out)
     del data
     targets = templates(fake_group(world), n_tensors)
-    loads = ShardedLoads(manifest, lambda e: None, map_location=None,  # type: ignore[arg-type, return-value]
+    entries: dict[int, Any] = {}
+
+    def entry_of(rank: int) -> Any:  # the rank's index object, read once (as CheckpointSnapshot.rank_entry does)
+        if rank not in entries:
+            stub = manifest.ranks[rank]
+            entries[rank] = parse_rank_index(session.get(stub.index.file), stub, CHUNK_BYTES, world)
+        return entries[rank]
+
+    loads = ShardedLoads(manifest, lambda e: None, entry_of=entry_of, map_location=None,  # type: ignore[arg-type, return-value]
                          resolve_device=lambda d, m: torch.device("cpu"), where="bench")  # fmt: skip
     t0 = time.perf_counter()
     for key, target in targets.items():
         loads.tensor(manifest.sharded[key], target, key)
     out["tc_plan_s"] = time.perf_counter() - t0
     out["tc_plan_reads"] = len(loads.reads)
+    out["tc_plan_indexes"] = len(entries)
     return out
 
 
@@ -310,14 +342,15 @@ def table(results: dict[str, dict[int, dict[str, Any]]], worlds: list[int]) -> s
     """Seconds per rank count, one row per measured step (and the manifest's size)."""
     head = "| seconds | " + " | ".join(f"{w:,} ranks" for w in worlds) + " |"
     lines = [head, "|---|" + "---:|" * len(worlds)]
-    rows = [*COLUMNS, ("manifest_bytes", "torchckpt: manifest size, MB"), ("peak_rss", "peak RSS, GiB (tc / DCP)")]
+    rows = [*COLUMNS, ("manifest_bytes", "torchckpt: manifest size, MB"), ("index_bytes", "torchckpt: all index objects, MB"),
+            ("peak_rss", "peak RSS, GiB (tc / DCP)")]
     for key, label in rows:
         cells = []
         for w in worlds:
             if key == "peak_rss":
                 cells.append(" / ".join(_cell(results[s].get(w, {}), key) for s in ("tc", "dcp")))
                 continue
-            system = "tc" if key.startswith("tc_") or key == "manifest_bytes" else "dcp"
+            system = "tc" if key.startswith("tc_") or key in ("manifest_bytes", "index_bytes") else "dcp"
             cells.append(_cell(results[system].get(w, {}), key))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -326,7 +359,7 @@ def table(results: dict[str, dict[int, dict[str, Any]]], worlds: list[int]) -> s
 def _cell(point: dict[str, Any], key: str) -> str:
     if key in point:
         v = point[key]
-        return f"{v / 1e6:,.0f}" if key == "manifest_bytes" else (
+        return f"{v / 1e6:,.1f}" if key in ("manifest_bytes", "index_bytes") else (
             f"{v / 2**30:.1f}" if key == "peak_rss" else f"{v:.3f}")  # fmt: skip
     return "–" if "error" not in point else "> limit" if "within" in point["error"] else "n/a"
 

@@ -4,8 +4,8 @@
 tensors of one rank file, copies that file once per rank, and rewrites the
 manifest so that rank ``r`` lists the ``r``-th row block of every tensor as
 its chunk and its tree refers to the tensors with ``{"DT": j}`` nodes: what
-a save of ``DTensor``s sharded by rows on ``world`` ranks commits (each rank
-file also holds the other ranks' parts, unlisted). :func:`rewrite` edits a
+a save of ``DTensor``s sharded by rows on ``world`` ranks committed in format
+version 1 (each rank file also holds the other ranks' parts, unlisted). :func:`rewrite` edits a
 committed manifest and seals it again, to make hostile ones.
 """
 
@@ -95,7 +95,76 @@ def sharded_checkpoint(path: str, tensors: dict[str, torch.Tensor], world: int =
             shutil.rmtree(where)
 
     def edit(doc: dict[str, Any]) -> None:
-        doc["ranks"], doc["world_size"] = entries, world
+        # Version 1: every rank lists its chunks in its entry, inline (what torchckpt wrote before the global table).
+        doc["ranks"], doc["world_size"], doc["torchckpt_format"] = entries, world, 1
+        doc.pop("meshes", None)
+        doc.pop("sharded", None)
 
     rewrite(path, edit)
     return path
+
+
+def as_version2(path: str, *, grid: bool = True) -> str:
+    """Rewrite the version 1 checkpoint at ``path`` (from :func:`sharded_checkpoint`) as a save of several ranks commits.
+
+    Each rank's entry goes to its index object (``rank_NNNNN.index.json``) and
+    the manifest keeps a line per rank naming it; the global table lists every
+    sharded tensor once: on a grid (rows over a 1-D mesh of every rank,
+    ``grid=True``) or with its chunks listed.
+    """
+    from torchckpt.format.manifest import RankEntry, parse_rank_entry
+    from torchckpt.format.manifest import IndexRef, check_seal_prefix, SEAL_BYTES
+
+    doc = manifest_doc(path)
+    world = doc["world_size"]
+    lines, table = [], {}
+    for r, entry_doc in enumerate(doc["ranks"]):
+        for s in entry_doc["sharded"]:
+            if grid:
+                s["grid"] = {"mesh": 0, "placements": ["S0"], "replica": 0}
+            line = table.setdefault(s["name"], {k: s[k] for k in ("name", "dtype", "shape")})
+            if grid:
+                line["grid"] = s["grid"]
+            else:
+                sizes = {t["name"]: t["shape"] for t in entry_doc["tensors"]}
+                names = [t["name"] for t in entry_doc["tensors"]]
+                line.setdefault("chunks", []).extend(
+                    [r, c["offsets"], sizes[names[c["T"]]]] for c in s["chunks"]
+                )
+        if grid:
+            entry_doc["meshes"] = [{"shape": [world], "ranks": {"start": 0, "step": 1}}]
+        entry: RankEntry = parse_rank_entry(entry_doc, r, 16 << 20, world)
+        data = seal_manifest(entry.to_json())
+        ref = IndexRef(f"rank_{r:05d}.index.json", len(data), check_seal_prefix(data[:SEAL_BYTES]))
+        with open(os.path.join(path, ref.file), "wb") as f:
+            f.write(data)
+        lines.append(entry.stub(ref).to_json())
+
+    def edit(d: dict[str, Any]) -> None:
+        d["torchckpt_format"], d["ranks"] = 2, lines
+        d["meshes"] = [{"shape": [world], "ranks": {"start": 0, "step": 1}}] if grid else []
+        d["sharded"] = list(table.values())
+
+    rewrite(path, edit)
+    return path
+
+
+def rewrite_index(path: str, rank: int, edit: Callable[[dict[str, Any]], None], *, reseal: bool = True) -> None:
+    """Apply ``edit`` to rank ``rank``'s index object; with ``reseal``, also make the manifest name its new bytes."""
+    from torchckpt.format.manifest import SEAL_BYTES, check_seal_prefix
+
+    name = os.path.join(path, f"rank_{rank:05d}.index.json")
+    with open(name, "rb") as f:
+        doc = json.load(f)
+    doc.pop("manifest_crc32c")
+    edit(doc)
+    data = seal_manifest(doc)
+    with open(name, "wb") as f:
+        f.write(data)
+    if reseal:
+
+        def point(d: dict[str, Any]) -> None:
+            d["ranks"][rank]["index"]["size_bytes"] = len(data)
+            d["ranks"][rank]["index"]["crc32c"] = f"{check_seal_prefix(data[:SEAL_BYTES]):08x}"
+
+        rewrite(path, point)

@@ -130,14 +130,14 @@ class CheckpointReader:
             if snapshot.replaced():
                 raise GenerationReplaced(path) from None
             return self._read_legacy(snapshot, state_dict, map_location, allow_pickle)
-        entry = self._entry(manifest, rank, path)
+        entry = self._entry(snapshot, manifest, rank, path)
         src = snapshot.open_rank_file(entry)
         try:
             if manifest.layout == Layout.SAFETENSORS:
                 result, missing, nbytes = read_native(
                     src, entry, state_dict, map_location=map_location, verify=verify,
                     allow_pickle=allow_pickle, where=path, threads=self._io_threads,
-                    manifest=manifest, open_rank=snapshot.open_rank_file,
+                    manifest=manifest, open_rank=snapshot.open_rank_file, entry_of=snapshot.rank_entry,
                 )  # fmt: skip
             else:
                 if verify:
@@ -155,14 +155,14 @@ class CheckpointReader:
         logger.info("loaded checkpoint %s (rank %d): %d bytes in %.3fs", path, entry.rank, nbytes, time.monotonic() - started)
         return result, missing
 
-    def _entry(self, manifest: Manifest, rank: Any, path: str) -> RankEntry:
+    def _entry(self, snapshot: CheckpointSnapshot, manifest: Manifest, rank: Any, path: str) -> RankEntry:
         if rank is None:
             if manifest.world_size != self._rank_info.global_world_size:
-                _check_replicated(manifest, path, self._rank_info.global_world_size)
+                _check_replicated(snapshot, manifest, path, self._rank_info.global_world_size)
             rank = self._rank_info.global_rank % manifest.world_size
         if not isinstance(rank, int) or not 0 <= rank < manifest.world_size:
             raise ValueError(f"rank {rank!r} out of range for the checkpoint {path} of {manifest.world_size} ranks")
-        return manifest.ranks[rank]
+        return snapshot.rank_entry(rank)
 
     def _read_legacy(
         self, snapshot: CheckpointSnapshot, state_dict: STATE_DICT | None, map_location: Any, allow_pickle: bool
@@ -187,31 +187,7 @@ class CheckpointReader:
             src.close()
 
 
-def _rank_signature(entry: RankEntry) -> dict[str, Any]:
-    """The rank's plain tensors (its chunks of sharded tensors are its own by design)."""
-    chunks = {c.tensor for s in entry.sharded for c in s.chunks}
-    return {t.name: (t.dtype, t.shape, t.crc32c) for i, t in enumerate(entry.tensors) if i not in chunks}
-
-
-def _named_tree(entry: RankEntry) -> Any:
-    """The rank's tree with each tensor reference by name: equal for ranks whose tables are numbered apart."""
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, list):
-            return [walk(n) for n in node]
-        if isinstance(node, dict) and len(node) == 1:
-            ((tag, body),) = node.items()
-            if tag == "T" and isinstance(body, int) and 0 <= body < len(entry.tensors):
-                return {"T": entry.tensors[body].name}
-            if tag == "DT" and isinstance(body, int) and 0 <= body < len(entry.sharded):
-                return {"DT": entry.sharded[body].name}
-            return {tag: walk(body)}
-        return node
-
-    return walk(entry.tree)
-
-
-def _check_replicated(manifest: Manifest, path: str, world_size: int) -> None:
+def _check_replicated(snapshot: CheckpointSnapshot, manifest: Manifest, path: str, world_size: int) -> None:
     """A checkpoint loads on another world size only when every rank saved the same state.
 
     Raises:
@@ -227,12 +203,19 @@ def _check_replicated(manifest: Manifest, path: str, world_size: int) -> None:
                 path=path,
             )
         return
-    base = _rank_signature(first)
+    signature = first.signature()
+    odd = [r.rank for r in manifest.ranks[1:] if r.signature() != signature]
+    if not odd:
+        return
+    # Only now are the entries read, to name the keys that differ.
+    first = snapshot.rank_entry(0)
+    base = first.plain_signature()
     differing: set[str] = set()
-    for entry in manifest.ranks[1:]:
-        other = _rank_signature(entry)
+    for rank in odd:
+        entry = snapshot.rank_entry(rank)
+        other = entry.plain_signature()
         differing.update(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
-        if _named_tree(entry) != _named_tree(first):
+        if entry.named_tree() != first.named_tree():
             differing.add("(structure or plain values)")
     if differing:
         keys = sorted(differing)

@@ -31,8 +31,9 @@ from .barriers import Barrier
 from .config import CheckpointFormat, CheckpointWriterConfig
 from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError, StateDictMismatchError
 from .format.gcpause import paused_gc
-from .format.manifest import CHUNK_BYTES, MANIFEST_NAME, RankEntry, build_manifest, is_format_file, parse_rank_entry
-from .format.shards import build_index
+from .format.manifest import MANIFEST_NAME, RankEntry, is_format_file
+from .format.fields import ManifestError
+from .reports import commit_manifest, write_report
 from .format.native import native_file_name, plan_rank_file, rank_entry, write_rank_file
 from .format.torch_save import rank_file_name, save_torch_save
 from .format.tree import (
@@ -254,7 +255,7 @@ class CheckpointWriter:
             save.entry, stats = self._write_rank(save.session, state, kwargs.get("allow_pickle"))
             save.stats = {**stats, **save.stats}
             if self._rank_info.global_world_size > 1:
-                _write_entry_sidecar(save.session, save.entry)
+                write_report(save.session, save.entry)
             if self._commit_hook is not None:
                 self._commit_hook.pre_commit(save.path, **keywords_for(self._commit_hook.pre_commit, kwargs))
         except Exception as e:
@@ -321,24 +322,17 @@ class CheckpointWriter:
 
     def _commit(self, save: _Save) -> None:
         """Step 5, on the coordinator: the manifest of every rank's entry, committed."""
-        world = self._rank_info.global_world_size
-        entries = [save.entry] if world == 1 else _read_entry_sidecars(self._session_of(save), world, save.path)
         commit_started = time.monotonic()
         try:
-            build_index(entries)  # the chunks of every sharded tensor tile it, checked before the commit
-        except ValueError as e:
+            manifest = commit_manifest(
+                self._session_of(save), self._rank_info.global_world_size, save.path, own=save.entry,
+                layout=str(CheckpointFormat(self._config.format).value), metadata=save.metadata, stats=save.stats,
+            )  # fmt: skip
+        except ManifestError as e:
             raise StateDictMismatchError(
-                f"cannot commit the checkpoint {save.path}: the ranks' states do not fit together: {e}", path=save.path
-            ) from None
-        save.stats["file_bytes"] = sum(e.size_bytes for e in entries)
-        with paused_gc():
-            manifest = build_manifest(
-                layout=str(CheckpointFormat(self._config.format).value),
-                ranks=entries,
-                chunk_bytes=CHUNK_BYTES,
-                metadata=save.metadata,
-                stats=save.stats,
-            )
+                f"cannot commit the checkpoint {save.path}: the ranks' states do not fit together: {e}",
+                path=save.path, key=e.key,
+            ) from None  # fmt: skip
         self._session_of(save).commit(manifest, owned=is_format_file)
         save.stats["commit_s"] = time.monotonic() - commit_started
 
@@ -491,28 +485,3 @@ def check_metadata(metadata: Any, path: str) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise ConfigError(f"metadata of the checkpoint {path} must be a dict, got {type(metadata).__name__}")
     return metadata
-
-
-def _sidecar(rank: int) -> str:
-    return f"rank_{rank:05d}.entry.json"
-
-
-
-def _write_entry_sidecar(session: SaveSession, entry: RankEntry) -> None:
-    session.put(_sidecar(entry.rank), json.dumps(entry.to_json()).encode())
-
-
-def _read_entry_sidecars(session: SaveSession, world: int, path: str) -> list[RankEntry]:
-    entries = []
-    for r in range(world):
-        name = _sidecar(r)
-        file = os.path.join(session.location, name)
-        try:
-            doc = json.loads(session.get(name))
-            entries.append(parse_rank_entry(doc, r, CHUNK_BYTES))
-        except (OSError, ValueError) as e:
-            raise CorruptCheckpointError(
-                f"rank {r} reported no result for the checkpoint {path}: {e}", path=path, file=file
-            ) from e
-        session.delete(name)
-    return entries

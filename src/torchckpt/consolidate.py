@@ -99,8 +99,9 @@ def sharded_view(snapshot: CheckpointSnapshot, manifest: Manifest, entry: RankEn
             path=path, file="manifest.json",
         )  # fmt: skip
     g = manifest.sharded[entry.sharded[index].name]
-    ranks = tuple(sorted({c.rank for c in g.chunks}))
-    return ShardedView(g.name, dtype_from_name(g.dtype), g.shape, len(g.chunks), ranks, lambda: _assemble(snapshot, manifest, g))
+    chunks = g.all_chunks()
+    ranks = tuple(sorted({c.rank for c in chunks}))
+    return ShardedView(g.name, dtype_from_name(g.dtype), g.shape, len(chunks), ranks, lambda: _assemble(snapshot, manifest, g))
 
 
 def _assemble(snapshot: CheckpointSnapshot, manifest: Manifest, g: GlobalTensor) -> torch.Tensor:
@@ -116,7 +117,8 @@ def _assemble(snapshot: CheckpointSnapshot, manifest: Manifest, g: GlobalTensor)
             ) from None  # fmt: skip
 
     loads = ShardedLoads(
-        manifest, open_rank, map_location="cpu", resolve_device=resolve_device, where=snapshot.path,
+        manifest, open_rank, entry_of=snapshot.rank_entry, map_location="cpu", resolve_device=resolve_device,
+        where=snapshot.path,
         round_bytes=EXPORT_ROUND_BYTES,
     )  # fmt: skip
     out = loads.tensor(g, None, g.name)

@@ -40,6 +40,7 @@ from .format.manifest import (
     RankEntry,
     check_seal_prefix,
     parse_manifest,
+    parse_rank_index,
 )
 from .storage.base import Generation, ObjectReader
 from .format.extents import checksum
@@ -87,6 +88,7 @@ class CheckpointSnapshot:
         self.path = path
         self.generation = generation
         self._manifest: Manifest | None = None
+        self._entries: dict[int, RankEntry] = {}
 
     def manifest(self) -> Manifest:
         """The manifest of this generation, read and validated on the first call.
@@ -109,6 +111,35 @@ class CheckpointSnapshot:
                 src.close()
         return self._manifest
 
+    def rank_entry(self, rank: int) -> RankEntry:
+        """Rank ``rank``'s whole entry: the manifest's line, or its index object read, checked and parsed once.
+
+        Raises:
+            GenerationReplaced: The index is missing because another save replaced the generation.
+            CorruptCheckpointError: The index is missing, of another size or checksum than the
+                manifest says, or invalid.
+        """
+        manifest = self.manifest()
+        stub = manifest.ranks[rank]
+        if stub.index is None:
+            return stub
+        found = self._entries.get(rank)
+        if found is None:
+            src = self._open_listed(stub.index.file, "rank index")
+            try:
+                if src.size != stub.index.size_bytes:
+                    raise ManifestError(f"{src.size} bytes, the manifest says {stub.index.size_bytes}")
+                data = src.read(0, src.size)
+                found = self._entries[rank] = parse_rank_index(data, stub, manifest.chunk_bytes, manifest.world_size)
+            except ManifestError as e:
+                raise CorruptCheckpointError(
+                    f"corrupt checkpoint {self.path}: {stub.index.file}: {e}",
+                    path=self.path, file=stub.index.file, key=e.key,
+                ) from e  # fmt: skip
+            finally:
+                src.close()
+        return found
+
     def open_rank_file(self, entry: RankEntry) -> ObjectReader:
         """Open the rank file of a manifest entry.
 
@@ -116,15 +147,18 @@ class CheckpointSnapshot:
             GenerationReplaced: It is missing because another save replaced the generation.
             CorruptCheckpointError: It is missing otherwise, a symbolic link, or not a regular file.
         """
+        return self._open_listed(entry.file, "rank file")
+
+    def _open_listed(self, name: str, what: str) -> ObjectReader:
         try:
-            return self.generation.open(entry.file)
+            return self.generation.open(name)
         except FileNotFoundError as e:
             if self.replaced():
                 raise GenerationReplaced(self.path) from e
             raise CorruptCheckpointError(
-                f"corrupt checkpoint {self.path}: rank file {entry.file} listed in the manifest is missing",
+                f"corrupt checkpoint {self.path}: {what} {name} listed in the manifest is missing",
                 path=self.path,
-                file=entry.file,
+                file=name,
             ) from e
 
     def replaced(self) -> bool:

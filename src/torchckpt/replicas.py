@@ -18,6 +18,8 @@ before writing; then :func:`deduplicate` with what it returned.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from collections.abc import Sequence
 from datetime import timedelta
@@ -121,7 +123,7 @@ def deduplicate(flat: Flattened, agreed: Sequence[str], *, rank: int, world_size
     kept = [i for i in range(len(flat.tensors)) if writer.get(i, rank) == rank]
     remap = {old: new for new, old in enumerate(kept)}
     sharded = [
-        ShardedEntry(s.name, s.dtype, s.shape, tuple(ChunkEntry(remap[c.tensor], c.offsets) for c in s.chunks))
+        dataclasses.replace(s, chunks=tuple(ChunkEntry(remap[c.tensor], c.offsets) for c in s.chunks))
         for s in flat.sharded
     ]
     as_sharded: dict[int, int] = {}
@@ -129,7 +131,7 @@ def deduplicate(flat: Flattened, agreed: Sequence[str], *, rank: int, world_size
         t = flat.tensors[i]
         chunks = (ChunkEntry(remap[i], (0,) * t.dim()),) if writer[i] == rank else ()
         as_sharded[i] = len(sharded)
-        sharded.append(ShardedEntry(flat.names[i], dtype_name(t.dtype), tuple(t.shape), chunks))
+        sharded.append(ShardedEntry(flat.names[i], dtype_name(t.dtype), tuple(t.shape), chunks, writer=writer[i]))
     tree = _rewrite(flat.tree, remap, as_sharded)
     return Flattened(
         tree=tree,

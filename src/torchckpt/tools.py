@@ -87,7 +87,7 @@ def _open_rank(snapshot: CheckpointSnapshot, rank: int) -> tuple[Manifest, RankE
     manifest = snapshot.manifest()
     if not 0 <= rank < manifest.world_size:
         raise ValueError(f"rank {rank} out of range: {snapshot.path} was saved by {manifest.world_size} ranks")
-    entry = manifest.ranks[rank]
+    entry = snapshot.rank_entry(rank)
     return manifest, entry, snapshot.open_rank_file(entry)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.extent_read import read_extents
-from .format.manifest import Layout, Manifest, RankEntry
+from .format.manifest import MANIFEST_NAME, Layout, Manifest, RankEntry
 from .format.native import byte_view
 from .format.verification import check_file_digest, check_header, check_size, read_error
 from .reading import CheckpointSnapshot, open_checkpoint
@@ -72,9 +72,35 @@ def verify_checkpoint(
         except CorruptCheckpointError as e:  # the chunks of a sharded tensor that do not tile it among them
             return None, [Problem("manifest.json", e.key, str(e))]
         problems: list[Problem] = []
-        for entry in manifest.ranks:
+        entries: dict[int, RankEntry] = {}
+        for line in manifest.ranks:
+            try:
+                entry = entries[line.rank] = snapshot.rank_entry(line.rank)
+            except CorruptCheckpointError as e:
+                problems.append(_problem(e, path, line.index.file if line.index else MANIFEST_NAME))
+                continue
             problems.extend(_verify_rank(snapshot, manifest, entry, progress))
+        problems.extend(_verify_chunks(manifest, entries))
         return manifest, problems
+
+
+def _verify_chunks(manifest: Manifest, entries: dict[int, RankEntry]) -> list[Problem]:
+    """Every chunk of every sharded tensor is in the entry of the rank that wrote it, of the right dtype and shape."""
+    problems = []
+    for g in manifest.sharded.values():
+        for c in g.all_chunks():
+            entry = entries.get(c.rank)
+            if entry is None or c.tensor is not None:
+                continue  # that rank's entry is already reported as a problem
+            t = entry.chunk_tensors.get((g.name, c.box[0]))
+            if t is None or tuple(t.shape) != tuple(c.box[1]) or t.dtype != g.dtype:
+                found = "nothing" if t is None else f"{t.dtype} {list(t.shape)}"
+                message = (
+                    f"the chunk at {list(c.box[0])} ({g.dtype} {list(c.box[1])}) should be in rank {c.rank}'s "
+                    f"file; its entry holds {found}"
+                )
+                problems.append(Problem(entry.index.file if entry.index else entry.file, g.name, message))
+    return problems
 
 
 def _verify_rank(

@@ -358,3 +358,11 @@ def store_barriers(world: int, timeout_s: float, host: str = "127.0.0.1") -> tup
 def store_count(store: Any, key: str) -> int:
     """The value of a counter key, without changing it (0 when absent)."""
     return int(store.add(key, 0))
+
+
+def rank_entries(path: str) -> list[Any]:
+    """Every rank's whole entry of the committed checkpoint at ``path`` (index objects read and checked)."""
+    from torchckpt.reading import open_checkpoint
+
+    with open_checkpoint(path) as snapshot:
+        return [snapshot.rank_entry(r) for r in range(snapshot.manifest().world_size)]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from dist_util import launch, values
+from dist_util import launch, rank_entries, values
 
 import torchckpt as tc
 from torchckpt.checkpoint_reader import read_manifest
@@ -58,11 +58,14 @@ def _state_bytes(state: dict[str, Any]) -> int:
 @pytest.mark.timeout(240)
 def test_ddp_state_on_four_ranks_is_written_once(tmp_path) -> None:
     launch(save_replicated, 4, str(tmp_path), False)
-    manifest = read_manifest(str(tmp_path / "ckpt"))
-    written = sum(t.nbytes for r in manifest.ranks for t in r.tensors)
+    entries = rank_entries(str(tmp_path / "ckpt"))
+    written = sum(t.nbytes for r in entries for t in r.tensors)
     replicated_bytes = _state_bytes(replicated())
     assert written == replicated_bytes  # 1.0x the state's bytes
-    writers = {r.rank for r in manifest.ranks for s in manifest.ranks[r.rank].sharded if s.chunks}
+    writers = {r.rank for r in entries for s in r.sharded if s.chunks}
+    # Each deduplicated tensor is one line of the manifest's global table: its writer, one chunk.
+    table = read_manifest(str(tmp_path / "ckpt")).sharded
+    assert {g.chunks[0].rank for g in table.values()} == writers and all(len(g.chunks) == 1 for g in table.values())
     assert len(writers) >= 2  # the writes are spread over the ranks
     # The checkpoint loads in one process as it was saved (rank 0's own values).
     # The checkpoint loads on another world size (one process), as any replicated one does.
@@ -76,11 +79,11 @@ def test_ddp_state_on_four_ranks_is_written_once(tmp_path) -> None:
 @pytest.mark.timeout(240)
 def test_a_rank_whose_replica_differs_keeps_its_own_copy(tmp_path) -> None:
     launch(save_replicated, 4, str(tmp_path), True)
-    manifest = read_manifest(str(tmp_path / "ckpt"))
-    deduplicated = {s.name for s in manifest.ranks[0].sharded}
+    entries = rank_entries(str(tmp_path / "ckpt"))
+    deduplicated = {s.name for s in entries[0].sharded}
     assert "model.w" in deduplicated and "model.b" not in deduplicated
     for r in range(4):
-        names = {t.name for t in manifest.ranks[r].tensors}
+        names = {t.name for t in entries[r].tensors}
         assert "model.b" in names and "rng" in names
     with pytest.raises(StateDictMismatchError, match="keys that differ: \\['model.b', 'rng'\\]"):
         tc.make_sync_checkpointer().load(str(tmp_path / "ckpt"))
@@ -124,8 +127,7 @@ def without_dedup(rank: int, world: int, root: str) -> None:
 @pytest.mark.timeout(240)
 def test_the_reference_api_keeps_per_rank_copies_by_default(tmp_path) -> None:
     launch(without_dedup, 2, str(tmp_path))
-    manifest = read_manifest(str(tmp_path / "ckpt"))
-    assert sum(t.nbytes for r in manifest.ranks for t in r.tensors) == 2 * _state_bytes(replicated())
+    assert sum(t.nbytes for r in rank_entries(str(tmp_path / "ckpt")) for t in r.tensors) == 2 * _state_bytes(replicated())
     assert tc.CheckpointWriterConfig().dedup_replicated is False
 
 
@@ -146,7 +148,6 @@ def manager_ddp(rank: int, world: int, root: str) -> int:
 def test_the_manager_deduplicates_a_ddp_state_by_default(tmp_path) -> None:
     root = str(tmp_path / "run")
     assert set(values(launch(manager_ddp, 2, root)).values()) == {1}
-    manifest = read_manifest(os.path.join(root, "step_0000000001"))
-    written = sum(t.nbytes for r in manifest.ranks for t in r.tensors)
+    written = sum(t.nbytes for r in rank_entries(os.path.join(root, "step_0000000001")) for t in r.tensors)
     expected = (16 * 8 + 8) * 4 * 2  # weights and biases, and their momentum buffers, once
     assert written == expected, written

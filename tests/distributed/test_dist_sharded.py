@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dist_util import launch, values
+from dist_util import launch, rank_entries, values
 
 import torchckpt as tc
 from torchckpt.checkpoint_reader import read_manifest
@@ -99,8 +99,12 @@ def test_dtensor_round_trip_and_reshard_on_the_same_ranks(tmp_path, mesh_shape, 
     for name, shape in SHAPES.items():
         g = manifest.sharded[f"model.{name}"]
         assert g.shape == shape
+        # Shard/Replicate placements: one line of the global table (a grid), no chunk listed.
+        assert g.grid is not None and g.chunks == [] and g.grid.mesh_shape == mesh_shape
+    # The manifest holds one line per rank; each rank's tensor table is in its index object.
+    assert all(r.index is not None and r.tensors == () for r in manifest.ranks)
     # Each element is written once: the rank files hold exactly the global bytes (and the step, none).
-    written = sum(t.nbytes for r in manifest.ranks for t in r.tensors)
+    written = sum(t.nbytes for r in rank_entries(str(tmp_path / "ckpt")) for t in r.tensors)
     assert written == sum(full(n).nbytes for n in SHAPES)
 
 

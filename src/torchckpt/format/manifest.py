@@ -8,11 +8,13 @@ before any data file is opened.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -23,17 +25,26 @@ from .dtypes import dtype_from_name
 from .extents import CHUNK_BYTES
 from .extents import checksum as crc32c_of
 from .gcpause import paused_gc
-from .shards import ChunkEntry, GlobalTensor, ShardedEntry, ShardingError, build_index
+from .fields import MAX_FILE_BYTES, ManifestError, check_file_name
+from .fields import get_field as _get
+from .fields import ints_field as _ints
+from .fields import nonneg_field as _nonneg
+from .fields import size_field as _size
+from .shards import ChunkEntry, GlobalTensor, MeshTable, ShardedEntry, ShardingError, build_index
+from .table import parse_layout, parse_meshes, parse_table
+from .tensor_table import TensorEntry, parse_tensor, parse_tensor_fast
 from .tree import MAX_DEPTH, MAX_DIMS, STACK_FRAMES_NEEDED, deepest_key
 
 __all__ = [
     "CHUNK_BYTES",
     "FORMAT_VERSION",
+    "INDEX_SUFFIX",
     "MANIFEST_NAME",
     "MAX_DIMS",
     "MAX_FILE_BYTES",
     "MAX_MANIFEST_BYTES",
     "SEAL_BYTES",
+    "IndexRef",
     "Layout",
     "Manifest",
     "ManifestError",
@@ -42,26 +53,28 @@ __all__ = [
     "build_manifest",
     "check_file_name",
     "check_seal_prefix",
+    "index_file_name",
     "is_format_file",
     "parse_manifest",
     "parse_rank_entry",
+    "parse_rank_index",
     "seal_manifest",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this torchckpt reads (1: every rank's entry inline in the manifest, every chunk listed).
+READABLE_VERSIONS = (1, 2)
 #: The manifest's name in a checkpoint: the marker whose presence means the checkpoint is complete.
 MANIFEST_NAME = "manifest.json"
 # CHUNK_BYTES (from extents.py, where chunks are cut): the bytes one checksum covers, the one size of version 1.
 #: The names of the format's own files in a checkpoint: the manifest and the rank files of both layouts.
-_FORMAT_FILE = re.compile(r"^(manifest\.json|checkpoint_\d+\.pt|rank_\d+\.safetensors)$")
+_FORMAT_FILE = re.compile(r"^(manifest\.json|checkpoint_\d+\.pt|rank_\d+\.safetensors|rank_\d+\.index\.json)$")
+#: How a rank's index object is named: ``rank_00003.index.json``.
+INDEX_SUFFIX = ".index.json"
 #: A manifest larger than this is refused before it is parsed.
 MAX_MANIFEST_BYTES = 1 << 30
-#: Largest rank file (and so tensor) a manifest may declare: 1 PiB. Anything larger is corruption
-#: or an attack, refused before a data file is opened or a byte is allocated.
-MAX_FILE_BYTES = 1 << 50
 # MAX_DIMS (64, numpy's limit too): the most dimensions a tensor may have; ``save`` refuses more, and the
 # parser checks it before any per-dimension work, so parsing stays linear in the manifest's size.
-_NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
 
 def is_format_file(name: str) -> bool:
@@ -82,32 +95,30 @@ class Layout:
 
 
 @dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a native rank file."""
+class IndexRef:
+    """Where a rank's entry is kept when the manifest does not hold it: its index object, size and checksum."""
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    crc32c: tuple[int, ...]
-    device: str = "cpu"
+    file: str
+    size_bytes: int
+    crc32c: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "offset": self.offset,
-            "nbytes": self.nbytes,
-            "crc32c": list(self.crc32c),
-            "device": self.device,
-        }
+        return {"file": self.file, "size_bytes": self.size_bytes, "crc32c": f"{self.crc32c:08x}"}
+
+
+def index_file_name(rank: int) -> str:
+    """The name of rank ``rank``'s index object."""
+    return f"rank_{rank:05d}{INDEX_SUFFIX}"
 
 
 @dataclass(frozen=True)
 class RankEntry:
-    """What one rank wrote."""
+    """What one rank wrote.
+
+    A *stub* (``index`` set) is the manifest's line for a rank whose entry is
+    in its index object: file, size, digest and the signature of its plain
+    state only; ``CheckpointSnapshot.rank_entry`` reads the whole entry.
+    """
 
     rank: int
     file: str
@@ -117,6 +128,8 @@ class RankEntry:
     tensors: tuple[TensorEntry, ...] = ()
     data_offset: int = 0
     sharded: tuple[ShardedEntry, ...] = ()
+    index: IndexRef | None = None
+    signature_digest: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -125,17 +138,61 @@ class RankEntry:
             "size_bytes": self.size_bytes,
             "digest": self.digest,
         }
-        if self.tree is not None:
+        if self.index is not None:
+            out["index"] = self.index.to_json()
+            out["signature"] = self.signature_digest
+        elif self.tree is not None:
             out["data_offset"] = self.data_offset
             out["tree"] = self.tree
             out["tensors"] = [t.to_json() for t in self.tensors]
             if self.sharded:
-                out["sharded"] = [s.to_json() for s in self.sharded]
+                meshes = MeshTable()
+                out["sharded"] = [s.to_json(meshes) for s in self.sharded]
+                if meshes:
+                    out["meshes"] = meshes.to_json()
         return out
+
+    def stub(self, index: IndexRef) -> RankEntry:
+        """This entry's line in a manifest whose entries are kept in index objects."""
+        return RankEntry(self.rank, self.file, self.size_bytes, self.digest, index=index, signature_digest=self.signature())
 
     @property
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @cached_property
+    def chunk_tensors(self) -> dict[tuple[str, tuple[int, ...]], TensorEntry]:
+        """``{(sharded tensor name, chunk offsets): the tensor of this rank's table}`` of every chunk it wrote."""
+        return {(s.name, c.offsets): self.tensors[c.tensor] for s in self.sharded for c in s.chunks}
+
+    def plain_signature(self) -> dict[str, Any]:
+        """The rank's plain tensors (its chunks of sharded tensors are its own by design): name -> dtype, shape, crcs."""
+        chunks = {c.tensor for s in self.sharded for c in s.chunks}
+        return {t.name: [t.dtype, list(t.shape), list(t.crc32c)] for i, t in enumerate(self.tensors) if i not in chunks}
+
+    def named_tree(self) -> Any:
+        """The rank's tree with each tensor reference by name: equal for ranks whose tables are numbered apart."""
+
+        def walk(node: Any) -> Any:
+            if isinstance(node, list):
+                return [walk(n) for n in node]
+            if isinstance(node, dict) and len(node) == 1:
+                ((tag, body),) = node.items()
+                if tag == "T" and isinstance(body, int) and 0 <= body < len(self.tensors):
+                    return {"T": self.tensors[body].name}
+                if tag == "DT" and isinstance(body, int) and 0 <= body < len(self.sharded):
+                    return {"DT": self.sharded[body].name}
+                return {tag: walk(body)}
+            return node
+
+        return walk(self.tree)
+
+    def signature(self) -> str:
+        """A digest of the rank's state but its chunks of sharded tensors: ranks that saved the same state agree."""
+        if self.index is not None or self.tree is None:
+            return self.signature_digest or self.digest
+        body = json.dumps([self.named_tree(), self.plain_signature()], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -160,9 +217,10 @@ def build_manifest(
     chunk_bytes: int,
     metadata: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
+    table: dict[str, Any] | None = None,
 ) -> bytes:
-    """Serialise a manifest to UTF-8 JSON bytes."""
-    doc = {
+    """Serialise a manifest to UTF-8 JSON bytes (``table``: the global table of sharded tensors, ``table.py``)."""
+    doc: dict[str, Any] = {
         "torchckpt_format": FORMAT_VERSION,
         "layout": layout,
         "world_size": len(ranks),
@@ -172,6 +230,8 @@ def build_manifest(
         "metadata": metadata or {},
         "stats": stats or {},
     }
+    if table is not None:
+        doc["meshes"], doc["sharded"] = table["meshes"], table["sharded"]
     return seal_manifest(doc)
 
 
@@ -194,18 +254,6 @@ def seal_manifest(doc: dict[str, Any]) -> bytes:
     return b'{"manifest_crc32c":"%08x",' % crc32c_of(rest) + rest
 
 
-class ManifestError(ValueError):
-    """Raised by :func:`parse_manifest`; the caller adds the path.
-
-    Attributes:
-        key: The key path of the (sharded) tensor at fault, when one is.
-    """
-
-    def __init__(self, message: str, *, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-
-
 def check_seal_prefix(head: bytes) -> int:
     """Return the checksum a manifest starting with ``head`` (its first :data:`SEAL_BYTES` bytes) declares.
 
@@ -222,40 +270,6 @@ def check_seal_prefix(head: bytes) -> int:
 
 def _no_constant(name: str) -> Any:
     raise ManifestError(f"not valid JSON: {name} is not a JSON number")
-
-
-def check_file_name(name: Any) -> str:
-    """Return ``name`` if it is a plain file name inside the checkpoint directory.
-
-    Raises:
-        ManifestError: Empty, ``.``/``..``, a path (``/``), absolute, NUL bytes, or odd characters.
-    """
-    if not isinstance(name, str) or not _NAME_OK.fullmatch(name) or name in (".", ".."):
-        raise ManifestError(f"unsafe file name {name!r}: only plain names inside the checkpoint directory are allowed")
-    return name
-
-
-def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(d, dict) or key not in d:
-        raise ManifestError(f"{where}: missing field {key!r}")
-    value = d[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
-        raise ManifestError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")
-    return value
-
-
-def _nonneg(d: Any, key: str, where: str) -> int:
-    value = _get(d, key, int, where)
-    if value < 0:
-        raise ManifestError(f"{where}: field {key!r} is negative ({value})")
-    return int(value)
-
-
-def _size(d: Any, key: str, where: str) -> int:
-    value = _nonneg(d, key, where)
-    if value > MAX_FILE_BYTES:
-        raise ManifestError(f"{where}: field {key!r} declares an absurd size ({value} bytes, limit {MAX_FILE_BYTES})")
-    return value
 
 
 @paused_gc()  # JSON of every entry: see gcpause.py
@@ -280,8 +294,8 @@ def parse_manifest(data: bytes) -> Manifest:
     if not isinstance(doc, dict):
         raise ManifestError("not a JSON object")
     version = _get(doc, "torchckpt_format", int, "manifest")
-    if version != FORMAT_VERSION:
-        raise ManifestError(f"unknown format version {version} (this torchckpt reads version {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise ManifestError(f"unknown format version {version} (this torchckpt reads versions {list(READABLE_VERSIONS)})")
     layout = _get(doc, "layout", str, "manifest")
     if layout not in Layout.ALL:
         raise ManifestError(f"unknown layout {layout!r}")
@@ -295,8 +309,8 @@ def parse_manifest(data: bytes) -> Manifest:
     chunk_bytes = _nonneg(checksum, "chunk_bytes", "checksum")
     if chunk_bytes != CHUNK_BYTES:
         raise ManifestError(f"checksum chunk_bytes {chunk_bytes} is not {CHUNK_BYTES} (the one size of version 1)")
-    ranks = tuple(_parse_rank(r, i, layout, chunk_bytes) for i, r in enumerate(ranks_doc))
-    files = [r.file for r in ranks]
+    ranks = tuple(_parse_rank(r, i, layout, chunk_bytes, world_size, version) for i, r in enumerate(ranks_doc))
+    files = [r.file for r in ranks] + [r.index.file for r in ranks if r.index is not None]
     if len(set(files)) != len(files):
         raise ManifestError("two ranks name the same file")
     metadata = doc.get("metadata", {})
@@ -309,20 +323,70 @@ def parse_manifest(data: bytes) -> Manifest:
     created = doc.get("created_unix_s", 0.0)
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise ManifestError("created_unix_s must be a number")
-    try:
-        sharded = build_index(ranks)
-    except ShardingError as e:
-        raise ManifestError(str(e), key=e.key) from None
+    if version == 1:
+        try:
+            sharded = build_index(ranks)
+        except ShardingError as e:
+            raise ManifestError(str(e), key=e.key) from None
+    else:
+        sharded = parse_table(doc, world_size) if layout == Layout.SAFETENSORS else {}
     return Manifest(layout, world_size, ranks, chunk_bytes, metadata, stats, float(created), version, sharded)
 
 
-def parse_rank_entry(doc: Any, index: int, chunk_bytes: int) -> RankEntry:
+def parse_rank_entry(doc: Any, index: int, chunk_bytes: int, world_size: int) -> RankEntry:
     """Parse one rank's entry (as reported by that rank before the commit)."""
-    layout = Layout.SAFETENSORS if isinstance(doc, dict) and "tree" in doc else Layout.TORCH_SAVE
-    return _parse_rank(doc, index, layout, chunk_bytes)
+    layout = Layout.SAFETENSORS if isinstance(doc, dict) and ("tree" in doc or "index" in doc) else Layout.TORCH_SAVE
+    return _parse_rank(doc, index, layout, chunk_bytes, world_size, FORMAT_VERSION)
 
 
-def _parse_rank(doc: Any, index: int, layout: str, chunk_bytes: int) -> RankEntry:
+@paused_gc()  # an entry per tensor: see gcpause.py
+def parse_rank_index(data: bytes, stub: RankEntry, chunk_bytes: int, world_size: int) -> RankEntry:
+    """The whole entry of a rank from the bytes of its index object, checked against the manifest's ``stub``.
+
+    Raises:
+        ManifestError: The bytes are not the index the manifest names (size,
+            checksum), not valid, or describe another rank file.
+    """
+    ref = stub.index
+    if ref is None:
+        return stub
+    where = f"{ref.file}"
+    if len(data) != ref.size_bytes:
+        raise ManifestError(f"{where}: {len(data)} bytes, the manifest says {ref.size_bytes}")
+    if check_seal_prefix(data[:SEAL_BYTES]) != ref.crc32c or crc32c_of(memoryview(data)[SEAL_BYTES:]) != ref.crc32c:
+        raise ManifestError(f"{where}: checksum mismatch: not the index the manifest names, or changed since")
+    try:
+        doc = call_with_stack(STACK_FRAMES_NEEDED, json.loads, data.decode("utf-8"), parse_constant=_no_constant)
+    except ValueError as e:
+        raise ManifestError(f"{where}: not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ManifestError(f"{where}: JSON nested too deeply (states nest at most {MAX_DEPTH} deep)") from e
+    if isinstance(doc, dict):
+        doc.pop("manifest_crc32c", None)
+    entry = _parse_rank(doc, stub.rank, Layout.SAFETENSORS, chunk_bytes, world_size, FORMAT_VERSION, inline=True)
+    if (entry.file, entry.size_bytes, entry.digest) != (stub.file, stub.size_bytes, stub.digest):
+        raise ManifestError(f"{where}: describes {entry.file} ({entry.size_bytes} bytes), not the manifest's {stub.file}")
+    return RankEntry(
+        entry.rank, entry.file, entry.size_bytes, entry.digest, entry.tree, entry.tensors, entry.data_offset,
+        entry.sharded, None, stub.signature_digest,
+    )  # fmt: skip
+
+
+def _parse_stub(doc: Any, rank: int, file: str, size: int, digest: str, where: str) -> RankEntry:
+    """A manifest line pointing at a rank's index object."""
+    ref = _get(doc, "index", dict, where)
+    crc = _get(ref, "crc32c", str, f"{where}.index")
+    signature = _get(doc, "signature", str, where)
+    if not re.fullmatch(r"[0-9a-f]{8}", crc) or not re.fullmatch(r"[0-9a-f]{64}", signature):
+        raise ManifestError(f"{where}: malformed index checksum or signature")
+    name = check_file_name(_get(ref, "file", str, f"{where}.index"))
+    index = IndexRef(name, _size(ref, "size_bytes", f"{where}.index"), int(crc, 16))
+    return RankEntry(rank, file, size, digest, index=index, signature_digest=signature)
+
+
+def _parse_rank(
+    doc: Any, index: int, layout: str, chunk_bytes: int, world_size: int, version: int, *, inline: bool = False
+) -> RankEntry:
     where = f"ranks[{index}]"
     rank = _nonneg(doc, "rank", where)
     if rank != index:
@@ -334,10 +398,12 @@ def _parse_rank(doc: Any, index: int, layout: str, chunk_bytes: int) -> RankEntr
         raise ManifestError(f"{where}: malformed digest {digest!r}")
     if layout == Layout.TORCH_SAVE:
         return RankEntry(rank, file, size, digest)
+    if version > 1 and not inline and "index" in doc:
+        return _parse_stub(doc, rank, file, size, digest, where)
     data_offset = _nonneg(doc, "data_offset", where)
     tensors_doc = _get(doc, "tensors", list, where)
     tensors = tuple(
-        _parse_tensor_fast(t, chunk_bytes) or _parse_tensor(t, f"{where}.tensors[{j}]", chunk_bytes)
+        parse_tensor_fast(t, chunk_bytes) or parse_tensor(t, f"{where}.tensors[{j}]", chunk_bytes)
         for j, t in enumerate(tensors_doc)
     )
     if "tree" not in doc:
@@ -351,20 +417,59 @@ def _parse_rank(doc: Any, index: int, layout: str, chunk_bytes: int) -> RankEntr
         raise ManifestError(f"{where}: tensors end at byte {end} but the file is declared as {size} bytes")
     if data_offset < 8 or data_offset > size:
         raise ManifestError(f"{where}: data_offset {data_offset} outside the file")
+    meshes = parse_meshes(doc.get("meshes", []), world_size, where) if version > 1 else []
+    grids: dict[Any, Any] = {}
     sharded = tuple(
-        _parse_sharded(x, f"{where}.sharded[{j}]", tensors) for j, x in enumerate(_get(doc, "sharded", list, where))
+        _parse_sharded_fast(x, tensors, meshes, world_size, grids)
+        or _parse_sharded(x, f"{where}.sharded[{j}]", tensors, meshes, world_size, grids)
+        for j, x in enumerate(_get(doc, "sharded", list, where))
     ) if "sharded" in doc else ()  # fmt: skip
     return RankEntry(rank, file, size, digest, doc["tree"], tensors, data_offset, sharded)
 
 
-def _ints(doc: Any, key: str, where: str) -> tuple[int, ...]:
-    values = _get(doc, key, list, where)
-    if len(values) > MAX_DIMS or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise ManifestError(f"{where}: {key} must be a list of at most {MAX_DIMS} non-negative integers")
-    return tuple(values)
+def _parse_sharded_fast(
+    doc: Any, tensors: tuple[TensorEntry, ...], meshes: list[Any], world_size: int, grids: dict[Any, Any]
+) -> ShardedEntry | None:
+    """The entry when ``doc`` is plainly well formed, else None (then :func:`_parse_sharded` says what is wrong).
+
+    The same checks in one pass of exact type tests: an index has an entry per sharded tensor.
+    """
+    if type(doc) is not dict:
+        return None
+    name, dtype, shape, chunks_doc = doc.get("name"), doc.get("dtype"), doc.get("shape"), doc.get("chunks")
+    if type(name) is not str or type(dtype) is not str or type(shape) is not list or type(chunks_doc) is not list:
+        return None
+    itemsize = _ITEMSIZE.get(dtype)
+    if itemsize is None or len(shape) > MAX_DIMS:
+        return None
+    span = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return None
+        span *= d or 1
+    if span * itemsize > MAX_FILE_BYTES:
+        return None
+    ndim, chunks = len(shape), []
+    for c in chunks_doc:
+        index, offsets = (c.get("T"), c.get("offsets")) if type(c) is dict else (None, None)
+        if type(index) is not int or not 0 <= index < len(tensors) or type(offsets) is not list or len(offsets) != ndim:
+            return None
+        if any(type(o) is not int or o < 0 for o in offsets):
+            return None
+        t = tensors[index]
+        if t.dtype != dtype or len(t.shape) != ndim:
+            return None
+        chunks.append(ChunkEntry(index, tuple(offsets)))
+    try:
+        grid, writer = parse_layout(doc, meshes, ndim, world_size, "", grids)
+    except ManifestError:
+        return None
+    return ShardedEntry(name, dtype, tuple(shape), tuple(chunks), grid, writer)
 
 
-def _parse_sharded(doc: Any, where: str, tensors: tuple[TensorEntry, ...]) -> ShardedEntry:
+def _parse_sharded(
+    doc: Any, where: str, tensors: tuple[TensorEntry, ...], meshes: list[Any], world_size: int, grids: dict[Any, Any]
+) -> ShardedEntry:
     """One sharded tensor of a rank entry; its chunks refer to the rank's tensors and lie in its shape.
 
     Every error after the name is parsed names the tensor (``ManifestError.key``).
@@ -384,7 +489,11 @@ def _parse_sharded(doc: Any, where: str, tensors: tuple[TensorEntry, ...]) -> Sh
     if math.prod(max(d, 1) for d in shape) * itemsize > MAX_FILE_BYTES:
         raise ManifestError(f"{where}: absurd shape {list(shape)} (more than {MAX_FILE_BYTES} bytes)", key=name)
     chunks = (_parse_chunk(c, f"{where}.chunks[{k}]", name, dtype, shape, tensors) for k, c in enumerate(chunks_doc))
-    return ShardedEntry(name, dtype, shape, tuple(chunks))
+    try:
+        grid, writer = parse_layout(doc, meshes, len(shape), world_size, where, grids)
+    except ManifestError as e:
+        raise ManifestError(str(e), key=name) from None
+    return ShardedEntry(name, dtype, shape, tuple(chunks), grid, writer)
 
 
 def _parse_chunk(
@@ -406,84 +515,3 @@ def _parse_chunk(
             key=name,
         )
     return ChunkEntry(index, offsets)
-
-
-#: Device strings ``torch.device`` has accepted in a manifest (checked once, not per tensor).
-_DEVICES_SEEN: set[str] = {"cpu"}
-
-
-def _parse_tensor_fast(doc: Any, chunk_bytes: int) -> TensorEntry | None:
-    """The entry when ``doc`` is plainly well formed, else None (then :func:`_parse_tensor` says what is wrong).
-
-    The same checks as :func:`_parse_tensor` in one pass of exact type tests: a
-    manifest has an entry per tensor, and this runs on every load.
-    """
-    if type(doc) is not dict:
-        return None
-    name, dtype_str, shape_doc = doc.get("name"), doc.get("dtype"), doc.get("shape")
-    nbytes, offset, crcs, device = doc.get("nbytes"), doc.get("offset"), doc.get("crc32c"), doc.get("device", "cpu")
-    if (
-        type(name) is not str
-        or type(dtype_str) is not str
-        or type(shape_doc) is not list
-        or len(shape_doc) > MAX_DIMS
-        or type(nbytes) is not int
-        or type(offset) is not int
-        or type(crcs) is not list
-        or type(device) is not str
-        or device not in _DEVICES_SEEN
-        or not 0 <= nbytes <= MAX_FILE_BYTES
-        or offset < 0
-        or len(crcs) != max(1, -(-nbytes // chunk_bytes))
-    ):
-        return None
-    itemsize = _ITEMSIZE.get(dtype_str)
-    if itemsize is None:
-        return None
-    numel = span = 1
-    for d in shape_doc:
-        if type(d) is not int or d < 0:
-            return None
-        numel *= d
-        span *= d or 1
-    if span * itemsize > MAX_FILE_BYTES or numel * itemsize != nbytes:
-        return None
-    for c in crcs:
-        if type(c) is not int or not 0 <= c < 0x1_0000_0000:
-            return None
-    return TensorEntry(name, dtype_str, tuple(shape_doc), offset, nbytes, tuple(crcs), device)
-
-
-def _parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
-    name = _get(doc, "name", str, where)
-    dtype_str = _get(doc, "dtype", str, where)
-    try:
-        dtype = dtype_from_name(dtype_str)
-    except KeyError:
-        raise ManifestError(f"{where}: unknown dtype {dtype_str!r}") from None
-    shape_doc = _get(doc, "shape", list, where)
-    if len(shape_doc) > MAX_DIMS:
-        raise ManifestError(f"{where}: {len(shape_doc)} dimensions (at most {MAX_DIMS})")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_doc):
-        raise ManifestError(f"{where}: shape must be a list of non-negative integers")
-    shape = tuple(int(d) for d in shape_doc)
-    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > MAX_FILE_BYTES:
-        # Even an empty tensor (a 0 in its shape) gets strides from the other dimensions: bound them too.
-        raise ManifestError(f"{where}: absurd shape {list(shape)} (more than {MAX_FILE_BYTES} bytes without its zeros)")
-    nbytes = _size(doc, "nbytes", where)
-    if math.prod(shape) * dtype.itemsize != nbytes:
-        raise ManifestError(f"{where}: {nbytes} bytes do not match shape {list(shape)} of {dtype_str}")
-    crcs = _get(doc, "crc32c", list, where)
-    if len(crcs) != max(1, -(-nbytes // chunk_bytes)) or not all(
-        isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**32 for c in crcs
-    ):
-        raise ManifestError(f"{where}: malformed crc32c list")
-    device = doc.get("device", "cpu")
-    if not isinstance(device, str):
-        raise ManifestError(f"{where}: device must be a string")
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ManifestError(f"{where}: malformed device {device!r}: {e}") from e
-    _DEVICES_SEEN.add(device)
-    return TensorEntry(name, dtype_str, shape, _nonneg(doc, "offset", where), nbytes, tuple(crcs), device)

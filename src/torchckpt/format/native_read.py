@@ -137,12 +137,14 @@ def read_native(
     threads: int,
     manifest: Manifest | None = None,
     open_rank: Callable[[RankEntry], ObjectReader] | None = None,
+    entry_of: Callable[[int], RankEntry] | None = None,
 ) -> tuple[Any, list[str], int]:
     """Load a rank's state from its open rank file ``src``.
 
     Sharded tensors (and plain ones loaded into ``DTensor`` templates) are read
     from whichever rank files hold the parts needed (``sharded_read.py``): that
-    needs the ``manifest`` and ``open_rank`` (opens a rank's file).
+    needs the ``manifest``, ``open_rank`` (opens a rank's file) and ``entry_of``
+    (a rank's whole entry; default: the manifest's line).
 
     Every key of the template is checked against the manifest before any byte
     is read: a mismatch leaves the template untouched. The bytes of plain CPU
@@ -167,7 +169,10 @@ def read_native(
         raise CorruptCheckpointError(f"corrupt checkpoint {where}: {e}", path=where, file="manifest.json") from e
     sharded = None
     if manifest is not None and open_rank is not None:
-        sharded = ShardedLoads(manifest, open_rank, map_location=map_location, resolve_device=resolve_device, where=where)
+        sharded = ShardedLoads(
+            manifest, open_rank, entry_of=entry_of or (lambda r: manifest.ranks[r]), map_location=map_location,
+            resolve_device=resolve_device, where=where,
+        )  # fmt: skip
     loads = _Loads(entry, map_location, where, sharded)
     result, missing, commit = merge(
         template,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import StateDictMismatchError
+from ..errors import CorruptCheckpointError, StateDictMismatchError
 from ..plan.boxes import Box, intersect, row_major_span, volume
 from ..plan.dtensor import is_dtensor, local_boxes
 from ..storage.base import ObjectReader
@@ -41,7 +41,7 @@ ROUND_BYTES = 256 * 1024 * 1024
 def one_chunk(entry: RankEntry, index: int) -> GlobalTensor:
     """A plain tensor of a rank's table as a global tensor of one chunk (to load it into a ``DTensor``)."""
     t = entry.tensors[index]
-    return GlobalTensor(t.name, t.dtype, t.shape, [SavedChunk(entry.rank, index, ((0,) * len(t.shape), t.shape))])
+    return GlobalTensor(t.name, t.dtype, t.shape, [SavedChunk(entry.rank, ((0,) * len(t.shape), t.shape), t)])
 
 
 @dataclass
@@ -70,6 +70,7 @@ class ShardedLoads:
         manifest: Manifest,
         open_rank: Callable[[RankEntry], ObjectReader],
         *,
+        entry_of: Callable[[int], RankEntry],
         map_location: Any,
         resolve_device: Callable[[str, Any], torch.device],
         where: str,
@@ -78,6 +79,7 @@ class ShardedLoads:
         self.round_bytes = ROUND_BYTES if round_bytes is None else round_bytes
         self.manifest = manifest
         self.open_rank = open_rank
+        self.entry_of = entry_of
         self.map_location = map_location
         self.resolve_device = resolve_device
         self.where = where
@@ -88,7 +90,7 @@ class ShardedLoads:
         """The tensor at ``key``: ``target`` (checked, filled by :meth:`execute`) or a fresh full tensor."""
         dtype = dtype_from_name(g.dtype)
         if target is None:
-            device = self._device_of(g)
+            device = self._device_of(g, key)
             target = torch.empty(g.shape, dtype=dtype, device=device)
             self.fresh.append(target)
         if target.dtype != dtype or tuple(target.shape) != tuple(g.shape):
@@ -101,22 +103,41 @@ class ShardedLoads:
             )
         if is_dtensor(target):
             local = target.to_local()
-            for box in local_boxes(target, key, action="load into"):
+            for box in local_boxes(target, key, action="load into", local=local):
                 self._plan(g, (box.offsets, box.sizes), box.view(local), key)
         elif volume(g.shape) > 0:
             self._plan(g, ((0,) * len(g.shape), tuple(g.shape)), target, key)
         return target
 
-    def _device_of(self, g: GlobalTensor) -> torch.device:
-        if not g.chunks:
+    def _device_of(self, g: GlobalTensor, key: str) -> torch.device:
+        chunks = g.overlapping(((0,) * len(g.shape), g.shape)) if volume(g.shape) else []
+        if not chunks:
             return torch.device("cpu")
-        c = g.chunks[0]
-        return self.resolve_device(self.manifest.ranks[c.rank].tensors[c.tensor].device, self.map_location)
+        return self.resolve_device(self._chunk_tensor(g, chunks[0], key).device, self.map_location)
+
+    def _chunk_tensor(self, g: GlobalTensor, c: SavedChunk, key: str) -> TensorEntry:
+        """The tensor of rank ``c.rank``'s table that holds chunk ``c`` of ``g`` (checked against the chunk).
+
+        Raises:
+            CorruptCheckpointError: The rank's entry has no such chunk, or one of another shape or dtype.
+        """
+        if c.tensor is not None:
+            return c.tensor
+        entry = self.entry_of(c.rank)
+        t = entry.chunk_tensors.get((g.name, c.box[0]))
+        if t is None or tuple(t.shape) != tuple(c.box[1]) or t.dtype != g.dtype:
+            found = "none" if t is None else f"{t.dtype} {list(t.shape)}"
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {self.where}: key {key!r}: rank {c.rank} should hold the chunk of {g.name!r} at "
+                f"{list(c.box[0])} of {g.dtype} {list(c.box[1])}; its entry holds {found}",
+                path=self.where, file=entry.file, key=key,
+            )  # fmt: skip
+        return t
 
     def _plan(self, g: GlobalTensor, want: Box, dest: torch.Tensor, key: str) -> None:
         """The reads of every chunk of ``g`` that overlaps ``want`` (global box), into ``dest`` (its memory)."""
         itemsize = dtype_from_name(g.dtype).itemsize
-        for c in g.chunks:
+        for c in g.overlapping(want):
             common = intersect(want, c.box)
             if common is None:
                 continue
@@ -126,7 +147,7 @@ class ShardedLoads:
             for d, (o, n, wo) in enumerate(zip(common[0], common[1], want[0])):
                 if o != wo or n != view.shape[d]:
                     view = view.narrow(d, o - wo, n)
-            t = self.manifest.ranks[c.rank].tensors[c.tensor]
+            t = self._chunk_tensor(g, c, key)
             for part, part_view in self._slabs(chunk_shape, sub, view, itemsize):
                 first, end = row_major_span(chunk_shape, part)
                 lo = first * itemsize // CHUNK_BYTES * CHUNK_BYTES
@@ -165,7 +186,7 @@ class ShardedLoads:
             by_rank.setdefault(r.rank, []).append(r)
         total = 0
         for rank, reads in sorted(by_rank.items()):
-            entry = self.manifest.ranks[rank]
+            entry = self.entry_of(rank)
             src = self.open_rank(entry)
             try:
                 check_size(src, entry, self.where)

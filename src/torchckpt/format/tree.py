@@ -46,9 +46,9 @@ from typing import Any
 import torch
 
 from ..errors import UnsafeObjectError
-from ..plan.dtensor import ReplicaChooser, is_dtensor, local_boxes
+from ..plan.dtensor import MeshRanks, ReplicaChooser, grid_placements, is_dtensor, local_boxes
 from .dtypes import dtype_from_name, dtype_name
-from .shards import ChunkEntry, ShardedEntry
+from .shards import ChunkEntry, Grid, ShardedEntry
 
 __all__ = [
     "MAX_DEPTH",
@@ -150,6 +150,7 @@ class _Flattener:
         self._used_names: set[str] = {"__metadata__"}  # reserved by safetensors
         self._open: dict[int, str] = {}  # the containers being walked (id -> key path): a cycle's ends
         self._replicas = ReplicaChooser()
+        self._mesh_ranks = MeshRanks()
         self._sharded_names: set[str] = set()
 
     def enter(self, value: Any, path: str) -> None:
@@ -199,20 +200,18 @@ class _Flattener:
 
     def dtensor(self, t: Any, path: str) -> dict[str, int]:
         """A ``DTensor``: the boxes of its local shard that this rank writes, and a ``{"DT": j}`` node."""
-        boxes = local_boxes(t, path)
-        name = path or "[root]"
-        n = 2
+        local = t.to_local()
+        boxes = local_boxes(t, path, local=local)
+        name, n = path or "[root]", 2
         while name in self._sharded_names:
-            name = f"{path or '[root]'}#{n}"
-            n += 1
+            name, n = f"{path or '[root]'}#{n}", n + 1
         self._sharded_names.add(name)
-        chunks: list[ChunkEntry] = []
-        if self._replicas.writes(t):
-            local = t.to_local()
-            for box in boxes:
-                chunks.append(ChunkEntry(self.tensor(box.view(local), path)["T"], box.offsets))
+        replica, writes = self._replicas.choose(t)
+        chunks = [ChunkEntry(self.tensor(b.view(local), path)["T"], b.offsets) for b in boxes] if writes else []
+        placements, mesh = grid_placements(t.placements), t.device_mesh  # no grid: a _StridedShard lists its chunks
+        grid = None if placements is None else Grid(tuple(mesh.shape), self._mesh_ranks(mesh), placements, replica)
         shape = tuple(int(d) for d in t.shape)
-        self.out.sharded.append(ShardedEntry(name, dtype_name(t.dtype), shape, tuple(chunks)))
+        self.out.sharded.append(ShardedEntry(name, dtype_name(t.dtype), shape, tuple(chunks), grid))
         return {"DT": len(self.out.sharded) - 1}
 
     def node(self, value: Any, path: str) -> Any:

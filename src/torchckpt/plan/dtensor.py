@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from ..errors import UnsafeObjectError
+from .grid import Placement, grid_box
 
-__all__ = ["LocalBox", "ReplicaChooser", "is_dtensor", "local_boxes"]
+__all__ = ["LocalBox", "MeshRanks", "ReplicaChooser", "grid_placements", "is_dtensor", "local_boxes"]
 
 
 def _dtensor_type() -> type | None:
@@ -117,20 +118,55 @@ def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def local_boxes(dt: Any, key: str, *, action: str = "save") -> list[LocalBox]:
+def grid_placements(placements: Sequence[Any]) -> tuple[Placement, ...] | None:
+    """The placements as ``plan/grid.py`` takes them, or None when one is a ``_StridedShard`` (no grid)."""
+    out: list[Placement] = []
+    for p in placements:
+        dim = getattr(p, "dim", None)
+        if dim is None:
+            out.append(("R", -1))
+        elif type(p).__name__ == "_StridedShard":
+            return None
+        else:
+            out.append(("S", int(dim)))
+    return tuple(out)
+
+
+class MeshRanks:
+    """The global ranks of device meshes, row-major, computed once per mesh for one walk of a state."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Any, tuple[int, ...]]] = {}
+
+    def __call__(self, mesh: Any) -> tuple[int, ...]:
+        found = self._seen.get(id(mesh))
+        if found is None or found[0] is not mesh:
+            found = self._seen[id(mesh)] = (mesh, tuple(int(r) for r in mesh.mesh.flatten().tolist()))
+        return found[1]
+
+
+def local_boxes(dt: Any, key: str, *, action: str = "save", local: torch.Tensor | None = None) -> list[LocalBox]:
     """The boxes of the global tensor that this rank's local tensor of ``dt`` holds (none when it is empty).
 
-    ``action`` names what is done with it in the errors (``"save"``, ``"load into"``).
+    ``action`` names what is done with it in the errors (``"save"``, ``"load into"``);
+    ``local``: its local tensor when the caller has it already. ``Shard``/``Replicate`` placements are arithmetic (``plan/grid.py``, torch's
+    rule); a ``_StridedShard`` asks torch.
 
     Raises:
         UnsafeObjectError: A ``Partial`` placement, or a local tensor whose shape
             is not the one its placements give (names the key).
     """
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     placements = _placements(dt, key, action)
-    local = dt.to_local()
-    shape, offsets = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, placements)
+    if local is None:
+        local = dt.to_local()
+    regular = grid_placements(placements)
+    if regular is not None:
+        mesh = dt.device_mesh
+        offsets, shape = grid_box(dt.shape, mesh.shape, regular, mesh.get_coordinate())
+    else:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offsets = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, placements)
     if tuple(local.shape) != tuple(shape):
         raise UnsafeObjectError(
             f"cannot {action} the DTensor at key {key or '[root]'!r}: its local tensor is {list(local.shape)} but its "
@@ -179,13 +215,13 @@ class ReplicaChooser:
     def __init__(self) -> None:
         self._given: dict[int, int] = {}
 
-    def writes(self, dt: Any) -> bool:
-        """Whether this rank writes its shard of ``dt``."""
+    def choose(self, dt: Any) -> tuple[int, bool]:
+        """The replica position that writes ``dt``'s shards, and whether it is this rank's."""
         position, count = _replica_position(dt)
         if count == 1:
-            return True
-        shards = math.prod(dt.device_mesh.size(d) for d in range(dt.device_mesh.ndim)) // count
+            return 0, True
+        shards = math.prod(dt.device_mesh.shape) // count
         share = math.prod(dt.shape) * dt.dtype.itemsize // max(1, shards)
         chosen = min(range(count), key=lambda p: (self._given.get(p, 0), p))
         self._given[chosen] = self._given.get(chosen, 0) + share
-        return chosen == position
+        return chosen, chosen == position
