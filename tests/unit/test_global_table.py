@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from ckpt_testutil import checkpointer
 from sharded_testutil import as_version2, manifest_doc, rewrite, rewrite_index, sharded_checkpoint
 
@@ -268,3 +270,52 @@ def test_the_index_is_named_by_the_manifest_only(good: str) -> None:
     with open(os.path.join(good, "rank_00001.index.json"), "rb") as f:
         index = json.loads(f.read())
     assert index["file"] == "rank_00001.safetensors" and {t["name"] for t in index["tensors"]} >= {"model.w"}
+
+
+# -- the fast path of an index's sharded entries -------------------------------------
+
+_GOOD_SHARDED = {"name": "w", "dtype": "float32", "shape": [4, 6], "chunks": [{"T": 0, "offsets": [2, 0]}],
+                 "grid": {"mesh": 0, "placements": ["S0"], "replica": 0}}  # fmt: skip
+_SHARDED_VALUES = {
+    "name": st.sampled_from(["w", "", 3, None]),
+    "dtype": st.sampled_from(["float32", "float16", "float33", 1, None]),
+    "shape": st.sampled_from([[4, 6], [4], [], [0, 6], [4, -6], [4, True], [4.0, 6], "4,6", [2**40, 2**40]]),
+    "chunks": st.sampled_from([[], [{"T": 0, "offsets": [2, 0]}], [{"T": 1, "offsets": [2, 0]}],
+                               [{"T": -1, "offsets": [2, 0]}], [{"T": 0, "offsets": [2]}], [{"T": 0, "offsets": [-2, 0]}],
+                               [{"T": True, "offsets": [2, 0]}], [{"T": 0}], [[0, [2, 0]]], "none"]),  # fmt: skip
+    "grid": st.sampled_from([{"mesh": 0, "placements": ["S0"], "replica": 0}, {"mesh": 1, "placements": ["S0"], "replica": 0},
+                             {"mesh": 0, "placements": ["S1"], "replica": 0}, {"mesh": 0, "placements": ["S2"], "replica": 0},
+                             {"mesh": 0, "placements": ["R"], "replica": 1}, {"mesh": 0, "placements": ["R"], "replica": 2},
+                             {"mesh": 0, "placements": ["S0", "R"], "replica": 0}, {"mesh": True, "placements": ["S0"], "replica": 0},
+                             {"mesh": 0, "placements": "S0", "replica": 0}, None, 0]),  # fmt: skip
+    "writer": st.sampled_from([0, 1, 2, -1, True, None]),
+}
+
+
+@given(
+    changes=st.dictionaries(st.sampled_from(sorted(_SHARDED_VALUES)), st.none(), max_size=3).flatmap(
+        lambda keys: st.fixed_dictionaries({k: _SHARDED_VALUES[k] for k in keys})
+    ),
+    dropped=st.sets(st.sampled_from(sorted(_GOOD_SHARDED)), max_size=2),
+)
+@example(changes={}, dropped=set())
+@example(changes={"writer": 1}, dropped={"grid"})
+@settings(max_examples=400, deadline=None)
+def test_fast_sharded_entry_parse_agrees_with_the_checked_one(changes: dict[str, Any], dropped: set[str]) -> None:
+    """The per-load fast path accepts exactly what the field-by-field check accepts, and builds the same entry."""
+    import copy
+
+    from torchckpt.format import manifest as m
+    from torchckpt.format.tensor_table import TensorEntry
+
+    doc = {k: v for k, v in {**_GOOD_SHARDED, **changes}.items() if k not in dropped}
+    tensors = (TensorEntry("w", "float32", (2, 6), 64, 48, (0,)),)
+    meshes = [((2,), (0, 1))]
+    try:
+        checked = m._parse_sharded(copy.deepcopy(doc), "s", tensors, meshes, 2, {})
+    except ManifestError:
+        checked = None
+    fast = m._parse_sharded_fast(copy.deepcopy(doc), tensors, meshes, 2, {})
+    assert fast is None or fast == checked, (doc, fast, checked)
+    if doc in (_GOOD_SHARDED, {**{k: v for k, v in _GOOD_SHARDED.items() if k != "grid"}, "writer": 1}):
+        assert fast is not None and fast == checked  # a good entry takes the fast path
