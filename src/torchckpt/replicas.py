@@ -19,6 +19,7 @@ before writing; then :func:`deduplicate` with what it returned.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import json
 from collections.abc import Sequence
@@ -72,38 +73,63 @@ class ReplicaExchange:
     def agree(self, digests: list[list[Any]] | None, error: BaseException | None) -> list[str]:
         """Publish this rank's digests (or its error); return the replicated keys, in the coordinator's order.
 
+        Two rounds at most. First every rank publishes one SHA-256 of its whole
+        list: when they are all equal (every rank holds the same keys alike, the
+        DDP case) every key is replicated, and the store carries O(ranks) small
+        values. Otherwise every rank publishes its list and the coordinator keeps
+        the keys every rank holds alike.
+
         Raises:
             OtherRankFailed: A rank published an error instead of its digests.
             TimeoutError: A rank (or the coordinator) did not publish in time.
         """
-        mine = {"error": describe_error(error)} if error is not None else {"digests": digests}
-        self.store.set(f"{self.prefix}/{self.rank}", json.dumps(mine))
-        if self.rank == 0:
-            self.store.set(f"{self.prefix}/agreed", json.dumps(self._decide(digests)))
-        key = f"{self.prefix}/agreed"
-        self.store.wait([key], self.timeout)
-        agreed = json.loads(self.store.get(key))
-        if self.rank == 0:
-            for r in range(self.world_size):
-                self.store.delete_key(f"{self.prefix}/{r}")
+        if error is not None:
+            mine: dict[str, Any] = {"error": describe_error(error)}
+        else:
+            mine = {"summary": hashlib.sha256(json.dumps(digests).encode()).hexdigest()}
+        agreed = self._round("summary", mine, lambda docs: self._decide_summaries(docs, digests))
+        if agreed.get("full"):
+            agreed = self._round("full", {"digests": digests}, lambda docs: self._decide(docs, digests))
         if agreed.get("failed"):
             raise OtherRankFailed(f"ranks {agreed['failed']} failed before writing")
         return list(agreed["keys"])
 
-    def _decide(self, own: list[list[Any]] | None) -> dict[str, Any]:
-        """Coordinator: the keys every rank holds with the same dtype, shape and bytes."""
-        failed, common = [], None
-        for r in range(self.world_size):
-            key = f"{self.prefix}/{r}"
-            self.store.wait([key], self.timeout)
-            doc = json.loads(self.store.get(key))
-            if "error" in doc:
-                failed.append(r)
-                continue
-            seen = {d[0]: tuple(map(json.dumps, d[1:])) for d in doc["digests"]}
-            common = seen if common is None else {k: v for k, v in common.items() if seen.get(k) == v}
+    def _round(self, name: str, mine: dict[str, Any], decide: Any) -> dict[str, Any]:
+        """Publish ``mine``; the coordinator gathers every rank's and publishes ``decide(docs)``; all read that."""
+        prefix = f"{self.prefix}/{name}"
+        self.store.set(f"{prefix}/{self.rank}", json.dumps(mine))
+        if self.rank == 0:
+            docs = []
+            for r in range(self.world_size):
+                key = f"{prefix}/{r}"
+                self.store.wait([key], self.timeout)
+                docs.append(json.loads(self.store.get(key)))
+            self.store.set(f"{prefix}/agreed", json.dumps(decide(docs)))
+        key = f"{prefix}/agreed"
+        self.store.wait([key], self.timeout)
+        agreed = json.loads(self.store.get(key))
+        if self.rank == 0:
+            for r in range(self.world_size):
+                self.store.delete_key(f"{prefix}/{r}")
+        return agreed
+
+    @staticmethod
+    def _decide_summaries(docs: list[dict[str, Any]], own: list[list[Any]] | None) -> dict[str, Any]:
+        """Coordinator, round 1: failures, or every key when every rank's list is the same, or a full round."""
+        failed = [r for r, doc in enumerate(docs) if "error" in doc]
         if failed:
             return {"failed": failed}
+        if len({doc["summary"] for doc in docs}) == 1:
+            return {"keys": [d[0] for d in own or []]}
+        return {"full": True}
+
+    @staticmethod
+    def _decide(docs: list[dict[str, Any]], own: list[list[Any]] | None) -> dict[str, Any]:
+        """Coordinator, round 2: the keys every rank holds with the same dtype, shape and bytes."""
+        common = None
+        for doc in docs:
+            seen = {d[0]: tuple(map(json.dumps, d[1:])) for d in doc["digests"]}
+            common = seen if common is None else {k: v for k, v in common.items() if seen.get(k) == v}
         order = [d[0] for d in own or []]
         return {"keys": [k for k in order if common is not None and k in common]}
 
