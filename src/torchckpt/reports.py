@@ -127,7 +127,7 @@ def representative_tables(
             full = parse_rank_index(session.get(r.entry.index.file), r.entry, CHUNK_BYTES, world)
         except (OSError, ManifestError) as e:
             raise CorruptCheckpointError(
-                f"rank {r.entry.rank}'s index for the checkpoint {path} cannot be read back: {e}",
+                f"rank {r.entry.rank}'s index {r.entry.index.file} for the checkpoint {path} cannot be read back: {e}",
                 path=path, file=r.entry.index.file,
             ) from e  # fmt: skip
         out[r.entry.rank] = full.sharded

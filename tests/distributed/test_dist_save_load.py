@@ -152,7 +152,7 @@ def test_every_rank_saves_and_loads_its_own_state(tmp_path, world: int, init: st
             ["manifest.json"] + [f"checkpoint_{r}.pt" for r in range(world)]
         )
         assert r0[(mode, "safetensors")]["files"] == sorted(
-            ["manifest.json"] + [f"rank_{r:05d}.safetensors" for r in range(world)]
+            ["manifest.json"] + [f"rank_{r:05d}{x}" for r in range(world) for x in (".safetensors", ".index.json")]
         )
     # Nothing but the checkpoints is visible beside them; no pending directory is left
     # (old generations may still be being deleted in the background).

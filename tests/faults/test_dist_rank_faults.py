@@ -118,5 +118,6 @@ def test_survivors_fail_in_bounded_time_naming_the_lost_rank(
     # Nothing of the failed save became visible: the manifest is still the first one.
     assert sorted(os.listdir(ckpt)) == sorted(
         ["manifest.json"]
-        + [f"checkpoint_{r}.pt" if fmt == "torch_save" else f"rank_{r:05d}.safetensors" for r in range(world)]
+        + [f"checkpoint_{r}.pt" for r in range(world) if fmt == "torch_save"]
+        + [f"rank_{r:05d}{x}" for r in range(world) if fmt != "torch_save" for x in (".safetensors", ".index.json")]
     )

@@ -291,7 +291,7 @@ def test_structural_mutations_of_a_valid_manifest(
 def test_rank_entry_parser_on_random_json(doc: Any, index: int) -> None:
     """What a rank reports before the commit is parsed with the same care."""
     try:
-        entry = parse_rank_entry(doc, index, CHUNK_BYTES)
+        entry = parse_rank_entry(doc, index, CHUNK_BYTES, 4)
     except ManifestError:
         return
     assert entry.rank == index
@@ -303,7 +303,7 @@ def test_rank_entry_parser_on_mutated_entries(saved: dict[str, str], data: st.Da
     fmt = data.draw(LAYOUTS)
     entry = json.loads(_manifest_bytes(saved[fmt]))["ranks"][0]
     try:
-        parsed = parse_rank_entry(_mutate_doc(entry, data), 0, CHUNK_BYTES)
+        parsed = parse_rank_entry(_mutate_doc(entry, data), 0, CHUNK_BYTES, 1)
     except ManifestError:
         return
     _assert_usable(Manifest(fmt, 1, (parsed,), CHUNK_BYTES))

@@ -350,22 +350,21 @@ def parse_rank_index(data: bytes, stub: RankEntry, chunk_bytes: int, world_size:
     ref = stub.index
     if ref is None:
         return stub
-    where = f"{ref.file}"
     if len(data) != ref.size_bytes:
-        raise ManifestError(f"{where}: {len(data)} bytes, the manifest says {ref.size_bytes}")
+        raise ManifestError(f"{len(data)} bytes, the manifest says {ref.size_bytes}")
     if check_seal_prefix(data[:SEAL_BYTES]) != ref.crc32c or crc32c_of(memoryview(data)[SEAL_BYTES:]) != ref.crc32c:
-        raise ManifestError(f"{where}: checksum mismatch: not the index the manifest names, or changed since")
+        raise ManifestError("checksum mismatch: not the index the manifest names, or changed since")
     try:
         doc = call_with_stack(STACK_FRAMES_NEEDED, json.loads, data.decode("utf-8"), parse_constant=_no_constant)
     except ValueError as e:
-        raise ManifestError(f"{where}: not valid JSON: {e}") from e
+        raise ManifestError(f"not valid JSON: {e}") from e
     except RecursionError as e:
-        raise ManifestError(f"{where}: JSON nested too deeply (states nest at most {MAX_DEPTH} deep)") from e
+        raise ManifestError(f"JSON nested too deeply (states nest at most {MAX_DEPTH} deep)") from e
     if isinstance(doc, dict):
         doc.pop("manifest_crc32c", None)
     entry = _parse_rank(doc, stub.rank, Layout.SAFETENSORS, chunk_bytes, world_size, FORMAT_VERSION, inline=True)
     if (entry.file, entry.size_bytes, entry.digest) != (stub.file, stub.size_bytes, stub.digest):
-        raise ManifestError(f"{where}: describes {entry.file} ({entry.size_bytes} bytes), not the manifest's {stub.file}")
+        raise ManifestError(f"describes {entry.file} ({entry.size_bytes} bytes), not the manifest's {stub.file}")
     return RankEntry(
         entry.rank, entry.file, entry.size_bytes, entry.digest, entry.tree, entry.tensors, entry.data_offset,
         entry.sharded, None, stub.signature_digest,
