@@ -23,6 +23,23 @@ def fmt(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def allocations(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The bytes of every tensor ``torch.empty`` makes while the test runs (a list, filled as they are made)."""
+    import torch
+
+    seen: list[int] = []
+    real = torch.empty
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        t = real(*args, **kwargs)
+        seen.append(t.numel() * t.element_size())
+        return t
+
+    monkeypatch.setattr(torch, "empty", spy)
+    yield seen
+
+
+@pytest.fixture
 def ckpt_path(tmp_path) -> str:
     """A checkpoint path (not yet existing) inside a fresh temporary directory."""
     return str(tmp_path / "ckpt")

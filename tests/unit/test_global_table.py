@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -49,20 +49,6 @@ def copy(good: str, tmp_path: Any) -> str:
     path = str(tmp_path / "ckpt")
     shutil.copytree(good, path)
     return path
-
-
-@pytest.fixture
-def allocations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    seen: list[int] = []
-    real = torch.empty
-
-    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        t = real(*args, **kwargs)
-        seen.append(t.numel() * t.element_size())
-        return t
-
-    monkeypatch.setattr(torch, "empty", spy)
-    yield seen
 
 
 def test_a_version_2_checkpoint_loads_whole_and_into_templates(good: str) -> None:
@@ -126,16 +112,6 @@ def _listed(doc: dict[str, Any]) -> list[Any]:
     line.pop("grid", None)
     line["chunks"] = line.get("chunks") or [[0, [0, 0], [4, 4]], [1, [4, 0], [4, 4]], [2, [8, 0], [2, 4]]]
     return line["chunks"]
-
-
-def _set(path: list[Any], value: Any) -> Callable[[dict[str, Any]], None]:
-    def edit(doc: dict[str, Any]) -> None:
-        node: Any = doc
-        for step in path[:-1]:
-            node = node[step]
-        node[path[-1]] = value
-
-    return edit
 
 
 HOSTILE_TABLES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
@@ -317,5 +293,6 @@ def test_fast_sharded_entry_parse_agrees_with_the_checked_one(changes: dict[str,
         checked = None
     fast = m._parse_sharded_fast(copy.deepcopy(doc), tensors, meshes, 2, {})
     assert fast is None or fast == checked, (doc, fast, checked)
-    if doc in (_GOOD_SHARDED, {**{k: v for k, v in _GOOD_SHARDED.items() if k != "grid"}, "writer": 1}):
+    writer_doc = {**{k: v for k, v in _GOOD_SHARDED.items() if k != "grid"}, "writer": 1}
+    if json.dumps(doc, sort_keys=True) in (json.dumps(_GOOD_SHARDED, sort_keys=True), json.dumps(writer_doc, sort_keys=True)):
         assert fast is not None and fast == checked  # a good entry takes the fast path

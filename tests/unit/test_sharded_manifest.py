@@ -14,7 +14,7 @@ fail, and :func:`allocations` records every ``torch.empty``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -49,21 +49,6 @@ def copy(good: str, tmp_path: Any) -> str:
     path = str(tmp_path / "ckpt")
     shutil.copytree(good, path)
     return path
-
-
-@pytest.fixture
-def allocations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The bytes of every tensor ``torch.empty`` makes while the test runs."""
-    seen: list[int] = []
-    real = torch.empty
-
-    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        t = real(*args, **kwargs)
-        seen.append(t.numel() * t.element_size())
-        return t
-
-    monkeypatch.setattr(torch, "empty", spy)
-    yield seen
 
 
 def _files_bytes(path: str) -> int:
