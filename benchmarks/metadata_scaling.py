@@ -165,6 +165,7 @@ def point_tc(world: int, n_tensors: int, emit: Callable[[dict[str, Any]], None] 
     """
     import torch
     from torchckpt.format.extents import CHUNK_BYTES
+    from torchckpt.format.gcpause import paused_gc
     from torchckpt.format.manifest import build_manifest, parse_manifest, parse_rank_index
     from torchckpt.format.sharded_read import ShardedLoads
     from torchckpt.format.table import build_table, parse_table
@@ -205,8 +206,9 @@ def point_tc(world: int, n_tensors: int, emit: Callable[[dict[str, Any]], None] 
     loads = ShardedLoads(manifest, lambda e: None, entry_of=entry_of, map_location=None,  # type: ignore[arg-type, return-value]
                          resolve_device=lambda d, m: torch.device("cpu"), where="bench")  # fmt: skip
     t0 = time.perf_counter()
-    for key, target in targets.items():
-        loads.tensor(manifest.sharded[key], target, key)
+    with paused_gc():  # as in a load: read_native plans with the collector paused
+        for key, target in targets.items():
+            loads.tensor(manifest.sharded[key], target, key)
     out["tc_plan_s"] = time.perf_counter() - t0
     out["tc_plan_reads"] = len(loads.reads)
     out["tc_plan_indexes"] = len(entries)
