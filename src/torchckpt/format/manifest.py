@@ -66,7 +66,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 #: The manifest's name in a checkpoint: the marker whose presence means the checkpoint is complete.
 MANIFEST_NAME = "manifest.json"
-# CHUNK_BYTES (from extents.py, where chunks are cut): the bytes one checksum covers, the one size of version 1.
+# CHUNK_BYTES (from extents.py, where chunks are cut): the bytes one checksum covers, the one size of versions 1 and 2.
 #: The names of the format's own files in a checkpoint: the manifest and the rank files of both layouts.
 _FORMAT_FILE = re.compile(r"^(manifest\.json|checkpoint_\d+\.pt|rank_\d+\.safetensors|rank_\d+\.index\.json)$")
 #: How a rank's index object is named: ``rank_00003.index.json``.
@@ -308,7 +308,7 @@ def parse_manifest(data: bytes) -> Manifest:
         raise ManifestError(f"unknown checksum algorithm {checksum.get('algorithm')!r}")
     chunk_bytes = _nonneg(checksum, "chunk_bytes", "checksum")
     if chunk_bytes != CHUNK_BYTES:
-        raise ManifestError(f"checksum chunk_bytes {chunk_bytes} is not {CHUNK_BYTES} (the one size of version 1)")
+        raise ManifestError(f"checksum chunk_bytes {chunk_bytes} is not {CHUNK_BYTES} (the one size of versions 1 and 2)")
     ranks = tuple(_parse_rank(r, i, layout, chunk_bytes, world_size, version) for i, r in enumerate(ranks_doc))
     files = [r.file for r in ranks] + [r.index.file for r in ranks if r.index is not None]
     if len(set(files)) != len(files):
