@@ -14,6 +14,7 @@ its chunks) in memory.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -71,10 +72,7 @@ class ShardedView:
     @property
     def nbytes(self) -> int:
         """The bytes of the full tensor."""
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def full(self) -> torch.Tensor:
         """The full tensor (CPU), assembled from every rank's chunks, checksums verified.
@@ -155,10 +153,8 @@ class ExportItem:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        """The bytes of the tensor."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _header(items: Sequence[ExportItem], order: list[int], metadata: dict[str, str]) -> tuple[bytes, list[int]]:

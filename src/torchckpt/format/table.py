@@ -59,7 +59,7 @@ def parse_meshes(doc: Any, world_size: int, where: str) -> list[Mesh]:
         spec = m.get("ranks")
         if isinstance(spec, dict):
             start, step = nonneg_field(spec, "start", at), nonneg_field(spec, "step", at)
-            ranks = tuple(range(start, start + n * max(step, 1), max(step, 1))) if step else ()
+            ranks = tuple(range(start, start + n * step, step)) if step else ()
         else:
             ranks = _rank_list(spec, at)
         if len(ranks) != n or len(set(ranks)) != n or max(ranks) >= world_size:
