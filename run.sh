@@ -16,7 +16,7 @@ setup() {
   if ! $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
     $PY -m pip install -q "torch==2.13.0"
   fi
-  if ! $PY -c "import torchckpt, pytest, hypothesis, safetensors, pytest_timeout" 2>/dev/null; then
+  if ! $PY -c "import torchckpt, pytest, hypothesis, safetensors, pytest_timeout, obstore, moto.server" 2>/dev/null; then
     $PY -m pip install -q -e ".[test]"
   fi
 }
@@ -29,7 +29,7 @@ case $cmd in
   test) exec $PY -m pytest tests -q "$@" ;;
   bench)
     # The benchmark's extras (chart, peers); torch stays pinned to the version installed above.
-    if ! $PY -c "import matplotlib, torch_checkpointing, safetensors" 2>/dev/null; then
+    if ! $PY -c "import matplotlib, torch_checkpointing, safetensors, s3fs" 2>/dev/null; then
       $PY -m pip install -q -c <(echo "torch==$($PY -c 'import torch; print(torch.__version__.split("+")[0])')") -e ".[bench]"
     fi
     exec $PY benchmarks/run.py "$@" ;;

@@ -43,7 +43,8 @@ from .replicas import OtherRankFailed, ReplicaExchange, deduplicate, replica_dig
 from .keywords import WRITE_KEYWORDS, accepted_keywords, check_keywords, keywords_for
 from .shm import own_storage
 from .storage.base import SaveSession
-from .storage.locate import storage_for
+from .storage.locate import is_object_url, storage_for
+from .save_ids import await_save_id, derived_save_id, new_save_id, publish_save_id
 from .types import STATE_DICT, RankInfo
 from .utils import call_with_stack
 
@@ -88,6 +89,8 @@ class _Save:
     entry: RankEntry | None = None
     #: This rank's part of the save in the storage, once it has begun.
     session: SaveSession | None = None
+    #: The id every rank of this save gives the storage (object stores name the generation with it).
+    save_id: str = ""
 
 
 class CheckpointWriter:
@@ -196,6 +199,13 @@ class CheckpointWriter:
         started = time.monotonic()
         logger.info("saving checkpoint %s (rank %d of %d)", save.path, rank, world)
         store = self._store() if world > 1 else None
+        if is_object_url(save.path) and rank == 0:  # first, so that no rank waits for it in vain
+            if world == 1:
+                save.save_id = new_save_id()
+            elif store is not None:
+                save.save_id = publish_save_id(store, self._agreement(save, store).prefix)
+            else:
+                save.save_id = derived_save_id(save.path, save.save_number)
         try:
             local_error = self._write_local(save, state, kwargs, collective=store is not None)
             self._agree_and_commit(save, store, local_error)
@@ -248,9 +258,12 @@ class CheckpointWriter:
                 raise error
             return error
         try:
-            save.session = storage_for(save.path).begin_save(
+            timeout_s = self._config.write_barrier_timeout_secs
+            if is_object_url(save.path) and rank != 0:
+                save.save_id = self._shared_save_id(save)
+            save.session = storage_for(save.path, self._config.storage_options).begin_save(
                 rank=rank, world_size=self._rank_info.global_world_size, coordinator=rank == 0,
-                timeout_s=self._config.write_barrier_timeout_secs, marker=MANIFEST_NAME,
+                timeout_s=timeout_s, marker=MANIFEST_NAME, save_id=save.save_id,
             )  # fmt: skip
             save.entry, stats = self._write_rank(save.session, state, kwargs.get("allow_pickle"))
             save.stats = {**stats, **save.stats}
@@ -263,6 +276,14 @@ class CheckpointWriter:
                 raise
             return e
         return None
+
+    def _shared_save_id(self, save: _Save) -> str:
+        """The id rank 0 published for this save (through the store), or one all ranks derive alike without one."""
+        store = self._store()
+        if store is None:
+            return derived_save_id(save.path, save.save_number)
+        prefix = self._agreement(save, store).prefix
+        return await_save_id(store, prefix, timeout_s=self._config.write_barrier_timeout_secs, path=save.path)
 
     def _pickle(self, kwargs: Mapping[str, Any]) -> bool:
         flag = kwargs.get("allow_pickle")

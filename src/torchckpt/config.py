@@ -77,6 +77,10 @@ class CheckpointWriterConfig:
             bytes once, by one rank, the writes spread over the ranks (native format,
             several ranks agreeing through a store; ``replicas.py``). Off by default:
             the reference writes every rank's state; the manager turns it on.
+        storage_options: The object store client's configuration keys (``endpoint``,
+            ``region``, ``allow_http``, ...) for saves to ``s3://``, ``gs://``, ``az://``
+            URLs, on top of the standard environment (``AWS_ENDPOINT_URL``, ...).
+            None: the environment alone.
     """
 
     write_barrier_timeout_secs: int = 600
@@ -86,8 +90,18 @@ class CheckpointWriterConfig:
     allow_pickle: bool = False
     io_threads: int = 2
     dedup_replicated: bool = False
+    storage_options: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
+        if self.storage_options is not None and (
+            not isinstance(self.storage_options, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.storage_options.items())
+        ):
+            raise ConfigError(
+                "CheckpointWriterConfig.storage_options must map option names to strings, "
+                f"got {self.storage_options!r}",
+                field="storage_options",
+            )
         if self.write_barrier_timeout_secs <= 0:
             raise ConfigError(
                 f"CheckpointWriterConfig.write_barrier_timeout_secs must be > 0, got {self.write_barrier_timeout_secs}",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TypeVar
 
@@ -176,15 +176,20 @@ class CheckpointSnapshot:
         self.close()
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSnapshot:
+def open_checkpoint(
+    path: str | os.PathLike[str], storage_options: Mapping[str, str] | None = None
+) -> CheckpointSnapshot:
     """Hold the committed generation of the checkpoint at ``path`` open (use it in a ``with`` block).
+
+    ``path`` is a local directory or an object store URL; ``storage_options``
+    configure the object store's client (``storage/object_client.py``).
 
     Raises:
         UnsupportedURLError: ``path`` is a URL of a storage torchckpt does not have.
         CheckpointNotFoundError: No checkpoint directory there (or a symbolic link at its name).
     """
     path = os.fspath(path)
-    return CheckpointSnapshot(path, storage_for(path).open_generation())
+    return CheckpointSnapshot(path, storage_for(path, storage_options).open_generation(MANIFEST_NAME))
 
 
 def read_consistently(path: str | os.PathLike[str], read: Callable[[CheckpointSnapshot], T]) -> T:

@@ -10,7 +10,7 @@ it talks to. ``storage/local.py`` is the local-directory implementation.
 Call order of a save (``CheckpointWriter.write``)::
 
     every rank    session = storage.begin_save(rank=r, world_size=w, coordinator=r == 0,
-                                               timeout_s=t, marker=name)
+                                               timeout_s=t, marker=name, save_id=s)
                       (coordinator: waits for the location's lock, settles what an
                       interrupted save left, starts a clean pending generation
                       without a stale marker; every rank: the pending generation
@@ -30,7 +30,7 @@ Call order of a save (``CheckpointWriter.write``)::
 
 Call order of a load (``CheckpointReader.read``, ``verify``, the tools)::
 
-    gen = storage.open_generation()      # the generation committed now (a snapshot)
+    gen = storage.open_generation(marker)  # the generation committed now (a snapshot)
     src = gen.open(name)                 # FileNotFoundError when it has no such object
     src.size; src.read_into(views, offset); src.read(offset, nbytes)
     src.close()
@@ -192,7 +192,7 @@ class Storage(Protocol):
     location: str
 
     def begin_save(
-        self, *, rank: int, world_size: int, coordinator: bool, timeout_s: float, marker: str
+        self, *, rank: int, world_size: int, coordinator: bool, timeout_s: float, marker: str, save_id: str
     ) -> SaveSession:
         """Start this rank's part of a save (see the module's call order).
 
@@ -204,9 +204,15 @@ class Storage(Protocol):
             marker: The name of the object written last by ``commit``, whose
                 presence means "complete" (a stale one is removed here; an old
                 generation loses it first when it is deleted).
+            save_id: This save's id, the same on every rank of the save and never used by
+                another save (an object store names the generation with it).
         """
         ...
 
-    def open_generation(self) -> Generation:
-        """The committed generation, held open (FileNotFoundError: nothing committed at the location)."""
+    def open_generation(self, marker: str) -> Generation:
+        """The committed generation, held open (FileNotFoundError: nothing committed at the location).
+
+        Args:
+            marker: The name of the object whose presence means "complete" (as given to ``begin_save``).
+        """
         ...

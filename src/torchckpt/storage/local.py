@@ -64,7 +64,7 @@ class LocalStorage:
         self.location = local_path(path)
 
     def begin_save(
-        self, *, rank: int, world_size: int, coordinator: bool, timeout_s: float, marker: str
+        self, *, rank: int, world_size: int, coordinator: bool, timeout_s: float, marker: str, save_id: str = ""
     ) -> LocalSaveSession:
         """Start this rank's part of a save: the pending directory exists when this returns.
 
@@ -78,6 +78,7 @@ class LocalStorage:
             coordinator: Whether this rank commits (it takes the lock and cleans).
             timeout_s: Longest wait for another save holding the directory's lock.
             marker: The name of the file written last (the format's manifest).
+            save_id: Not needed here: a directory has one pending generation at a time, under the lock.
 
         Raises:
             CheckpointIOError: The directory cannot be prepared (names rank, operation, path).
@@ -91,9 +92,10 @@ class LocalStorage:
             raise
         return session
 
-    def open_generation(self) -> LocalGeneration:
+    def open_generation(self, marker: str = "") -> LocalGeneration:
         """The checkpoint directory committed at the path, held open (see ``storage/base.py`` and ``local_read.py``).
 
+        ``marker`` is not needed: the directory is the generation.
         Where the directory is missing because an overwrite without
         ``RENAME_EXCHANGE`` was interrupted, its previous generation is opened.
 

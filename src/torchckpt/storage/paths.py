@@ -53,8 +53,8 @@ def local_path(path: str | os.PathLike[str]) -> str:
     if scheme == "file":
         hint = f"; give the local path {urlsplit(text).path or '/'} instead"
     raise UnsupportedURLError(
-        f"{text}: {scheme}:// URLs are not supported: torchckpt reads and writes local (or mounted) "
-        f"file systems, and object stores are not supported yet{hint}",
+        f"{text}: {scheme}:// URLs are not supported here: torchckpt reads and writes local (or mounted) "
+        f"file systems and the object stores s3://, gs://, az:// and memory://{hint}",
         path=text,
         scheme=scheme,
     )
