@@ -34,6 +34,7 @@ from .errors import MissingKeysError
 from .format.tree import STACK_FRAMES_NEEDED
 from .keywords import READ_KEYWORDS, WRITE_KEYWORDS, check_keywords
 from .staging import DefaultStager
+from .storage.object_client import check_shared
 from .storage.writable import check_writable
 from .types import STATE_DICT, RankInfo
 from .utils import call_with_stack, close_on_exit, wrap_future
@@ -240,6 +241,7 @@ class AsyncCheckpointer(Checkpointer):
         )  # fmt: skip
         check_metadata(kwargs.get("metadata"), str(path))  # in the writer it would fail after the copy
         if isinstance(path, (str, os.PathLike)):
+            check_shared(os.fspath(path), why="an async save writes it from a subprocess")
             check_writable(path, rank=_rank_of(self._checkpoint_process))
         # Staging walks the state once per level: run it where that fits.
         return call_with_stack(STACK_FRAMES_NEEDED, self._start_save, path, state_dict, kwargs)

@@ -41,6 +41,7 @@ from ..errors import UnsupportedURLError
 __all__ = [
     "OBJECT_SCHEMES",
     "ObjectURL",
+    "check_shared",
     "is_object_url",
     "os_error",
     "parse_object_url",
@@ -106,6 +107,21 @@ def is_object_url(path: object) -> bool:
     if not isinstance(path, str) or "://" not in path:
         return False
     return path.split("://", 1)[0].lower() in OBJECT_SCHEMES
+
+
+def check_shared(path: object, *, why: str) -> None:
+    """Refuse a ``memory://`` URL where another process must see the checkpoint.
+
+    Raises:
+        UnsupportedURLError: ``path`` is a ``memory://`` URL (says ``why`` it must be shared).
+    """
+    if is_object_url(path) and OBJECT_SCHEMES[str(path).split("://", 1)[0].lower()] == "memory":
+        raise UnsupportedURLError(
+            f"{path}: a memory:// checkpoint lives in this process only, and {why}: "
+            "save to a local path or an s3://, gs://, az:// URL",
+            path=str(path),
+            scheme="memory",
+        )
 
 
 def parse_object_url(url: str) -> ObjectURL:

@@ -20,6 +20,7 @@ import errno
 import os
 
 from ..errors import CheckpointIOError
+from .object_client import is_object_url
 from .paths import check_not_a_link, local_path, resolve_parent
 
 __all__ = ["check_writable"]
@@ -50,8 +51,10 @@ def check_writable(path: str | os.PathLike[str], *, rank: int = 0) -> None:
         CheckpointIOError: errno EROFS (read-only file system) or EACCES (no
             write or search permission), operation ``"prepare"``, naming the
             rank and the directory; errno ELOOP when ``path`` is a symbolic link.
-        UnsupportedURLError: ``path`` is a URL.
+        UnsupportedURLError: ``path`` is a URL of a storage torchckpt does not have.
     """
+    if is_object_url(os.fspath(path)):  # an object store says what it refuses when the save begins
+        return
     resolved = resolve_parent(local_path(path))
     check_not_a_link(resolved, rank=rank)
     directory = _nearest_directory(os.path.dirname(resolved))
