@@ -36,6 +36,7 @@ Usage::
     python benchmarks/run.py --only limits,tc_sync_native --reps 5
     python benchmarks/run.py --report             # and update benchmarks/README.md
     python benchmarks/run.py --sharded            # FSDP2 state on 2 and 4 gloo ranks vs DCP (sharded.py)
+    python benchmarks/run.py --object-store       # to and from a loopback S3 server vs the limit and DCP (object_store.py)
     python benchmarks/run.py --metadata-scaling   # metadata work at 8 to 4,096 simulated ranks (metadata_scaling.py)
 """
 
@@ -279,6 +280,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the sharded case instead: an FSDP2 state of --size-gib on gloo ranks (sharded.py)")
     p.add_argument("--metadata-scaling", action="store_true",
                    help="the metadata scaling case instead (metadata_scaling.py, its defaults; --out-dir, --report)")
+    p.add_argument("--object-store", action="store_true",
+                   help="a state to and from a loopback S3 server (moto), vs the client's limit and DCP (object_store.py)")
+    p.add_argument("--tier", action="store_true", help="with --object-store: also the tiered manager save's stall")
     p.add_argument("--ranks", default="2,4", help="world sizes of --sharded (default 2,4; both: the 4 -> 2 reshard)")
     return p.parse_args(argv)
 
@@ -289,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         import metadata_scaling
 
         return metadata_scaling.main(["--out-dir", args.out_dir] + (["--report"] if args.report else []))
+    if args.object_store:
+        import object_store
+
+        return object_store.main(args)
     if args.sharded:
         import sharded
 

@@ -21,9 +21,11 @@ layout, lazy views) an anonymous in-memory file holding the object.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,8 +38,14 @@ __all__ = ["BytesReader", "ObjectStoreReader", "ObjectStoreWriter"]
 PART_BYTES = 32 << 20
 #: Parts uploaded at once by one object's upload.
 UPLOAD_CONCURRENCY = 8
-#: Bytes per ranged GET of a read; up to ten are in flight at once.
+#: Bytes per ranged GET of a read (and per block of the read cache); up to ten are in flight at once.
 RANGE_BYTES = 16 << 20
+#: Blocks a sequential reader fetches at once.
+READ_AHEAD_BLOCKS = 8
+#: Blocks kept per object (least recently used dropped).
+CACHE_BLOCKS = 16
+#: Reads at least this large bypass the blocks.
+DIRECT_READ_BYTES = 4 * RANGE_BYTES
 #: Pieces queued for the upload before ``write_at`` waits for it.
 QUEUE_DEPTH = 16
 #: Longest wait for the upload to take a piece or to finish after the last one.
@@ -210,6 +218,89 @@ def _drain(q: queue.Queue[Any]) -> None:
         pass
 
 
+class _Blocks:
+    """The blocks of one object fetched so far, shared by its handles: ranged GETs of ``RANGE_BYTES``, read ahead.
+
+    A load reads a rank file as many small positional reads (a checksum chunk
+    each) from a few threads; one GET each would pay a request's latency per
+    MiB. Reads are served from aligned blocks instead, fetched in parallel
+    (``get_ranges``): a miss right after the previous block (a sequential
+    reader) fetches ``READ_AHEAD_BLOCKS`` at once, any other miss its block
+    and the next. At most ``CACHE_BLOCKS`` are kept (least recently used go).
+    """
+
+    def __init__(self, store: Any, key: str, location: str, size: int) -> None:
+        self.store, self.key, self.location, self.size = store, key, location, size
+        self._lock = threading.Lock()
+        self._blocks: OrderedDict[int, memoryview] = OrderedDict()
+        self._fetching: dict[int, threading.Event] = {}
+        self._errors: dict[int, BaseException] = {}
+        self._last = -2
+
+    def fetch(self, starts: list[int], lengths: list[int]) -> list[memoryview]:
+        """The byte ranges ``starts[i] .. + lengths[i]`` by parallel ranged GETs (each checked for its length)."""
+        import obstore
+
+        try:
+            parts = obstore.get_ranges(self.store, self.key, starts=starts, lengths=lengths, coalesce=0)
+        except Exception as e:
+            raise os_error(e, "read", self.location) from e
+        out = []
+        for s, n, part in zip(starts, lengths, parts):
+            data = memoryview(part)
+            if data.nbytes != n:
+                raise OSError(errno.EIO, f"read {self.location}: a ranged GET at {s} returned {data.nbytes} of {n} bytes")
+            out.append(data)
+        return out
+
+    def block(self, i: int) -> memoryview:
+        """Block ``i``, fetched (with its read-ahead) when missing; raises the fetch's OSError."""
+        with self._lock:
+            got = self._blocks.get(i)
+            if got is not None:
+                self._blocks.move_to_end(i)
+                self._last = i
+                return got
+            waiting = self._fetching.get(i)
+            todo: list[int] = []
+            if waiting is None:
+                ahead = READ_AHEAD_BLOCKS if i == self._last + 1 else 2
+                count = -(-self.size // RANGE_BYTES)
+                todo = [j for j in range(i, min(i + ahead, count)) if j not in self._blocks and j not in self._fetching]
+                waiting = threading.Event()
+                for j in todo:
+                    self._fetching[j] = waiting
+            self._last = i
+        if todo:
+            self._fetch_blocks(todo, waiting)
+        elif not waiting.wait(UPLOAD_WAIT_S):
+            raise OSError(errno.ETIMEDOUT, f"read {self.location}: block {i} not fetched in {UPLOAD_WAIT_S:.0f}s")
+        with self._lock:
+            if i in self._errors:
+                raise self._errors.pop(i)
+            got = self._blocks.get(i)
+        return got if got is not None else self.block(i)  # evicted meanwhile: fetch it again
+
+    def _fetch_blocks(self, todo: list[int], done: threading.Event) -> None:
+        starts = [j * RANGE_BYTES for j in todo]
+        lengths = [min(RANGE_BYTES, self.size - s) for s in starts]
+        try:
+            parts: list[memoryview] | None = self.fetch(starts, lengths)
+            error: BaseException | None = None
+        except OSError as e:
+            parts, error = None, e
+        with self._lock:
+            for k, j in enumerate(todo):
+                self._fetching.pop(j, None)
+                if parts is not None:
+                    self._blocks[j] = parts[k]
+                else:
+                    self._errors[j] = error  # type: ignore[assignment]
+            while len(self._blocks) > CACHE_BLOCKS:
+                self._blocks.popitem(last=False)
+        done.set()
+
+
 class ObjectStoreReader:
     """One object of a committed generation, read by parallel ranged GETs.
 
@@ -220,35 +311,38 @@ class ObjectStoreReader:
         size: Its size in bytes (from the listing or a HEAD).
     """
 
-    def __init__(self, store: Any, key: str, location: str, size: int) -> None:
-        self._store = store
-        self._key = key
+    def __init__(self, store: Any, key: str, location: str, size: int, blocks: _Blocks | None = None) -> None:
+        self._blocks = blocks or _Blocks(store, key, location, size)
         self.location = location
         self.size = size
         self._fd: int | None = None
 
     def read_into(self, views: Sequence[memoryview], offset: int) -> int:
-        """Fill ``views`` from ``offset`` by parallel ranged GETs; return the bytes read (fewer at the end).
+        """Fill ``views`` from ``offset``; return the bytes read (fewer at the end).
+
+        Reads of ``DIRECT_READ_BYTES`` or more go straight to parallel ranged GETs;
+        smaller ones are served from the shared blocks (read ahead).
 
         Raises:
             OSError: A GET failed (errno and message name the URL and why).
         """
-        import obstore
-
         want = min(sum(v.nbytes for v in views), max(0, self.size - offset))
         if want <= 0:
             return 0
-        starts = list(range(offset, offset + want, RANGE_BYTES))
-        lengths = [min(RANGE_BYTES, offset + want - s) for s in starts]
-        try:
-            parts = obstore.get_ranges(self._store, self._key, starts=starts, lengths=lengths, coalesce=0)
-        except Exception as e:
-            raise os_error(e, "read", self.location) from e
-        for s, part in zip(starts, parts):
-            data = memoryview(part)
-            if data.nbytes != min(RANGE_BYTES, offset + want - s):
-                raise OSError(errno.EIO, f"read {self.location}: a ranged GET at {s} returned {data.nbytes} bytes")
-            _copy_into(views, s - offset, data)
+        if want >= DIRECT_READ_BYTES:
+            starts = list(range(offset, offset + want, RANGE_BYTES))
+            parts = self._blocks.fetch(starts, [min(RANGE_BYTES, offset + want - s) for s in starts])
+            for s, data in zip(starts, parts):
+                _copy_into(views, s - offset, data)
+            return want
+        pos = offset
+        while pos < offset + want:
+            i = pos // RANGE_BYTES
+            block = self._blocks.block(i)
+            start = pos - i * RANGE_BYTES
+            n = min(block.nbytes - start, offset + want - pos)
+            _copy_into(views, pos - offset, block[start : start + n])
+            pos += n
         return want
 
     def read(self, offset: int, nbytes: int) -> bytes:
@@ -259,8 +353,8 @@ class ObjectStoreReader:
         return bytes(buf)
 
     def reopen(self) -> ObjectStoreReader:
-        """Another handle on the object (the client is shared and thread-safe)."""
-        return ObjectStoreReader(self._store, self._key, self.location, self.size)
+        """Another handle on the object, sharing its fetched blocks (the client is thread-safe)."""
+        return ObjectStoreReader(None, "", self.location, self.size, self._blocks)
 
     def fileno(self) -> int | None:
         """An anonymous in-memory file holding the object, downloaded on the first call (for ``mmap`` and ``torch.load``)."""
@@ -269,10 +363,11 @@ class ObjectStoreReader:
             try:
                 os.ftruncate(fd, self.size)
                 if self.size:
-                    import mmap
-
                     with mmap.mmap(fd, self.size) as mm:
-                        self.read_into([memoryview(mm)], 0)
+                        starts = list(range(0, self.size, RANGE_BYTES))
+                        parts = self._blocks.fetch(starts, [min(RANGE_BYTES, self.size - s) for s in starts])
+                        for s, data in zip(starts, parts):
+                            mm[s : s + data.nbytes] = data
             except BaseException:
                 os.close(fd)
                 raise
