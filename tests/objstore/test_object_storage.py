@@ -252,3 +252,48 @@ def test_reader_splits_reads_into_ranges_and_gives_a_file(monkeypatch) -> None:
 def test_bad_urls_are_refused(url, message) -> None:
     with pytest.raises(UnsupportedURLError, match=message):
         storage_for(url)
+
+
+def test_small_sequential_reads_share_blocks_read_ahead(monkeypatch) -> None:
+    monkeypatch.setattr(object_io, "RANGE_BYTES", 1000)
+    monkeypatch.setattr(object_io, "DIRECT_READ_BYTES", 4000)
+    monkeypatch.setattr(object_io, "READ_AHEAD_BLOCKS", 4)
+    store = store_for(parse_object_url("memory://unit-blocks"))
+    data = os.urandom(10_000)
+    obstore.put(store, "b", data)
+    calls: list[list[int]] = []
+    real = obstore.get_ranges
+
+    def spy(store, path, *, starts, lengths, coalesce):  # type: ignore[no-untyped-def]
+        calls.append(list(starts))
+        return real(store, path, starts=starts, lengths=lengths, coalesce=coalesce)
+
+    monkeypatch.setattr(obstore, "get_ranges", spy)
+    src = object_io.ObjectStoreReader(store, "b", "memory://unit-blocks/b", len(data))
+    other = src.reopen()
+    got = bytearray()
+    for off in range(0, 10_000, 250):  # 40 reads of 250 bytes, alternating between two handles
+        handle = src if off % 500 else other
+        buf = bytearray(250)
+        assert handle.read_into([memoryview(buf)], off) == 250
+        got += buf
+    assert bytes(got) == data
+    # block 0 (+1 ahead), then sequential misses read 4 blocks at once: 3 GETs for 40 reads
+    assert calls == [[0, 1000], [2000, 3000, 4000, 5000], [6000, 7000, 8000, 9000]]
+    big = bytearray(5000)
+    assert src.read_into([memoryview(big)], 3000) == 5000 and bytes(big) == data[3000:8000]
+    assert calls[-1] == [3000, 4000, 5000, 6000, 7000]  # a large read goes straight to the store
+
+
+def test_a_failed_ranged_get_names_the_url(monkeypatch) -> None:
+    store = store_for(parse_object_url("memory://unit-fail"))
+    obstore.put(store, "f", b"x" * 100)
+
+    def broken(*a, **k):  # type: ignore[no-untyped-def]
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(obstore, "get_ranges", broken)
+    src = object_io.ObjectStoreReader(store, "f", "memory://unit-fail/f", 100)
+    with pytest.raises(OSError, match=r"read memory://unit-fail/f failed: connection reset by peer") as e:
+        src.read(0, 10)
+    assert e.value.errno == errno.EIO
