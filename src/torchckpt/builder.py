@@ -100,7 +100,10 @@ def make_sync_checkpointer(
     rank_info = rank_info if rank_info is not None else default_rank_info()
     barrier = create_barrier_from_config(resolve_barrier_config(config, rank_info, in_subprocess=False))
     writer = CheckpointWriter(config=config.writer_config, rank_info=rank_info, barrier=barrier, commit_hook=commit_hook)
-    reader = CheckpointReader(rank_info=rank_info, allow_pickle=config.writer_config.allow_pickle)
+    reader = CheckpointReader(
+        rank_info=rank_info, allow_pickle=config.writer_config.allow_pickle,
+        storage_options=config.writer_config.storage_options,
+    )  # fmt: skip
     return SyncCheckpointer(writer=writer, reader=reader)
 
 
@@ -156,7 +159,10 @@ def make_async_checkpointer(
         checkpoint_writer_init_args=writer_args,
     )
     stager = DefaultStager(config.staging_config)
-    reader = CheckpointReader(rank_info=rank_info, allow_pickle=config.writer_config.allow_pickle)
+    reader = CheckpointReader(
+        rank_info=rank_info, allow_pickle=config.writer_config.allow_pickle,
+        storage_options=config.writer_config.storage_options,
+    )  # fmt: skip
     # The default writer has no commit hook: keywords torchckpt does not know are refused before staging.
     hook_keywords = frozenset() if checkpoint_writer_init_fn is default_writer_init_fn else None
     return AsyncCheckpointer(

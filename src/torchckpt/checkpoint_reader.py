@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 import time
 import warnings
 from typing import Any
@@ -47,6 +48,8 @@ class CheckpointReader:
         verify_checksums: Check checksums of what is read (default True).
         allow_pickle: Load values stored with pickle (only for trusted checkpoints).
         io_threads: Threads reading one file in parallel.
+        storage_options: The object store client's configuration keys for ``s3://``, ``gs://``,
+            ``az://`` checkpoints, on top of the environment (None: the environment alone).
     """
 
     def __init__(
@@ -56,8 +59,10 @@ class CheckpointReader:
         verify_checksums: bool = True,
         allow_pickle: bool = False,
         io_threads: int = 2,
+        storage_options: Mapping[str, str] | None = None,
     ) -> None:
         self._rank_info = rank_info
+        self._storage_options = dict(storage_options) if storage_options else None
         self._verify = verify_checksums
         self._allow_pickle = allow_pickle
         self._io_threads = io_threads
@@ -105,7 +110,9 @@ class CheckpointReader:
         allow_pickle = bool(kwargs.get("allow_pickle", self._allow_pickle))
         rank = kwargs.get("rank")
         return read_consistently(
-            path, lambda snapshot: self._read_snapshot(snapshot, state_dict, map_location, rank, verify, allow_pickle)
+            path,
+            lambda snapshot: self._read_snapshot(snapshot, state_dict, map_location, rank, verify, allow_pickle),
+            self._storage_options,
         )
 
     def _read_snapshot(

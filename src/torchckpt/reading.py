@@ -192,7 +192,11 @@ def open_checkpoint(
     return CheckpointSnapshot(path, storage_for(path, storage_options).open_generation(MANIFEST_NAME))
 
 
-def read_consistently(path: str | os.PathLike[str], read: Callable[[CheckpointSnapshot], T]) -> T:
+def read_consistently(
+    path: str | os.PathLike[str],
+    read: Callable[[CheckpointSnapshot], T],
+    storage_options: Mapping[str, str] | None = None,
+) -> T:
     """``read(snapshot)`` on the committed generation at ``path``; again on the new one while it is replaced.
 
     Call order: each attempt opens the generation, calls ``read`` and closes
@@ -205,7 +209,7 @@ def read_consistently(path: str | os.PathLike[str], read: Callable[[CheckpointSn
     """
     path = os.fspath(path)
     for _ in range(READ_ATTEMPTS):
-        with open_checkpoint(path) as snapshot:
+        with open_checkpoint(path, storage_options) as snapshot:
             try:
                 return read(snapshot)
             except GenerationReplaced:

@@ -13,7 +13,7 @@ import torch
 
 import torchckpt as tc
 from ckpt_testutil import assert_state_equal, checkpointer, file_name
-from torchckpt.errors import CheckpointIOError, CheckpointNotFoundError, UnsupportedURLError
+from torchckpt.errors import CheckpointIOError, CheckpointNotFoundError, ConfigError, UnsupportedURLError
 from torchckpt.format.manifest import MANIFEST_NAME
 from torchckpt.format.native import native_file_name
 from torchckpt.format.torch_save import rank_file_name
@@ -297,3 +297,16 @@ def test_a_failed_ranged_get_names_the_url(monkeypatch) -> None:
     with pytest.raises(OSError, match=r"read memory://unit-fail/f failed: connection reset by peer") as e:
         src.read(0, 10)
     assert e.value.errno == errno.EIO
+
+
+def test_storage_options_reach_the_client_on_save_and_load(s3_bucket, moto_server, monkeypatch) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_ALLOW_HTTP")
+    options = {"endpoint": moto_server.endpoint, "allow_http": "true"}
+    cfg = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format="safetensors", storage_options=options))
+    ck = tc.make_sync_checkpointer(cfg)
+    ck.save(f"{s3_bucket}/opts", _state(7))
+    assert_state_equal(ck.load(f"{s3_bucket}/opts"), _state(7))
+    ck.close()
+    with pytest.raises(ConfigError, match=r"storage_options must map option names to strings"):
+        tc.CheckpointWriterConfig(storage_options={"endpoint": 1})
