@@ -13,7 +13,7 @@ import torch
 
 import torchckpt as tc
 from ckpt_testutil import assert_state_equal, checkpointer, file_name
-from torchckpt.errors import CheckpointIOError, CheckpointNotFoundError, ConfigError, UnsupportedURLError
+from torchckpt.errors import CheckpointIOError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsupportedURLError
 from torchckpt.format.manifest import MANIFEST_NAME
 from torchckpt.format.native import native_file_name
 from torchckpt.format.torch_save import rank_file_name
@@ -196,8 +196,16 @@ def test_dtensors_saved_by_rows_load_by_columns(s3_bucket) -> None:
 # -- the object writer and reader on their own --------------------------------
 
 
-def test_writer_streams_out_of_order_writes_in_parts(monkeypatch) -> None:
-    monkeypatch.setattr(object_io, "PART_BYTES", 1000)
+def _reader(store, key: str, size: int) -> object_io.ObjectStoreReader:  # type: ignore[no-untyped-def]
+    got = obstore.get(store, key, options={"head": True})
+    layout = object_io.layout_of(key, f"memory://{key}", int(got.meta["size"]), got.attributes)
+    assert layout.size == size
+    return object_io.ObjectStoreReader(store, layout, f"memory://{key}")
+
+
+def test_writer_uploads_out_of_order_writes_as_segments_the_first_last(monkeypatch) -> None:
+    monkeypatch.setattr(object_io, "SEGMENT_BYTES", 3000)
+    monkeypatch.setattr(object_io, "RANGE_BYTES", 1000)
     store = store_for(parse_object_url("memory://unit-writer"))
     data = os.urandom(10_000)
     out = object_io.ObjectStoreWriter(store, "k", "memory://unit-writer/k")
@@ -207,13 +215,45 @@ def test_writer_streams_out_of_order_writes_in_parts(monkeypatch) -> None:
     with pytest.raises(OSError, match=r"bytes at 3000 are written already") as e:
         out.write_at([memoryview(b"x")], 3000)
     assert e.value.errno == errno.EINVAL
+    out._uploads[-1].result(timeout=10)  # segments 1..2 are up; segment 0 is held for the end
+    with pytest.raises(FileNotFoundError):
+        obstore.head(store, "k")
     out.sync()
     out.close()
-    assert bytes(obstore.get(store, "k").bytes()) == data
+    paths = sorted(m["path"] for b in obstore.list(store) for m in b)
+    assert paths == ["k", "k.seg00001", "k.seg00002", "k.seg00003"]
+    got = obstore.get(store, "k")
+    assert got.attributes == {"torchckpt-segments": "4", "torchckpt-segment-bytes": "3000", "torchckpt-size": "10000"}
+    assert bytes(obstore.get(store, "k.seg00003").bytes()) == data[9000:]
+    src = _reader(store, "k", 10_000)
+    assert src.read(0, 10_000) == data and src.read(2500, 1000) == data[2500:3500]  # across segments
+    whole = bytearray(10_000)
+    assert src.read_into([memoryview(whole)], 0) == 10_000 and bytes(whole) == data
 
 
-def test_writer_reports_a_gap_and_an_abandoned_upload_leaves_nothing(monkeypatch) -> None:
-    monkeypatch.setattr(object_io, "PART_BYTES", 100)
+def test_a_small_object_is_one_plain_object(monkeypatch) -> None:
+    store = store_for(parse_object_url("memory://unit-small"))
+    out = object_io.ObjectStoreWriter(store, "s", "memory://unit-small/s")
+    out.write_at([memoryview(b"abc")], 0)
+    out.sync()
+    out.close()
+    got = obstore.get(store, "s")
+    assert bytes(got.bytes()) == b"abc" and "torchckpt-segments" not in got.attributes
+    empty = object_io.ObjectStoreWriter(store, "e", "memory://unit-small/e")
+    empty.sync()
+    assert bytes(obstore.get(store, "e").bytes()) == b""
+
+
+def test_bad_segment_metadata_is_corruption_naming_the_object() -> None:
+    with pytest.raises(CorruptCheckpointError, match=r"corrupt object memory://x/k: segment metadata does not fit"):
+        object_io.layout_of("k", "memory://x/k", 100, {"torchckpt-segments": "2", "torchckpt-segment-bytes": "100",
+                                                       "torchckpt-size": "300"})  # fmt: skip
+    with pytest.raises(CorruptCheckpointError, match=r"corrupt object memory://x/k: bad segment metadata"):
+        object_io.layout_of("k", "memory://x/k", 100, {"torchckpt-segments": "two"})
+
+
+def test_writer_reports_a_gap_and_an_abandoned_upload_leaves_no_object(monkeypatch) -> None:
+    monkeypatch.setattr(object_io, "SEGMENT_BYTES", 100)
     store = store_for(parse_object_url("memory://unit-gap"))
     out = object_io.ObjectStoreWriter(store, "g", "memory://unit-gap/g")
     out.write_at([memoryview(b"a" * 300)], 0)
@@ -222,7 +262,7 @@ def test_writer_reports_a_gap_and_an_abandoned_upload_leaves_nothing(monkeypatch
         out.sync()
     out.close()
     with pytest.raises(FileNotFoundError):
-        obstore.head(store, "g")
+        obstore.head(store, "g")  # segment 0 never appears: the object does not exist
 
 
 def test_reader_splits_reads_into_ranges_and_gives_a_file(monkeypatch) -> None:
@@ -230,7 +270,7 @@ def test_reader_splits_reads_into_ranges_and_gives_a_file(monkeypatch) -> None:
     store = store_for(parse_object_url("memory://unit-reader"))
     data = os.urandom(5000)
     obstore.put(store, "r", data)
-    src = object_io.ObjectStoreReader(store, "r", "memory://unit-reader/r", len(data))
+    src = _reader(store, "r", 5000)
     a, b = bytearray(1234), bytearray(4000)
     assert src.read_into([memoryview(a), memoryview(b)], 100) == 4900  # short at the end
     assert bytes(a) == data[100:1334] and bytes(b[:3666]) == data[1334:] and b[3666:] == bytes(334)
@@ -261,15 +301,15 @@ def test_small_sequential_reads_share_blocks_read_ahead(monkeypatch) -> None:
     store = store_for(parse_object_url("memory://unit-blocks"))
     data = os.urandom(10_000)
     obstore.put(store, "b", data)
-    calls: list[list[int]] = []
-    real = obstore.get_ranges
+    calls: list[int] = []
+    real = obstore.get_range
 
-    def spy(store, path, *, starts, lengths, coalesce):  # type: ignore[no-untyped-def]
-        calls.append(list(starts))
-        return real(store, path, starts=starts, lengths=lengths, coalesce=coalesce)
+    def spy(store, path, *, start, length):  # type: ignore[no-untyped-def]
+        calls.append(start)
+        return real(store, path, start=start, length=length)
 
-    monkeypatch.setattr(obstore, "get_ranges", spy)
-    src = object_io.ObjectStoreReader(store, "b", "memory://unit-blocks/b", len(data))
+    monkeypatch.setattr(obstore, "get_range", spy)
+    src = _reader(store, "b", 10_000)
     other = src.reopen()
     got = bytearray()
     for off in range(0, 10_000, 250):  # 40 reads of 250 bytes, alternating between two handles
@@ -278,23 +318,24 @@ def test_small_sequential_reads_share_blocks_read_ahead(monkeypatch) -> None:
         assert handle.read_into([memoryview(buf)], off) == 250
         got += buf
     assert bytes(got) == data
-    # block 0 (+1 ahead), then sequential misses read 4 blocks at once: 3 GETs for 40 reads
-    assert calls == [[0, 1000], [2000, 3000, 4000, 5000], [6000, 7000, 8000, 9000]]
+    # block 0 (+1 ahead), then each sequential miss reads 4 blocks at once: 10 GETs for 40 reads, none twice
+    assert sorted(calls) == list(range(0, 10_000, 1000))
+    calls.clear()
     big = bytearray(5000)
     assert src.read_into([memoryview(big)], 3000) == 5000 and bytes(big) == data[3000:8000]
-    assert calls[-1] == [3000, 4000, 5000, 6000, 7000]  # a large read goes straight to the store
+    assert sorted(calls) == [3000, 4000, 5000, 6000, 7000]  # a large read goes straight to the store
 
 
 def test_a_failed_ranged_get_names_the_url(monkeypatch) -> None:
     store = store_for(parse_object_url("memory://unit-fail"))
     obstore.put(store, "f", b"x" * 100)
+    src = _reader(store, "f", 100)
 
     def broken(*a, **k):  # type: ignore[no-untyped-def]
         raise ConnectionResetError("connection reset by peer")
 
-    monkeypatch.setattr(obstore, "get_ranges", broken)
-    src = object_io.ObjectStoreReader(store, "f", "memory://unit-fail/f", 100)
-    with pytest.raises(OSError, match=r"read memory://unit-fail/f failed: connection reset by peer") as e:
+    monkeypatch.setattr(obstore, "get_range", broken)
+    with pytest.raises(OSError, match=r"read memory://f failed: connection reset by peer") as e:
         src.read(0, 10)
     assert e.value.errno == errno.EIO
 
@@ -310,3 +351,21 @@ def test_storage_options_reach_the_client_on_save_and_load(s3_bucket, moto_serve
     ck.close()
     with pytest.raises(ConfigError, match=r"storage_options must map option names to strings"):
         tc.CheckpointWriterConfig(storage_options={"endpoint": 1})
+
+
+def test_a_rank_file_of_many_segments_round_trips(s3_bucket, fmt, monkeypatch) -> None:
+    monkeypatch.setattr(object_io, "SEGMENT_BYTES", 1 << 20)
+    monkeypatch.setattr(object_io, "RANGE_BYTES", 256 << 10)
+    url = f"{s3_bucket}/segments"
+    state = {"big": torch.randn(1_500_000, generator=torch.Generator().manual_seed(3)), "step": 9}
+    ck = checkpointer(fmt)
+    ck.save(url, state)
+    gen = ObjectStorage(url).generations()[0]
+    names = sorted(n for n in _objects(url) if n.startswith(gen))
+    segments = [n for n in names if ".seg" in n]
+    assert len(segments) == 5 and names[0] == f"{gen}/{file_name(fmt)}"  # 6 MB: segment 0 and five more
+    assert_state_equal(ck.load(url), state)
+    template = {"big": torch.zeros(1_500_000), "step": 0}
+    ck.load(url, template)
+    assert torch.equal(template["big"], state["big"])
+    ck.close()

@@ -1,57 +1,82 @@
 """Bytes to and from one object of an object store: :class:`ObjectStoreWriter`, :class:`ObjectStoreReader`.
 
-The writer takes positional writes (``write_at``, from several threads, the
-format's order: header first, then the tensors) and streams them, in file
-order, to one parallel multipart upload straight from memory: no temporary
-file, no second pass. Each write is copied once (the caller may reuse its
-buffer when ``write_at`` returns); pieces that arrive ahead of the next byte
-to upload wait in memory until the gap before them is written. An object
-smaller than one part is put whole at ``sync``. The upload runs on a thread of
-its own while the format goes on writing; ``sync`` waits for it (bounded) and
-is the moment the object exists; ``close`` without ``sync`` aborts it, and
-nothing of it becomes visible.
+An object of the format (a rank file) is stored as **segments** of
+``SEGMENT_BYTES``: segment 0 under the object's own name, segment ``i`` under
+``<name>.seg<i:05d>``. Why segments rather than one multipart upload: each
+segment is one plain PUT, atomic, retried whole by the client, uploaded in
+parallel with the others, and visible as an ordinary object — a crashed save
+leaves objects that the next save or ``gc`` deletes with their generation,
+never invisible incomplete multipart uploads that cost storage until a
+lifecycle rule finds them; and the store's per-request limits (5 MiB minimum
+part, 10,000 parts) do not apply. Segment 0 is put last, carrying the
+layout as metadata (``torchckpt-segments``, ``torchckpt-segment-bytes``,
+``torchckpt-size``), so an object whose segment 0 exists is complete. An
+object that fits one segment is one plain object without that metadata.
 
-The reader serves ranged reads: a read is split into ranges of
-``RANGE_BYTES`` fetched in parallel (``get_ranges``) and copied into the
-caller's views (the target tensors). :meth:`ObjectStoreReader.fileno` gives
-the readers that need a file descriptor (``torch.load`` of the ``torch_save``
-layout, lazy views) an anonymous in-memory file holding the object.
+The writer takes positional writes (``write_at``, from several threads, the
+format's order: header first, then the tensors), copies each once (the caller
+may reuse its buffer when ``write_at`` returns) into the segment being filled
+— pieces that arrive ahead of the next byte wait until the gap before them is
+written — and hands each full segment to a pool of ``UPLOAD_CONCURRENCY``
+uploading threads while the format goes on writing. ``sync`` uploads the rest
+and then segment 0 (bounded waits) and is the moment the object exists;
+``close`` without ``sync`` abandons it (segment 0 never appears).
+
+The reader serves positional reads from aligned blocks of ``RANGE_BYTES``,
+fetched by parallel ranged GETs with read-ahead (:class:`_Blocks`), and copies
+them into the caller's views (the target tensors).
+:meth:`ObjectStoreReader.fileno` gives the readers that need a file
+descriptor (``torch.load`` of the ``torch_save`` layout, lazy views) an
+anonymous in-memory file holding the object.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
-import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ..errors import CorruptCheckpointError
 from .base import skip_bytes
 from .object_client import os_error
 
-__all__ = ["BytesReader", "ObjectStoreReader", "ObjectStoreWriter"]
+__all__ = ["BytesReader", "ObjectLayout", "ObjectStoreReader", "ObjectStoreWriter", "layout_of", "segment_key"]
 
-#: Bytes per part of a multipart upload (S3 allows 10,000 parts: objects up to 320 GiB).
-PART_BYTES = 32 << 20
-#: Parts uploaded at once by one object's upload.
+#: Bytes per segment of an object (each one PUT).
+SEGMENT_BYTES = 32 << 20
+#: Segments of one object uploaded at once.
 UPLOAD_CONCURRENCY = 8
-#: Bytes per ranged GET of a read (and per block of the read cache); up to ten are in flight at once.
+#: Bytes per ranged GET of a read (and per block of the read cache).
 RANGE_BYTES = 16 << 20
+#: Ranged GETs in flight at once (all objects of a process).
+FETCH_THREADS = 16
 #: Blocks a sequential reader fetches at once.
 READ_AHEAD_BLOCKS = 8
 #: Blocks kept per object (least recently used dropped).
 CACHE_BLOCKS = 16
 #: Reads at least this large bypass the blocks.
 DIRECT_READ_BYTES = 4 * RANGE_BYTES
-#: Pieces queued for the upload before ``write_at`` waits for it.
-QUEUE_DEPTH = 16
-#: Longest wait for the upload to take a piece or to finish after the last one.
+#: Longest wait for an upload slot, for the uploads at ``sync``, or for a block another thread fetches.
 UPLOAD_WAIT_S = 900.0
 
-_END = object()
+#: The metadata of segment 0 of an object stored in several segments.
+SEGMENTS_ATTRIBUTE = "torchckpt-segments"
+SEGMENT_BYTES_ATTRIBUTE = "torchckpt-segment-bytes"
+SIZE_ATTRIBUTE = "torchckpt-size"
+
+_fetch_lock = threading.Lock()
+_fetch_pool: ThreadPoolExecutor | None = None
+
+
+def segment_key(key: str, index: int) -> str:
+    """The key of segment ``index`` of the object ``key`` (segment 0 is the object's own key)."""
+    return key if index == 0 else f"{key}.seg{index:05d}"
 
 
 def _copy_into(views: Sequence[memoryview], offset_in: int, data: memoryview) -> None:
@@ -65,8 +90,14 @@ def _copy_into(views: Sequence[memoryview], offset_in: int, data: memoryview) ->
         pos += n
 
 
+def _obstore() -> Any:
+    import obstore
+
+    return obstore
+
+
 class ObjectStoreWriter:
-    """One object of a pending generation, written through a streamed multipart upload.
+    """One object of a pending generation, written as segments uploaded in parallel.
 
     Args:
         store: The client's store of the bucket.
@@ -79,37 +110,42 @@ class ObjectStoreWriter:
         self._key = key
         self.location = location
         self._lock = threading.Lock()
-        self._next = 0  # the next byte the upload takes
+        self._next = 0  # the next byte of the object to be appended
         self._ahead: dict[int, bytes] = {}  # pieces past a gap, by offset
-        self._head: list[bytes] = []  # the first bytes, before the upload starts
-        self._head_bytes = 0
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
-        self._thread: threading.Thread | None = None
+        self._segment = bytearray()  # the segment being filled
+        self._fill = 0
+        self._index = 0  # its number
+        self._first: memoryview | None = None  # segment 0, put last
+        self._pool: ThreadPoolExecutor | None = None
+        self._uploads: list[Future[None]] = []
+        self._slots = threading.BoundedSemaphore(UPLOAD_CONCURRENCY)
         self._error: BaseException | None = None
-        self._done = threading.Event()
         self._synced = False
         self._closed = False
 
     def write_at(self, views: Sequence[memoryview], offset: int) -> int:
-        """Copy ``views`` for upload at ``offset``; return their size (the whole write is always taken).
+        """Copy ``views`` into the object at ``offset``; return their size (the whole write is always taken).
 
         Raises:
-            OSError: The upload failed before, or the range overlaps bytes written before (EINVAL).
+            OSError: An upload failed before, or the range overlaps bytes written before (EINVAL).
         """
-        data = b"".join(views)
         with self._lock:
             self._check_open()
             if offset < self._next or offset in self._ahead:
                 raise OSError(errno.EINVAL, f"write to {self.location}: bytes at {offset} are written already")
-            self._ahead[offset] = data
+            if offset != self._next:  # ahead of a gap: keep a copy until the gap is written
+                data = b"".join(views)
+                self._ahead[offset] = data
+                return len(data)
+            total = 0
+            for v in views:
+                total += self._append(v.cast("B") if v.format != "B" or v.ndim != 1 else v)
             while self._next in self._ahead:
-                piece = self._ahead.pop(self._next)
-                self._next += len(piece)
-                self._emit(piece)
-        return len(data)
+                self._append(memoryview(self._ahead.pop(self._next)))
+            return total
 
     def start_writeback(self, offset: int, nbytes: int) -> None:
-        """Nothing to do: the upload takes bytes as soon as they are contiguous."""
+        """Nothing to do: a segment is uploaded as soon as it is full."""
 
     def _check_open(self) -> None:
         if self._closed or self._synced:
@@ -117,105 +153,153 @@ class ObjectStoreWriter:
         if self._error is not None:
             raise os_error(self._error, "upload", self.location) from self._error
 
-    def _emit(self, piece: bytes) -> None:
-        if self._thread is None:
-            self._head.append(piece)
-            self._head_bytes += len(piece)
-            if self._head_bytes < PART_BYTES:
-                return
-            self._thread = threading.Thread(target=self._upload, name=f"torchckpt-upload {self._key}", daemon=True)
-            self._thread.start()
-            pieces, self._head = self._head, []
-        else:
-            pieces = [piece]
-        for p in pieces:
-            self._offer(p)
+    def _append(self, data: memoryview) -> int:
+        pos = 0
+        while pos < data.nbytes:
+            if not self._segment:
+                self._segment = bytearray(SEGMENT_BYTES)
+            n = min(SEGMENT_BYTES - self._fill, data.nbytes - pos)
+            self._segment[self._fill : self._fill + n] = data[pos : pos + n]
+            self._fill += n
+            pos += n
+            if self._fill == SEGMENT_BYTES:
+                self._seal()
+        self._next += data.nbytes
+        return data.nbytes
 
-    def _offer(self, item: Any) -> None:
+    def _seal(self) -> None:
+        """The segment being filled is complete: keep it (segment 0) or start its upload."""
+        data = memoryview(self._segment)[: self._fill]
+        index = self._index
+        self._segment, self._fill, self._index = bytearray(), 0, index + 1
+        if index == 0:
+            self._first = data
+            return
         waited = 0.0
-        while True:
+        while not self._slots.acquire(timeout=1.0):
             if self._error is not None:
                 raise os_error(self._error, "upload", self.location) from self._error
-            try:
-                self._queue.put(item, timeout=1.0)
-                return
-            except queue.Full:
-                waited += 1.0
-                if waited >= UPLOAD_WAIT_S:
-                    raise OSError(errno.ETIMEDOUT, f"upload {self.location}: no progress in {UPLOAD_WAIT_S:.0f}s")
+            waited += 1.0
+            if waited >= UPLOAD_WAIT_S:
+                raise OSError(errno.ETIMEDOUT, f"upload {self.location}: no progress in {UPLOAD_WAIT_S:.0f}s")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="torchckpt-upload")
+        self._uploads.append(self._pool.submit(self._put_segment, index, data))
 
-    def _pieces(self) -> Iterator[bytes]:
-        while True:
-            item = self._queue.get(timeout=UPLOAD_WAIT_S)
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def _upload(self) -> None:
-        import obstore
-
+    def _put_segment(self, index: int, data: memoryview) -> None:
         try:
-            obstore.put(
-                self._store, self._key, self._pieces(), chunk_size=PART_BYTES, max_concurrency=UPLOAD_CONCURRENCY
-            )
-        except BaseException as e:  # reported to the writing threads and to sync
-            self._error = e
-            _drain(self._queue)
+            _obstore().put(self._store, segment_key(self._key, index), data, use_multipart=False)
+        except BaseException as e:  # seen by the writing threads and by sync
+            if self._error is None:
+                self._error = e
+            raise
         finally:
-            self._done.set()
+            self._slots.release()
 
     def sync(self) -> None:
-        """Finish the upload: the object exists, whole, when this returns.
+        """Upload what is left, wait for every segment, then put segment 0: the object exists, whole.
 
         Raises:
-            OSError: The upload failed (errno says why; the message names the URL), or
+            OSError: An upload failed (errno says why; the message names the URL), or
                 bytes are missing before the end (EIO).
         """
-        import obstore
-
         with self._lock:
             self._check_open()
             if self._ahead:
                 gap = min(self._ahead)
                 raise OSError(errno.EIO, f"upload {self.location}: bytes {self._next}..{gap} were never written")
-            if self._thread is None:
+            if self._fill or self._index == 0:
+                self._seal()
+            for f in self._uploads:
                 try:
-                    obstore.put(self._store, self._key, b"".join(self._head), use_multipart=False)
+                    f.result(timeout=UPLOAD_WAIT_S)
+                except TimeoutError:
+                    raise OSError(errno.ETIMEDOUT, f"upload {self.location}: not finished in {UPLOAD_WAIT_S:.0f}s") from None
                 except Exception as e:
-                    raise os_error(e, "put", self.location) from e
-                self._head = []
-            else:
-                self._offer(_END)
-                if not self._done.wait(UPLOAD_WAIT_S):
-                    raise OSError(errno.ETIMEDOUT, f"upload {self.location}: not finished in {UPLOAD_WAIT_S:.0f}s")
-                if self._error is not None:
-                    raise os_error(self._error, "upload", self.location) from self._error
+                    raise os_error(e, "upload", self.location) from e
+            count = self._index
+            attributes = None
+            if count > 1:
+                attributes = {
+                    SEGMENTS_ATTRIBUTE: str(count), SEGMENT_BYTES_ATTRIBUTE: str(SEGMENT_BYTES),
+                    SIZE_ATTRIBUTE: str(self._next),
+                }  # fmt: skip
+            try:
+                _obstore().put(self._store, self._key, self._first, attributes=attributes, use_multipart=False)
+            except Exception as e:
+                raise os_error(e, "put", self.location) from e
             self._synced = True
+            self._release()
+
+    def _release(self) -> None:
+        self._first, self._segment, self._ahead = None, bytearray(), {}
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def close(self) -> None:
-        """Release the object; an upload not finished by ``sync`` is aborted (nothing becomes visible)."""
+        """Release the object; one not finished by ``sync`` is abandoned (its segment 0 never appears)."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._head, self._ahead = [], {}
-            if self._thread is not None and not self._done.is_set():
-                _drain(self._queue)
-                try:
-                    self._queue.put(OSError(errno.ECANCELED, "the save was abandoned"), timeout=1.0)
-                except queue.Full:
-                    pass
-                self._done.wait(30.0)
+            if not self._closed:
+                self._closed = True
+                self._release()
 
 
-def _drain(q: queue.Queue[Any]) -> None:
+class ObjectLayout:
+    """Where the bytes of one object are: its segments.
+
+    Args:
+        key: The object's key (segment 0).
+        size: Its size in bytes.
+        segment_bytes: Bytes per segment (all but the last are this long).
+        count: How many segments.
+    """
+
+    def __init__(self, key: str, size: int, segment_bytes: int, count: int) -> None:
+        self.key, self.size, self.segment_bytes, self.count = key, size, segment_bytes, count
+
+    def pieces(self, start: int, nbytes: int) -> list[tuple[str, int, int]]:
+        """The byte range ``[start, start + nbytes)`` as ``(segment key, start in it, length)`` pieces."""
+        out = []
+        end = start + nbytes
+        while start < end:
+            i = start // self.segment_bytes
+            local = start - i * self.segment_bytes
+            n = min(end - start, self.segment_bytes - local)
+            out.append((segment_key(self.key, i), local, n))
+            start += n
+        return out
+
+
+def layout_of(key: str, location: str, size: int, attributes: Any) -> ObjectLayout:
+    """The layout of the object whose segment 0 has ``size`` bytes and metadata ``attributes``.
+
+    Raises:
+        CorruptCheckpointError: The metadata is not a consistent segment layout (names the object).
+    """
+    if SEGMENTS_ATTRIBUTE not in attributes:
+        return ObjectLayout(key, size, max(1, size), 1)
     try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
+        count = int(attributes[SEGMENTS_ATTRIBUTE])
+        segment = int(attributes[SEGMENT_BYTES_ATTRIBUTE])
+        total = int(attributes[SIZE_ATTRIBUTE])
+    except (KeyError, ValueError) as e:
+        raise CorruptCheckpointError(f"corrupt object {location}: bad segment metadata ({e})", path=location) from e
+    if segment <= 0 or total <= 0 or count != -(-total // segment) or size != segment:
+        raise CorruptCheckpointError(
+            f"corrupt object {location}: segment metadata does not fit: {count} segments of {segment} bytes "
+            f"for {total} bytes, segment 0 holds {size}",
+            path=location,
+        )
+    return ObjectLayout(key, total, segment, count)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _fetch_pool
+    with _fetch_lock:
+        if _fetch_pool is None:
+            _fetch_pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="torchckpt-get")
+        return _fetch_pool
 
 
 class _Blocks:
@@ -224,33 +308,51 @@ class _Blocks:
     A load reads a rank file as many small positional reads (a checksum chunk
     each) from a few threads; one GET each would pay a request's latency per
     MiB. Reads are served from aligned blocks instead, fetched in parallel
-    (``get_ranges``): a miss right after the previous block (a sequential
+    (ranged GETs): a miss right after the previous block (a sequential
     reader) fetches ``READ_AHEAD_BLOCKS`` at once, any other miss its block
     and the next. At most ``CACHE_BLOCKS`` are kept (least recently used go).
+    The GETs of all objects share one pool of ``FETCH_THREADS`` threads.
     """
 
-    def __init__(self, store: Any, key: str, location: str, size: int) -> None:
-        self.store, self.key, self.location, self.size = store, key, location, size
+    def __init__(self, store: Any, layout: ObjectLayout, location: str) -> None:
+        self.store, self.layout, self.location, self.size = store, layout, location, layout.size
         self._lock = threading.Lock()
         self._blocks: OrderedDict[int, memoryview] = OrderedDict()
         self._fetching: dict[int, threading.Event] = {}
         self._errors: dict[int, BaseException] = {}
         self._last = -2
 
-    def fetch(self, starts: list[int], lengths: list[int]) -> list[memoryview]:
-        """The byte ranges ``starts[i] .. + lengths[i]`` by parallel ranged GETs (each checked for its length)."""
-        import obstore
-
+    def _get(self, key: str, start: int, nbytes: int) -> memoryview:
         try:
-            parts = obstore.get_ranges(self.store, self.key, starts=starts, lengths=lengths, coalesce=0)
+            data = memoryview(_obstore().get_range(self.store, key, start=start, length=nbytes))
         except Exception as e:
             raise os_error(e, "read", self.location) from e
-        out = []
-        for s, n, part in zip(starts, lengths, parts):
-            data = memoryview(part)
-            if data.nbytes != n:
-                raise OSError(errno.EIO, f"read {self.location}: a ranged GET at {s} returned {data.nbytes} of {n} bytes")
-            out.append(data)
+        if data.nbytes != nbytes:
+            raise OSError(errno.EIO, f"read {self.location}: a ranged GET at {start} returned {data.nbytes} of {nbytes} bytes")
+        return data
+
+    def fetch(self, starts: list[int], lengths: list[int]) -> list[memoryview]:
+        """The byte ranges ``starts[i] .. + lengths[i]``, by ranged GETs in parallel (each checked for its length).
+
+        Raises:
+            OSError: A GET failed (the first failure; every started GET is waited for).
+        """
+        jobs = [[_pool().submit(self._get, *piece) for piece in self.layout.pieces(s, n)] for s, n in zip(starts, lengths)]
+        out: list[memoryview] = []
+        error: BaseException | None = None
+        for parts in jobs:
+            got = []
+            for f in parts:
+                try:
+                    got.append(f.result(timeout=UPLOAD_WAIT_S))
+                except BaseException as e:  # noqa: BLE001 - the first is raised once all are done
+                    error = error or e
+            if error is None:
+                out.append(got[0] if len(got) == 1 else memoryview(b"".join(got)))
+        if error is not None:
+            if isinstance(error, TimeoutError):
+                raise OSError(errno.ETIMEDOUT, f"read {self.location}: no answer in {UPLOAD_WAIT_S:.0f}s") from None
+            raise error
         return out
 
     def block(self, i: int) -> memoryview:
@@ -306,15 +408,14 @@ class ObjectStoreReader:
 
     Args:
         store: The client's store of the bucket.
-        key: The object's key.
+        layout: Where its bytes are (``layout_of`` the object's segment 0).
         location: Its URL, for messages.
-        size: Its size in bytes (from the listing or a HEAD).
     """
 
-    def __init__(self, store: Any, key: str, location: str, size: int, blocks: _Blocks | None = None) -> None:
-        self._blocks = blocks or _Blocks(store, key, location, size)
+    def __init__(self, store: Any, layout: ObjectLayout, location: str, blocks: _Blocks | None = None) -> None:
+        self._blocks = blocks or _Blocks(store, layout, location)
         self.location = location
-        self.size = size
+        self.size = layout.size
         self._fd: int | None = None
 
     def read_into(self, views: Sequence[memoryview], offset: int) -> int:
@@ -354,7 +455,7 @@ class ObjectStoreReader:
 
     def reopen(self) -> ObjectStoreReader:
         """Another handle on the object, sharing its fetched blocks (the client is thread-safe)."""
-        return ObjectStoreReader(None, "", self.location, self.size, self._blocks)
+        return ObjectStoreReader(None, self._blocks.layout, self.location, self._blocks)
 
     def fileno(self) -> int | None:
         """An anonymous in-memory file holding the object, downloaded on the first call (for ``mmap`` and ``torch.load``)."""
@@ -363,11 +464,15 @@ class ObjectStoreReader:
             try:
                 os.ftruncate(fd, self.size)
                 if self.size:
-                    with mmap.mmap(fd, self.size) as mm:
-                        starts = list(range(0, self.size, RANGE_BYTES))
-                        parts = self._blocks.fetch(starts, [min(RANGE_BYTES, self.size - s) for s in starts])
+                    starts = list(range(0, self.size, RANGE_BYTES))
+                    parts = self._blocks.fetch(starts, [min(RANGE_BYTES, self.size - s) for s in starts])
+                    mm = mmap.mmap(fd, self.size)
+                    try:
                         for s, data in zip(starts, parts):
                             mm[s : s + data.nbytes] = data
+                    finally:
+                        with contextlib.suppress(BufferError):
+                            mm.close()
             except BaseException:
                 os.close(fd)
                 raise

@@ -41,7 +41,7 @@ from typing import Any
 
 from ..errors import CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError
 from .object_client import ObjectURL, os_error, parse_object_url, store_for
-from .object_io import BytesReader, ObjectStoreReader, ObjectStoreWriter
+from .object_io import BytesReader, ObjectStoreReader, ObjectStoreWriter, layout_of
 
 __all__ = [
     "GENERATION_ATTRIBUTE",
@@ -368,8 +368,9 @@ class ObjectGeneration:
             return BytesReader(self._data, self._storage.loc.url_of(self._storage.loc.child(name)))
         key = self._storage.loc.child(f"{self.generation}/{name}")
         url = self._storage.loc.url_of(key)
-        meta = _call("open", url, _obstore().head, self._storage.store, key)
-        return ObjectStoreReader(self._storage.store, key, url, int(meta["size"]))
+        got = _call("open", url, _obstore().get, self._storage.store, key, options={"head": True})
+        layout = layout_of(key, url, int(got.meta["size"]), got.attributes)
+        return ObjectStoreReader(self._storage.store, layout, url)
 
     def replaced(self) -> bool:
         """Whether the marker now names another generation (or is gone)."""
