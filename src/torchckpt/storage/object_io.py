@@ -309,14 +309,16 @@ class _Blocks:
     each) from a few threads; one GET each would pay a request's latency per
     MiB. Reads are served from aligned blocks instead, fetched in parallel
     (ranged GETs): a miss right after the previous block (a sequential
-    reader) fetches ``READ_AHEAD_BLOCKS`` at once, any other miss its block
-    and the next. At most ``CACHE_BLOCKS`` are kept (least recently used go).
+    reader) asks for the next ``READ_AHEAD_BLOCKS`` in the background, so
+    that they arrive while it copies and checks the ones it has; any other
+    miss asks for its block and the next. At most ``CACHE_BLOCKS`` are kept (least recently used go).
     The GETs of all objects share one pool of ``FETCH_THREADS`` threads.
     """
 
     def __init__(self, store: Any, layout: ObjectLayout, location: str) -> None:
         self.store, self.layout, self.location, self.size = store, layout, location, layout.size
-        self._lock = threading.Lock()
+        # Reentrant: a GET already done when it is requested lands at once, under the lock that requested it.
+        self._lock = threading.RLock()
         self._blocks: OrderedDict[int, memoryview] = OrderedDict()
         self._fetching: dict[int, threading.Event] = {}
         self._errors: dict[int, BaseException] = {}
@@ -356,50 +358,56 @@ class _Blocks:
         return out
 
     def block(self, i: int) -> memoryview:
-        """Block ``i``, fetched (with its read-ahead) when missing; raises the fetch's OSError."""
+        """Block ``i``, waited for when missing; the blocks after it are requested ahead of a sequential reader.
+
+        Raises:
+            OSError: Its GET failed (names the URL), or no answer within ``UPLOAD_WAIT_S``.
+        """
+        count = -(-self.size // RANGE_BYTES)
         with self._lock:
             got = self._blocks.get(i)
             if got is not None:
                 self._blocks.move_to_end(i)
-                self._last = i
-                return got
-            waiting = self._fetching.get(i)
-            todo: list[int] = []
-            if waiting is None:
-                ahead = READ_AHEAD_BLOCKS if i == self._last + 1 else 2
-                count = -(-self.size // RANGE_BYTES)
-                todo = [j for j in range(i, min(i + ahead, count)) if j not in self._blocks and j not in self._fetching]
-                waiting = threading.Event()
-                for j in todo:
-                    self._fetching[j] = waiting
+            ahead = READ_AHEAD_BLOCKS if i in (self._last, self._last + 1) else 2
             self._last = i
-        if todo:
-            self._fetch_blocks(todo, waiting)
-        elif not waiting.wait(UPLOAD_WAIT_S):
+            for j in range(i, min(i + ahead, count)):
+                self._start(j)
+            waiting = self._fetching.get(i)
+        if got is not None:
+            return got
+        if waiting is not None and not waiting.wait(UPLOAD_WAIT_S):
             raise OSError(errno.ETIMEDOUT, f"read {self.location}: block {i} not fetched in {UPLOAD_WAIT_S:.0f}s")
         with self._lock:
             if i in self._errors:
                 raise self._errors.pop(i)
             got = self._blocks.get(i)
-        return got if got is not None else self.block(i)  # evicted meanwhile: fetch it again
+        return got if got is not None else self.block(i)  # dropped meanwhile: fetch it again
 
-    def _fetch_blocks(self, todo: list[int], done: threading.Event) -> None:
-        starts = [j * RANGE_BYTES for j in todo]
-        lengths = [min(RANGE_BYTES, self.size - s) for s in starts]
-        try:
-            parts: list[memoryview] | None = self.fetch(starts, lengths)
-            error: BaseException | None = None
-        except OSError as e:
-            parts, error = None, e
+    def _start(self, j: int) -> None:
+        """Request block ``j`` in the background unless it is here or on its way (the lock is held)."""
+        if j in self._blocks or j in self._fetching:
+            return
+        done = threading.Event()
+        self._fetching[j] = done
+        start = j * RANGE_BYTES
+        nbytes = min(RANGE_BYTES, self.size - start)
+        job = _pool().submit(self._get_block, start, nbytes)
+        job.add_done_callback(lambda f: self._landed(j, f, done))
+
+    def _get_block(self, start: int, nbytes: int) -> memoryview:
+        parts = [self._get(key, s, n) for key, s, n in self.layout.pieces(start, nbytes)]
+        return parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+
+    def _landed(self, j: int, job: Future[memoryview], done: threading.Event) -> None:
         with self._lock:
-            for k, j in enumerate(todo):
-                self._fetching.pop(j, None)
-                if parts is not None:
-                    self._blocks[j] = parts[k]
-                else:
-                    self._errors[j] = error  # type: ignore[assignment]
-            while len(self._blocks) > CACHE_BLOCKS:
-                self._blocks.popitem(last=False)
+            self._fetching.pop(j, None)
+            error = job.exception()
+            if error is not None:
+                self._errors[j] = error
+            else:
+                self._blocks[j] = job.result()
+                while len(self._blocks) > CACHE_BLOCKS:
+                    self._blocks.popitem(last=False)
         done.set()
 
 
