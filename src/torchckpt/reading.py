@@ -25,6 +25,7 @@ What the bytes are checked against lives in ``format/verification.py``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -197,7 +198,10 @@ def read_consistently(path: str | os.PathLike[str], read: Callable[[CheckpointSn
 
     Call order: each attempt opens the generation, calls ``read`` and closes
     the generation; an attempt whose ``read`` raises :class:`GenerationReplaced`
-    is followed by another, at most :data:`READ_ATTEMPTS` in all.
+    is followed by another, at most :data:`READ_ATTEMPTS` in all. So is one
+    whose ``read`` raises ``ENOENT`` while the generation was replaced: an
+    object store deletes the objects of a replaced generation, and an object
+    being read vanishes under its reader (a local file stays readable).
 
     Raises:
         CorruptCheckpointError: Replaced by other saves in every attempt.
@@ -210,6 +214,10 @@ def read_consistently(path: str | os.PathLike[str], read: Callable[[CheckpointSn
                 return read(snapshot)
             except GenerationReplaced:
                 logger.debug("checkpoint %s was replaced while it was being read; reading it again", path)
+            except OSError as e:
+                if e.errno != errno.ENOENT or not snapshot.replaced():
+                    raise
+                logger.debug("checkpoint %s was replaced while it was being read (%s); reading it again", path, e)
     raise CorruptCheckpointError(
         f"corrupt checkpoint {path}: replaced by other saves {READ_ATTEMPTS} times while it was being read",
         path=path,

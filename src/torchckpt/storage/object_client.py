@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from ..errors import UnsupportedURLError
 __all__ = [
     "OBJECT_SCHEMES",
     "ObjectURL",
+    "is_connection_error",
     "is_object_url",
     "os_error",
     "parse_object_url",
@@ -190,10 +192,26 @@ def _open(obstore: Any, loc: ObjectURL, opts: dict[str, str]) -> Any:
         ) from e
 
 
+#: What a refusal of the credentials says where the client reports it as a generic error (a listing's 403).
+_REFUSED = re.compile(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|ExpiredToken|status code: 40[13]\b")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
     return line if len(line) <= 300 else line[:300] + "..."
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """Whether the client's error ``e`` says that no answer came (a connection failed or timed out), not a refusal.
+
+    The client retries such errors itself except for requests that are not
+    idempotent (a conditional put): their caller decides.
+    """
+    text = str(e)
+    return "Server returned non-2xx status code" not in text and (
+        "error sending request" in text or "connection" in text.lower() or "timed out" in text.lower()
+    )
 
 
 def os_error(e: BaseException, op: str, url: str) -> OSError:
@@ -210,9 +228,7 @@ def os_error(e: BaseException, op: str, url: str) -> OSError:
         return FileNotFoundError(errno.ENOENT, f"{op} {url}: the bucket does not exist")
     if name == "NotFoundError" or isinstance(e, FileNotFoundError):
         return FileNotFoundError(errno.ENOENT, f"{op} {url}: no such object")
-    if name in ("PermissionDeniedError", "UnauthenticatedError") or "InvalidAccessKeyId" in text or (
-        "SignatureDoesNotMatch" in text
-    ):
+    if name in ("PermissionDeniedError", "UnauthenticatedError") or _REFUSED.search(text):
         return PermissionError(errno.EACCES, f"{op} {url}: access denied (check the credentials): {_first_line(e)}")
     if name in ("AlreadyExistsError", "PreconditionError"):
         return FileExistsError(errno.EEXIST, f"{op} {url}: a conditional write lost to another writer")

@@ -20,6 +20,7 @@ layout, lazy views) an anonymous in-memory file holding the object.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -271,8 +272,14 @@ class ObjectStoreReader:
                 if self.size:
                     import mmap
 
-                    with mmap.mmap(fd, self.size) as mm:
+                    mm = mmap.mmap(fd, self.size)
+                    try:
                         self.read_into([memoryview(mm)], 0)
+                    finally:
+                        # After a failed read its traceback still holds views of the map, and close()
+                        # would raise BufferError over the read's error: the map then goes with them.
+                        with contextlib.suppress(BufferError):
+                            mm.close()
             except BaseException:
                 os.close(fd)
                 raise
