@@ -149,7 +149,7 @@ def _sigkill_rounds(zygote: Zygote, watch: FaultProxy, url: str, tmp_path: Any, 
         assert len(gens) <= 2 + (1 if landed else 0)  # committed + killed (+ the old one its cleanup did not reach)
         # parts of the killed upload stay in an incomplete multipart upload (the client cannot list them:
         # a bucket lifecycle rule, AbortIncompleteMultipartUpload, removes them); none of a committed object
-        stale = multipart_uploads(os.environ["AWS_ENDPOINT_URL"], url.split("/")[2])
+        stale = multipart_uploads(watch.upstream_endpoint, url.split("/")[2])
         assert not any(committed(url)[0] in k for k in stale), stale
 
         prev = const_state(2000 + seed, 2)
