@@ -25,6 +25,7 @@ What the bytes are checked against lives in ``format/verification.py``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -201,7 +202,10 @@ def read_consistently(
 
     Call order: each attempt opens the generation, calls ``read`` and closes
     the generation; an attempt whose ``read`` raises :class:`GenerationReplaced`
-    is followed by another, at most :data:`READ_ATTEMPTS` in all.
+    is followed by another, at most :data:`READ_ATTEMPTS` in all. So is one
+    whose ``read`` raises ``ENOENT`` while the generation was replaced: an
+    object store deletes the objects of a replaced generation, and an object
+    being read vanishes under its reader (a local file stays readable).
 
     Raises:
         CorruptCheckpointError: Replaced by other saves in every attempt.
@@ -214,6 +218,10 @@ def read_consistently(
                 return read(snapshot)
             except GenerationReplaced:
                 logger.debug("checkpoint %s was replaced while it was being read; reading it again", path)
+            except OSError as e:
+                if e.errno != errno.ENOENT or not snapshot.replaced():
+                    raise
+                logger.debug("checkpoint %s was replaced while it was being read (%s); reading it again", path, e)
     raise CorruptCheckpointError(
         f"corrupt checkpoint {path}: replaced by other saves {READ_ATTEMPTS} times while it was being read",
         path=path,

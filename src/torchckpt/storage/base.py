@@ -33,6 +33,8 @@ Call order of a load (``CheckpointReader.read``, ``verify``, the tools)::
     gen = storage.open_generation(marker)  # the generation committed now (a snapshot)
     src = gen.open(name)                 # FileNotFoundError when it has no such object
     src.size; src.read_into(views, offset); src.read(offset, nbytes)
+                                         # (ENOENT: an object store deleted the object of a
+                                         # replaced generation under its reader: read again)
     src.close()
     gen.replaced()                       # a missing object: another save replaced the
                                          # generation (read again), or corruption

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ __all__ = [
     "OBJECT_SCHEMES",
     "ObjectURL",
     "check_shared",
+    "is_connection_error",
     "is_object_url",
     "os_error",
     "parse_object_url",
@@ -71,6 +73,9 @@ RETRY_CONFIG: dict[str, Any] = {
 
 #: Per-request timeouts: no wait on a store is unbounded.
 CLIENT_OPTIONS = {"connect_timeout": "10s", "timeout": "300s"}
+
+#: The environment variables the client reads its configuration from.
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")
 
 _lock = threading.Lock()
 _stores: dict[tuple[Any, ...], Any] = {}
@@ -174,7 +179,9 @@ def store_for(loc: ObjectURL, options: Mapping[str, str] | None = None) -> Any:
     """
     obstore = _client()
     opts = dict(options or {})
-    cache_key = (os.getpid(), loc.scheme.lower(), loc.bucket, tuple(sorted(opts.items())))
+    # The environment is part of the key: another endpoint or other credentials get another client.
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
+    cache_key = (os.getpid(), loc.scheme.lower(), loc.bucket, tuple(sorted(opts.items())), env)
     with _lock:
         store = _stores.get(cache_key)
         if store is not None:
@@ -206,10 +213,26 @@ def _open(obstore: Any, loc: ObjectURL, opts: dict[str, str]) -> Any:
         ) from e
 
 
+#: What a refusal of the credentials says where the client reports it as a generic error (a listing's 403).
+_REFUSED = re.compile(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|ExpiredToken|status code: 40[13]\b")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
     return line if len(line) <= 300 else line[:300] + "..."
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """Whether the client's error ``e`` says that no answer came (a connection failed or timed out), not a refusal.
+
+    The client retries such errors itself except for requests that are not
+    idempotent (a conditional put): their caller decides.
+    """
+    text = str(e)
+    return "Server returned non-2xx status code" not in text and (
+        "error sending request" in text or "connection" in text.lower() or "timed out" in text.lower()
+    )
 
 
 def os_error(e: BaseException, op: str, url: str) -> OSError:
@@ -226,9 +249,7 @@ def os_error(e: BaseException, op: str, url: str) -> OSError:
         return FileNotFoundError(errno.ENOENT, f"{op} {url}: the bucket does not exist")
     if name == "NotFoundError" or isinstance(e, FileNotFoundError):
         return FileNotFoundError(errno.ENOENT, f"{op} {url}: no such object")
-    if name in ("PermissionDeniedError", "UnauthenticatedError") or "InvalidAccessKeyId" in text or (
-        "SignatureDoesNotMatch" in text
-    ):
+    if name in ("PermissionDeniedError", "UnauthenticatedError") or _REFUSED.search(text):
         return PermissionError(errno.EACCES, f"{op} {url}: access denied (check the credentials): {_first_line(e)}")
     if name in ("AlreadyExistsError", "PreconditionError"):
         return FileExistsError(errno.EEXIST, f"{op} {url}: a conditional write lost to another writer")

@@ -37,6 +37,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,7 +45,7 @@ from typing import Any
 
 from ..errors import CorruptCheckpointError
 from .base import skip_bytes
-from .object_client import os_error
+from .object_client import is_connection_error, os_error
 
 __all__ = ["BytesReader", "ObjectLayout", "ObjectStoreReader", "ObjectStoreWriter", "layout_of", "segment_key"]
 
@@ -62,6 +63,8 @@ READ_AHEAD_BLOCKS = 8
 CACHE_BLOCKS = 16
 #: Reads at least this large bypass the blocks.
 DIRECT_READ_BYTES = 4 * RANGE_BYTES
+#: Sends of one segment whose connection failed before an answer came.
+PUT_ATTEMPTS = 3
 #: Longest wait for an upload slot, for the uploads at ``sync``, or for a block another thread fetches.
 UPLOAD_WAIT_S = 900.0
 
@@ -94,6 +97,24 @@ def _obstore() -> Any:
     import obstore
 
     return obstore
+
+
+def _put(store: Any, key: str, data: memoryview | bytes, attributes: dict[str, str] | None = None) -> None:
+    """One plain PUT, sent again (``PUT_ATTEMPTS`` in all) when no answer came back.
+
+    The client retries a PUT that the server refused (5xx, throttling) but not
+    one whose connection failed, since it cannot know whether the PUT took
+    effect; a plain PUT of the same bytes is idempotent, so sending it again is
+    right here (a conditional commit is not, and decides for itself).
+    """
+    for attempt in range(PUT_ATTEMPTS):
+        try:
+            _obstore().put(store, key, data, attributes=attributes, use_multipart=False)
+            return
+        except Exception as e:
+            if attempt == PUT_ATTEMPTS - 1 or not is_connection_error(e):
+                raise
+            time.sleep(0.1 * 2**attempt)
 
 
 class ObjectStoreWriter:
@@ -188,7 +209,7 @@ class ObjectStoreWriter:
 
     def _put_segment(self, index: int, data: memoryview) -> None:
         try:
-            _obstore().put(self._store, segment_key(self._key, index), data, use_multipart=False)
+            _put(self._store, segment_key(self._key, index), data)
         except BaseException as e:  # seen by the writing threads and by sync
             if self._error is None:
                 self._error = e
@@ -225,7 +246,7 @@ class ObjectStoreWriter:
                     SIZE_ATTRIBUTE: str(self._next),
                 }  # fmt: skip
             try:
-                _obstore().put(self._store, self._key, self._first, attributes=attributes, use_multipart=False)
+                _put(self._store, self._key, self._first, attributes)
             except Exception as e:
                 raise os_error(e, "put", self.location) from e
             self._synced = True

@@ -37,10 +37,10 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError
-from .object_client import ObjectURL, os_error, parse_object_url, store_for
+from .object_client import ObjectURL, is_connection_error, os_error, parse_object_url, store_for
 from .object_io import BytesReader, ObjectStoreReader, ObjectStoreWriter, layout_of
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: How many times a commit sends its conditional put when the connection fails (see ``commit``).
+COMMIT_ATTEMPTS = 3
 #: The marker's metadata key naming its generation.
 GENERATION_ATTRIBUTE = "torchckpt-generation"
 _GEN = re.compile(r"^gen-[0-9A-Za-z_-]{1,64}$")
@@ -137,10 +139,19 @@ class ObjectStorage:
             OSError: The listing or a delete failed.
         """
         prefix = self.loc.child(name) + "/"
-        paths = [m["path"] for batch in _obstore().list(self.store, prefix) for m in batch]
+        paths = [m["path"] for m in self._listed(prefix)]
         if paths:
             _call("delete", self.loc.url_of(prefix), _obstore().delete, self.store, paths)
         return len(paths)
+
+    def _listed(self, prefix: str) -> list[dict[str, Any]]:
+        """Every object below ``prefix`` (the listing's pages read here, so that a failure is an ``OSError``)."""
+        store = self.store
+
+        def listed() -> list[dict[str, Any]]:
+            return [m for page in _obstore().list(store, prefix) for m in page]
+
+        return list(_call("list", self.loc.url_of(prefix), listed))
 
     def leftovers(self, marker: str) -> dict[str, float]:
         """The generations the marker does not name, each with the age in seconds of its newest object.
@@ -154,7 +165,7 @@ class ObjectStorage:
         for name in self.generations():
             if name == committed:
                 continue
-            stamps = [m["last_modified"].timestamp() for b in _obstore().list(self.store, self.loc.child(name) + "/") for m in b]
+            stamps = [m["last_modified"].timestamp() for m in self._listed(self.loc.child(name) + "/")]
             out[name] = now - max(stamps, default=now)
         return out
 
@@ -251,6 +262,7 @@ class ObjectSaveSession:
         self._etag: str | None = None
         self._old: list[str] = []
         self._committed = False
+        self._kept = False  # the commit's outcome is unknown: the marker may name this generation
 
     def survey(self) -> None:
         """The coordinator's first step: the committed marker's ETag and the generations present now."""
@@ -291,34 +303,38 @@ class ObjectSaveSession:
 
         ``owned`` is not needed: objects outside generations are never touched.
 
+        The conditional put is one request the client does not retry on a
+        dropped connection (it cannot know whether the put took effect), and
+        its answer can be lost after the store made it. So a failed put is
+        followed by a read of the marker: if it names this generation, the
+        commit happened; if the put never reached the store (a connection
+        error, no answer), it is sent again (:data:`COMMIT_ATTEMPTS` in all).
+
         Raises:
-            CheckpointIOError: The put failed, or another save committed to the location meanwhile (EEXIST).
+            CheckpointIOError: The put failed, or another save committed to the location meanwhile (EEXIST),
+                or the store could not say whether the put took effect (then this generation is kept:
+                the marker may name it; the next save or ``gc`` deletes it otherwise).
         """
-        loc = self._storage.loc
-        key = loc.child(self._marker)
-        mode: Any = {"e_tag": self._etag} if self._etag else "create"
-        try:
+        url = self._storage.loc.url_of(self._storage.loc.child(self._marker))
+        for attempt in range(COMMIT_ATTEMPTS):
             try:
-                _obstore().put(
-                    self._storage.store, key, data, attributes={GENERATION_ATTRIBUTE: self.generation},
-                    mode=mode, use_multipart=False,
-                )  # fmt: skip
+                self._put_marker(data)
+                break
             except Exception as e:
-                if type(e).__name__ != "NotSupportedError":
-                    raise
-                _obstore().put(
-                    self._storage.store, key, data, attributes={GENERATION_ATTRIBUTE: self.generation},
-                    use_multipart=False,
-                )  # fmt: skip
-        except Exception as e:
-            err = os_error(e, "commit", loc.url_of(key))
-            why = err.strerror
-            if err.errno == errno.EEXIST:
-                why = f"another save committed to {self._storage.location} while this one was writing; nothing was committed"
-            raise CheckpointIOError(
-                f"rank {self._rank}: commit failed for {self._storage.location}: {why}",
-                errno=err.errno, path=self._storage.location, rank=self._rank, operation="commit",
-            ) from e  # fmt: skip
+                err = os_error(e, "commit", url)
+                landed = self._names_this_generation()
+                if landed:
+                    logger.info("the commit of %s took effect although its answer was an error: %s", url, err)
+                    break
+                if landed is None:
+                    self._kept = True
+                    self._fail(e, f"{err.strerror}; the store cannot say whether the commit took effect", err.errno)
+                if err.errno == errno.EEXIST:
+                    self._fail(e, f"another save committed to {self._storage.location} while this one was writing; "
+                               "nothing was committed", err.errno)  # fmt: skip
+                if not is_connection_error(e) or attempt == COMMIT_ATTEMPTS - 1:
+                    self._fail(e, err.strerror, err.errno)
+                time.sleep(0.1 * 2**attempt)
         self._committed = True
         for old in self._old:
             try:
@@ -326,9 +342,34 @@ class ObjectSaveSession:
             except OSError as e:  # committed: what is left is cleaned by the next save or gc
                 logger.warning("could not delete the old generation %s of %s: %s", old, self._storage.location, e)
 
+    def _put_marker(self, data: bytes) -> None:
+        store, key = self._storage.store, self._storage.loc.child(self._marker)
+        attributes = {GENERATION_ATTRIBUTE: self.generation}
+        mode: Any = {"e_tag": self._etag} if self._etag else "create"
+        try:
+            _obstore().put(store, key, data, attributes=attributes, mode=mode, use_multipart=False)
+        except Exception as e:
+            if type(e).__name__ != "NotSupportedError":
+                raise
+            _obstore().put(store, key, data, attributes=attributes, use_multipart=False)  # last writer wins
+
+    def _names_this_generation(self) -> bool | None:
+        """Whether the marker names this generation now (None: the store cannot say)."""
+        try:
+            got = self._storage.read_marker(self._marker)
+        except (OSError, CorruptCheckpointError):
+            return None
+        return got is not None and got[1] == self.generation
+
+    def _fail(self, cause: BaseException, why: str | None, code: int | None) -> NoReturn:
+        raise CheckpointIOError(
+            f"rank {self._rank}: commit failed for {self._storage.location}: {why}",
+            errno=code, path=self._storage.location, rank=self._rank, operation="commit",
+        ) from cause  # fmt: skip
+
     def close(self, *, discard: bool) -> None:
-        """End the session; ``discard`` deletes this generation when it was not committed."""
-        if discard and not self._committed:
+        """End the session; ``discard`` deletes this generation when it was not committed (and may not have been)."""
+        if discard and not self._committed and not self._kept:
             try:
                 self._storage.delete_generation(self.generation)
             except OSError as e:
