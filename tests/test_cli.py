@@ -375,24 +375,55 @@ def test_bad_paths_and_arguments_exit_2_with_one_line(ckpts: dict[str, str], tmp
     assert not os.path.exists(missing), "a command created the missing directory"
 
 
-def test_a_url_is_refused_by_every_command_with_one_line(ckpts: dict[str, str], tmp_path: Path) -> None:
-    url = "s3://bucket/ckpts"
+def test_a_url_of_an_unknown_scheme_is_refused_by_every_command_with_one_line(
+    ckpts: dict[str, str], tmp_path: Path
+) -> None:
+    """Only object stores are URLs torchckpt serves: http://, ftp://, file:// are refused by name, creating nothing."""
+    native, out = ckpts["native"], str(tmp_path / "x.safetensors")
     commands = [
-        ["ls", url],
-        ["inspect", url],
-        ["verify", url],
-        ["diff", ckpts["native"], url],
-        ["export", url, str(tmp_path / "x.safetensors"), "--format", "safetensors"],
-        ["export", ckpts["native"], "gs://bucket/x.safetensors", "--format", "safetensors"],
-        ["gc", url, "--keep-last", "1"],
+        ["ls", "http://host/ckpts"],
+        ["inspect", "ftp://host/ckpt"],
+        ["verify", "file:///tmp/ckpt"],
+        ["diff", native, "http://host/ckpt"],
+        ["export", "ftp://host/ckpt", out, "--format", "safetensors"],
+        ["gc", "file:///tmp/root", "--older-than", "0"],
+        ["import-dcp", "http://host/dcp", str(tmp_path / "imported")],
+        ["import-dcp", native, "ftp://host/imported"],
     ]
     for r in cli_many(*commands, cwd=tmp_path):
-        assert r.rc == 2, r
+        url = next(a for a in r.args if "://" in a)
+        scheme = url.split("://")[0]
+        assert r.rc == 2 and r.out == "", r
         lines = r.err.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in r.err, r
-        assert "URLs are not supported" in lines[0] and "object stores are not supported yet" in lines[0], r
-        assert ("gs://bucket/x.safetensors" if "gs://" in " ".join(r.args) else url) in lines[0], r
-    assert not os.path.exists(tmp_path / "s3:") and not os.path.exists(tmp_path / "gs:")
+        assert lines[0].startswith(f"torchckpt: {url}: {scheme}:// URLs are not supported here"), r
+        assert "the object stores s3://, gs://, az:// and memory://" in lines[0], r
+        if scheme == "file":
+            assert "give the local path /tmp/" in lines[0], r
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_object_store_urls_where_a_command_needs_a_local_path_or_a_bucket_are_refused(
+    ckpts: dict[str, str], tmp_path: Path
+) -> None:
+    """export writes a local file; import-dcp reads a local DCP directory; a URL names a bucket (no request made)."""
+    native = ckpts["native"]
+    commands = [
+        ["export", native, "gs://bucket/x.safetensors", "--format", "safetensors"],
+        ["import-dcp", "s3://bucket/dcp", str(tmp_path / "imported")],
+        ["inspect", "s3:///ckpt"],
+        ["gc", "az://container/a//b"],
+    ]
+    results = cli_many(*commands, cwd=tmp_path)
+    for r in results:
+        assert r.rc == 2 and r.out == "" and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, r
+    assert results[0].err.startswith("torchckpt: gs://bucket/x.safetensors: gs:// URLs are not supported here")
+    assert results[1].err.startswith("torchckpt: s3://bucket/dcp: s3:// URLs are not supported here")
+    assert results[2].err == "torchckpt: s3:///ckpt: the URL names no bucket (s3://<bucket>/<key>)\n"
+    assert results[3].err == "torchckpt: az://container/a//b: empty, '.' or '..' parts are not allowed in a key\n"
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_gc_keep_last_must_be_at_least_one_in_user_terms(tmp_path: Path) -> None:
     with _root_with_steps(tmp_path / "root", [1]):
         pass
@@ -404,6 +435,26 @@ def test_gc_keep_last_must_be_at_least_one_in_user_terms(tmp_path: Path) -> None
             f"got {value!r}"
         ), r
         assert "KeepLast" not in r.err and "Traceback" not in r.err, r
+
+
+def test_gc_without_keep_last_deletes_leftovers_only_and_older_than_is_checked(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with _root_with_steps(root, [1, 2]):
+        pass
+    trash = root / ".step_1.torchckpt-trash-00ff"
+    trash.mkdir()
+    r = cli("gc", str(root))
+    assert (r.rc, r.err) == (0, ""), r
+    assert r.out == f"deleted 1 leftover(s) of interrupted saves and deletes:\n  {trash}\n", r
+    steps = ["step_0000000001", "step_0000000002"]
+    assert [n for n in sorted(os.listdir(root)) if not n.startswith(".torchckpt-lock")] == steps
+    commands = [["gc", str(root), "--older-than", v] for v in ("-1", "soon", "inf")]
+    for r, value in zip(cli_many(*commands), ("-1", "soon", "inf")):
+        assert (r.rc, r.out) == (2, ""), r
+        assert r.err == (
+            f"torchckpt: gc: --older-than must be a number of seconds >= 0 (0: every leftover), got {value!r}\n"
+        ), r
+    assert [n for n in sorted(os.listdir(root)) if not n.startswith(".torchckpt-lock")] == steps
 
 
 # -- export: an existing folder as OUT, failures --------------------------------

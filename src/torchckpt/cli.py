@@ -1,5 +1,10 @@
 """The ``torchckpt`` command: list, inspect, verify, compare, export, prune and import checkpoints.
 
+Every command but ``ls`` also takes an ``s3://``, ``gs://`` or ``az://`` URL for the
+checkpoint it reads (``import-dcp``: writes; ``gc``: cleans), the client
+configured by the environment and ``--storage-option KEY=VALUE``; a file it
+writes (``export``) stays local.
+
 Exit codes: 0 success; 1 a checkpoint is bad (``verify``), two differ
 (``diff``) or something could not be deleted (``gc``); 2 a bad path, a bad
 checkpoint or bad arguments: one line on stderr, no traceback (with
@@ -20,13 +25,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from .checkpoint_reader import read_manifest
 from .errors import CheckpointError, CheckpointIOError, CheckpointNotFoundError
 from .format.manifest import Manifest
+from .object_prune import DEFAULT_GRACE_S, parse_storage_options
 from .step_dirs import committed_steps, step_dirs
 from .step_metadata import decode_metrics
+from .storage.locate import is_object_url
+from .storage.object_client import parse_object_url
 from .storage.paths import local_path
 
 __all__ = ["build_parser", "main"]
@@ -83,8 +89,12 @@ def _check_root(root: str) -> None:
         )
 
 
-def _check_checkpoint(path: str) -> None:
+def _check_checkpoint(path: str, options: dict[str, str]) -> None:
     """Refuse, in words, a path that does not exist or is a manager's root (one checkpoint expected)."""
+    if is_object_url(path):
+        from .object_prune import check_checkpoint_url
+
+        return check_checkpoint_url(path, options)
     if not os.path.lexists(path):
         raise CheckpointNotFoundError(f"no such checkpoint: {path} does not exist", path=path)
     if not os.path.isdir(path) or os.path.lexists(os.path.join(path, "manifest.json")):
@@ -176,36 +186,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 # -- inspect -------------------------------------------------------------
 
 
-def _describe(value: Any) -> dict[str, Any]:
-    from .consolidate import ShardedView
-
-    if isinstance(value, ShardedView):
-        return {
-            "type": "sharded tensor",
-            "dtype": str(value.dtype).removeprefix("torch."),
-            "shape": list(value.shape),
-            "bytes": value.nbytes,
-            "chunks": value.chunks,
-            "ranks": list(value.ranks),
-        }
-    if isinstance(value, torch.Tensor):
-        return {
-            "type": "tensor",
-            "dtype": str(value.dtype).removeprefix("torch."),
-            "shape": list(value.shape),
-            "bytes": value.numel() * value.element_size(),
-        }
-    text = repr(value)
-    return {"type": type(value).__name__, "value": text if len(text) <= 80 else text[:77] + "..."}
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .consolidate import ranks_text
-    from .tools import iter_leaves, open_lazy, tied_keys
+    from .tools import describe, iter_leaves, open_lazy, tied_keys
 
-    _check_checkpoint(args.path)
-    with open_lazy(args.path, args.rank) as (man, state):
-        leaves = [(k, _describe(v)) for k, v in iter_leaves(state)]
+    _check_checkpoint(args.path, args.storage_options)
+    with open_lazy(args.path, args.rank, storage_options=args.storage_options) as (man, state):
+        leaves = [(k, describe(v)) for k, v in iter_leaves(state)]
         tied = tied_keys(state)
     for k, d in leaves:
         if k in tied:
@@ -244,18 +231,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_checkpoint
 
-    _check_checkpoint(args.path)
+    _check_checkpoint(args.path, args.storage_options)
     bar = None
     if not args.json and sys.stderr.isatty():
         from tqdm import tqdm  # type: ignore[import-untyped]
 
         try:
-            total = _size(read_manifest(args.path))
+            total = _size(read_manifest(args.path, args.storage_options))
         except CheckpointError:
             total = None
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr)
     try:
-        man, problems = verify_checkpoint(args.path, progress=bar.update if bar else None)
+        man, problems = verify_checkpoint(
+            args.path, progress=bar.update if bar else None, storage_options=args.storage_options
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -277,47 +266,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # -- diff ----------------------------------------------------------------
 
 
-def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest |a - b|, counting positions where both are nan as equal (nan where only one is)."""
-    try:
-        x, y = (a, b) if a.is_complex() else (a.double(), b.double())
-        d = (x - y).abs()
-        d = torch.where(torch.isnan(x) & torch.isnan(y), torch.zeros((), dtype=d.dtype), d)
-        return d.max().item()
-    except (RuntimeError, TypeError):
-        return math.nan
-
-
-def _compare(a: Any, b: Any) -> dict[str, Any] | None:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return {"change": "type", "a": _describe(a), "b": _describe(b)}
-        if a.numel() == 0 or torch.equal(_raw_bytes(a), _raw_bytes(b)):
-            return None  # bit-identical (nan == nan here; -0.0 != 0.0)
-        return {"change": "values", "max_abs_diff": _max_abs_diff(a, b)}
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return {"change": "type", "a": _describe(a), "b": _describe(b)}
-    same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
-    return None if same and type(a) is type(b) else {"change": "value", "a": repr(a), "b": repr(b)}
-
-
 def cmd_diff(args: argparse.Namespace) -> int:
     from .consolidate import materialize
-    from .tools import iter_nodes, open_lazy
+    from .tools import compare, iter_nodes, open_lazy
 
-    _check_checkpoint(args.a)
-    _check_checkpoint(args.b)
-    with open_lazy(args.a, args.rank) as (_, sa), open_lazy(args.b, args.rank) as (_, sb):
+    opts = args.storage_options
+    _check_checkpoint(args.a, opts)
+    _check_checkpoint(args.b, opts)
+    with open_lazy(args.a, args.rank, storage_options=opts) as (_, sa), open_lazy(
+        args.b, args.rank, storage_options=opts
+    ) as (_, sb):
         la, lb = dict(iter_nodes(sa)), dict(iter_nodes(sb))  # containers too: structure and key types count
         added = sorted(lb.keys() - la.keys())
         removed = sorted(la.keys() - lb.keys())
         changed = {}
         for k in sorted(la.keys() & lb.keys()):
-            c = _compare(materialize(la[k]), materialize(lb[k]))  # a sharded tensor whole, one at a time
+            c = compare(materialize(la[k]), materialize(lb[k]))  # a sharded tensor whole, one at a time
             if c is not None:
                 changed[k] = c
     same = not (added or removed or changed)
@@ -346,8 +310,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .tools import export, export_path
 
-    _check_checkpoint(args.path)
-    n = export(args.path, args.out, fmt=args.format, rank=args.rank, strip_prefix=args.strip_prefix)
+    _check_checkpoint(args.path, args.storage_options)
+    n = export(
+        args.path, args.out, fmt=args.format, rank=args.rank, strip_prefix=args.strip_prefix,
+        storage_options=args.storage_options,
+    )  # fmt: skip
     print(f"wrote {export_path(args.path, args.out, args.format)} ({_human(n)}, {args.format})")
     return 0
 
@@ -355,7 +322,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import_dcp(args: argparse.Namespace) -> int:
     from .dcp_import import import_dcp
 
-    s = import_dcp(args.src, args.dst, overwrite=args.overwrite)
+    s = import_dcp(args.src, args.dst, overwrite=args.overwrite, storage_options=args.storage_options)
     if args.json:
         print(json.dumps({"ok": True, **dataclasses.asdict(s)}, indent=1))
         return 0
@@ -366,7 +333,9 @@ def cmd_import_dcp(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keep_last(value: str) -> int:
+def _keep_last(value: str | None) -> int | None:
+    if value is None:
+        return None
     try:
         n = int(value)
     except ValueError:
@@ -378,13 +347,31 @@ def _keep_last(value: str) -> int:
     return n
 
 
+def _older_than(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0 or math.isinf(seconds):
+        raise _UsageError(f"gc: --older-than must be a number of seconds >= 0 (0: every leftover), got {value!r}")
+    return seconds
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from .prune import plan_prune, prune
     from .retention import KeepLast
 
     keep_last = _keep_last(args.keep_last)
-    _check_root(args.root)
-    plan = plan_prune(args.root, [KeepLast(keep_last)])
+    policies = [KeepLast(keep_last)] if keep_last else []
+    older_than_s = _older_than(args.older_than)
+    if is_object_url(args.root):
+        from .object_prune import plan_object_prune, prune_objects
+
+        plan: Any = plan_object_prune(args.root, policies, older_than_s=older_than_s, options=args.storage_options)
+        run: Any = prune_objects
+    else:
+        _check_root(args.root)
+        plan, run = plan_prune(args.root, policies), prune
     if plan.empty():
         print("nothing to delete")
         return 0
@@ -394,7 +381,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(f"would delete {len(steps)} step(s): {steps}")
         _print_leftovers("would delete", leftovers, kept)
         return 0
-    result = prune(plan)
+    result = run(plan)
     if plan.steps:
         failed = f"; could not delete {len(result.failed_steps)}: {result.failed_steps}" if result.failed_steps else ""
         print(f"deleted {len(result.steps)} step(s): {result.steps}{failed}")
@@ -425,11 +412,11 @@ def _add_export(sub: Any) -> None:
         description="Write one rank's state as one file (sharded tensors whole), streamed; it appears complete or "
         "not at all.",
     )
-    s.add_argument("path", metavar="PATH", help="the checkpoint directory to export")
+    s.add_argument("path", metavar="PATH", help="the checkpoint directory or URL to export")
     s.add_argument(
         "out",
         metavar="OUT",
-        help="the file to write (replaced if it exists); an existing directory: the file goes inside it, "
+        help="the local file to write (replaced if it exists); an existing directory: the file goes inside it, "
         "named after PATH (PATH.safetensors or PATH.pt), as cp does",
     )
     s.add_argument(
@@ -454,7 +441,18 @@ def _add_export(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser (every subcommand and argument with its help)."""
-    p = _Parser(prog="torchckpt", description="Inspect and manage torchckpt checkpoints.")
+    p = _Parser(
+        prog="torchckpt",
+        description="Inspect and manage torchckpt checkpoints: local directories, or s3://, gs://, az:// URLs "
+        "(the client configured by the standard environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a configuration key of the object store client (e.g. endpoint=http://127.0.0.1:9000, region=...), "
+        "on top of the environment; repeatable; before COMMAND",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     s = sub.add_parser("ls", help="list the steps under a root", description="List the steps of a CheckpointManager.")
     s.add_argument("root", metavar="ROOT", help="a CheckpointManager's root directory (holding step_* directories)")
@@ -462,33 +460,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser("inspect", help="the keys of a checkpoint", description="Show the keys of one checkpoint.")
-    s.add_argument("path", metavar="PATH", help="one checkpoint directory (a step's, not a manager's root)")
+    s.add_argument("path", metavar="PATH", help="one checkpoint directory or URL (a step's, not a manager's root)")
     s.add_argument("--rank", type=int, default=0, help="whose part to show, for a checkpoint of several ranks (0)")
     s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_inspect)
     s = sub.add_parser("verify", help="check every size and checksum", description="Verify one checkpoint.")
-    s.add_argument("path", metavar="PATH", help="one checkpoint directory; exit 1 naming each bad file and key")
+    s.add_argument("path", metavar="PATH", help="one checkpoint directory or URL; exit 1 naming each bad file and key")
     s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_verify)
     s = sub.add_parser("diff", help="compare two checkpoints", description="Compare two checkpoints (exit 1: differ).")
-    s.add_argument("a", metavar="A", help="the first checkpoint directory")
-    s.add_argument("b", metavar="B", help="the second checkpoint directory")
+    s.add_argument("a", metavar="A", help="the first checkpoint directory or URL")
+    s.add_argument("b", metavar="B", help="the second checkpoint directory or URL")
     s.add_argument("--rank", type=int, default=0, help="whose parts to compare, for checkpoints of several ranks (0)")
     s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_diff)
     _add_export(sub)
+    _add_gc(sub)
+    _add_import_dcp(sub)
+    return p
+
+
+def _add_gc(sub: Any) -> None:
     s = sub.add_parser(
         "gc",
         help="delete old steps and leftovers",
         description="Delete old steps of a CheckpointManager and the leftovers of interrupted saves "
-        "(exit 1: a delete failed).",
+        "(exit 1: a delete failed). On an object store URL (a checkpoint, or a root of checkpoints), the "
+        "leftovers are the generations (<ckpt>/gen-<id>/) its manifest does not name, deleted once their newest "
+        f"object is older than --older-than (default {DEFAULT_GRACE_S:.0f} s: one hour, as a save may still be "
+        "writing a younger one).",
     )
-    s.add_argument("root", metavar="ROOT", help="a CheckpointManager's root directory")
-    s.add_argument("--keep-last", required=True, metavar="N", help="keep the N newest steps (N >= 1)")
+    s.add_argument("root", metavar="ROOT", help="a CheckpointManager's root directory, or an s3://, gs://, az:// URL")
+    s.add_argument("--keep-last", metavar="N", help="also delete old steps: keep the N newest (N >= 1)")
+    s.add_argument(
+        "--older-than",
+        metavar="SECONDS",
+        default=str(DEFAULT_GRACE_S),
+        help=f"object stores: delete leftover generations older than this (default {DEFAULT_GRACE_S:.0f}; 0: all)",
+    )
     s.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     s.set_defaults(fn=cmd_gc)
-    _add_import_dcp(sub)
-    return p
 
 
 def _add_import_dcp(sub: Any) -> None:
@@ -500,23 +511,34 @@ def _add_import_dcp(sub: Any) -> None:
         "pickle is read without running code from it; every value must be plain data.",
     )
     s.add_argument("src", metavar="SRC", help="the DCP checkpoint directory (holding .metadata and *.distcp)")
-    s.add_argument("dst", metavar="DST", help="the torchckpt checkpoint directory to write (must not exist)")
+    s.add_argument("dst", metavar="DST", help="the torchckpt checkpoint to write (must not exist): a directory or URL")
     s.add_argument("--overwrite", action="store_true", help="replace a checkpoint at DST (atomically)")
     s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_import_dcp)
 
 
-def _refuse_urls(args: argparse.Namespace) -> None:
-    """Every path argument is a local path: a URL is refused by name before anything is opened or created."""
+#: The arguments of each command that may be an object store URL; every other path argument is local.
+_URL_ARGUMENTS = {"inspect": ("path",), "verify": ("path",), "diff": ("a", "b"), "export": ("path",),
+                  "gc": ("root",), "import-dcp": ("dst",)}  # fmt: skip
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse, by name, before anything is opened or created: a URL where a local path is needed, a bad object URL."""
     for name in ("root", "path", "a", "b", "out", "src", "dst"):
         value = getattr(args, name, None)
-        if isinstance(value, str):
+        if not isinstance(value, str):
+            continue
+        if name in _URL_ARGUMENTS.get(args.command, ()) and is_object_url(value):
+            parse_object_url(value)
+        else:
             local_path(value)
 
 
 def _error_text(e: BaseException) -> str:
     if isinstance(e, CheckpointIOError) and e.strerror:
         text = e.strerror  # its str() starts with "[Errno N]", which the message already says in words
+    elif isinstance(e, OSError) and e.filename is None and e.strerror and "://" in e.strerror:
+        text = e.strerror  # the object store client's: it names the operation and the URL in words
     else:
         text = str(e)
     return (text.splitlines() or [type(e).__name__])[0]
@@ -556,7 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
-        _refuse_urls(args)
+        args.storage_options = parse_storage_options(args.storage_option)
+        _check_paths(args)
         code = int(args.fn(args))
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code

@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,8 @@ from .errors import (
     UnsafeObjectError,
 )
 from .format.tree import MAX_DEPTH
+from .reading import open_checkpoint
+from .storage.locate import is_object_url
 from .types import RankInfo
 
 __all__ = ["DcpImportSummary", "import_dcp"]
@@ -83,7 +86,9 @@ class DcpImportSummary:
     seconds: float
 
 
-def import_dcp(src: str, dst: str, *, overwrite: bool = False) -> DcpImportSummary:
+def import_dcp(
+    src: str, dst: str, *, overwrite: bool = False, storage_options: Mapping[str, str] | None = None
+) -> DcpImportSummary:
     """Convert the torch DCP checkpoint at ``src`` into a torchckpt checkpoint at ``dst``.
 
     ``dst`` is a one-rank checkpoint of the native (safetensors) layout holding
@@ -91,8 +96,9 @@ def import_dcp(src: str, dst: str, *, overwrite: bool = False) -> DcpImportSumma
 
     Args:
         src: A directory written by ``torch.distributed.checkpoint.save``.
-        dst: Where to write the torchckpt checkpoint.
+        dst: Where to write the torchckpt checkpoint: a directory or an object store URL.
         overwrite: Replace a checkpoint at ``dst`` (atomically); False: refuse an existing ``dst``.
+        storage_options: The object store client's configuration keys, for a URL ``dst``.
 
     Returns:
         What was converted.
@@ -108,7 +114,7 @@ def import_dcp(src: str, dst: str, *, overwrite: bool = False) -> DcpImportSumma
     """
     started = time.monotonic()
     src, dst = os.fspath(src), os.fspath(dst)
-    _check_paths(src, dst, overwrite)
+    _check_paths(src, dst, overwrite, storage_options)
     logger.info("importing DCP checkpoint %s into %s", src, dst)
     index = read_dcp_index(src)
     flat: dict[str, Any] = {}
@@ -118,7 +124,8 @@ def import_dcp(src: str, dst: str, *, overwrite: bool = False) -> DcpImportSumma
         for v in index.values:
             flat[v.key] = _load_value(v.key, files.read(v.location, v.key))
     state = _nest({k: flat[k] for k in index.paths}, index.paths, src)  # in the metadata's order
-    writer = CheckpointWriter(CheckpointWriterConfig(format=CheckpointFormat.SAFETENSORS), RankInfo(0, 1))
+    config = CheckpointWriterConfig(format=CheckpointFormat.SAFETENSORS, storage_options=storage_options)
+    writer = CheckpointWriter(config, RankInfo(0, 1))
     writer.write(dst, state, metadata={"imported_from": "torch.distributed.checkpoint", "dcp_version": index.version})
     summary = _summary(src, dst, index, time.monotonic() - started)
     logger.info(
@@ -128,17 +135,30 @@ def import_dcp(src: str, dst: str, *, overwrite: bool = False) -> DcpImportSumma
     return summary
 
 
-def _check_paths(src: str, dst: str, overwrite: bool) -> None:
+def _check_paths(src: str, dst: str, overwrite: bool, storage_options: Mapping[str, str] | None) -> None:
     if not os.path.lexists(src):
         raise CheckpointNotFoundError(f"no such DCP checkpoint: {src} does not exist", path=src)
     if not os.path.isdir(src):
         raise CheckpointNotFoundError(f"{src} is not a DCP checkpoint: not a directory", path=src)
     if not os.path.lexists(os.path.join(src, METADATA_NAME)):
         raise CheckpointNotFoundError(f"{src} is not a torch DCP checkpoint: it has no {METADATA_NAME}", path=src)
+    if is_object_url(dst):
+        if not overwrite and _committed_at(dst, storage_options):
+            raise CheckpointExistsError(f"{dst} already holds a checkpoint: import-dcp writes a new one", path=dst)
+        return
     if os.path.lexists(dst) and os.path.realpath(dst) == os.path.realpath(src):
         raise CheckpointExistsError(f"{dst} is the DCP checkpoint being imported: choose another destination", path=dst)
     if os.path.lexists(dst) and not overwrite:
         raise CheckpointExistsError(f"{dst} already exists: import-dcp writes a new checkpoint", path=dst)
+
+
+def _committed_at(url: str, storage_options: Mapping[str, str] | None) -> bool:
+    """Whether a checkpoint is committed at the object store URL ``url`` (a missing bucket: no)."""
+    try:
+        open_checkpoint(url, storage_options).close()
+    except CheckpointNotFoundError:
+        return False
+    return True
 
 
 def _summary(src: str, dst: str, index: DcpIndex, seconds: float) -> DcpImportSummary:

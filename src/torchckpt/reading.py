@@ -228,14 +228,14 @@ def read_consistently(
     )
 
 
-def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read and validate the manifest of the checkpoint at ``path``.
+def read_manifest(path: str | os.PathLike[str], storage_options: Mapping[str, str] | None = None) -> Manifest:
+    """Read and validate the manifest of the checkpoint at ``path`` (a directory or an object store URL).
 
     Raises:
         CheckpointNotFoundError: No committed checkpoint there.
         CorruptCheckpointError: The manifest is invalid.
     """
-    with open_checkpoint(path) as snapshot:
+    with open_checkpoint(path, storage_options) as snapshot:
         return snapshot.manifest()
 
 

@@ -12,11 +12,12 @@ import contextlib
 import errno
 import functools
 import json
+import math
 import mmap
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -33,43 +34,75 @@ from .format.tree import Flattened, flatten, join_key, unflatten
 from .format.verification import check_file_digest, check_header, check_size, check_tensor_bytes
 from .reading import READ_ATTEMPTS, CheckpointSnapshot, GenerationReplaced, open_checkpoint
 from .storage.base import ObjectReader
+from .storage.local_read import LocalObjectReader
 from .storage.local_save import LocalObjectWriter
+from .storage.locate import is_object_url
+from .storage.object_client import parse_object_url
 from .storage.paths import local_path
 
-__all__ = ["Container", "export", "export_path", "iter_leaves", "iter_nodes", "open_lazy", "tied_keys"]
+__all__ = [
+    "Container",
+    "compare",
+    "describe",
+    "export",
+    "export_path",
+    "iter_leaves",
+    "iter_nodes",
+    "open_lazy",
+    "tied_keys",
+]
 
 
 @contextmanager
-def open_lazy(path: str, rank: int = 0) -> Iterator[tuple[Manifest, Any]]:
+def open_lazy(
+    path: str, rank: int = 0, *, storage_options: Mapping[str, str] | None = None
+) -> Iterator[tuple[Manifest, Any]]:
     """The state saved by ``rank``, its tensors backed by the file (read only when touched).
 
     The rank file is opened through the one read path (``reading.py``; a
     checkpoint replaced meanwhile is opened again) and checked by the
     loader's checks (``format/verification.py``): native tensors against
     their checksums as they are mapped; ``torch_save`` files against their
-    digest, then read with ``weights_only=True``. Mapping needs a local file
-    (``ObjectReader.fileno``). A sharded tensor is a
-    :class:`~.consolidate.ShardedView` (nothing read until its ``full()``;
-    the checkpoint is held open until the block ends).
+    digest, then read with ``weights_only=True``. Mapping needs a file
+    descriptor (``ObjectReader.fileno``): for a checkpoint in an object store
+    (``path`` a URL, the client configured by ``storage_options``) that is an
+    in-memory file the rank object is downloaded into once, whole. A sharded
+    tensor is a :class:`~.consolidate.ShardedView` (nothing read until its
+    ``full()``; the checkpoint is held open until the block ends).
 
     Raises:
         CheckpointNotFoundError: No committed checkpoint at ``path``.
         CorruptCheckpointError: The manifest, a size or a checksum is wrong.
         UnsafeObjectError: The rank file needs pickle (never unpickled here).
+        OSError: The object store cannot be reached or refuses (names the URL).
     """
-    snapshot, manifest, entry, src = _open_consistently(path, rank)
+    snapshot, manifest, entry, src = _open_consistently(path, rank, storage_options)
     with contextlib.closing(snapshot), contextlib.closing(src):
+        local = _as_local_file(src)
         if manifest.layout == Layout.SAFETENSORS:
             views = functools.partial(sharded_view, snapshot, manifest, entry)
-            yield manifest, _lazy_native(src, entry, path, views)
+            yield manifest, _lazy_native(local, entry, path, views)
         else:
-            yield manifest, _lazy_torch_save(src, entry, path)
+            yield manifest, _lazy_torch_save(local, entry, path)
 
 
-def _open_consistently(path: str, rank: int) -> tuple[CheckpointSnapshot, Manifest, RankEntry, ObjectReader]:
+def _as_local_file(src: ObjectReader) -> ObjectReader:
+    """``src`` read through its file descriptor (an object store's object: downloaded once, then read locally).
+
+    The checks and the mapping then read the same bytes once, not once per pass over the store.
+    """
+    fd = src.fileno()
+    if fd is None:
+        raise NotImplementedError(f"cannot map {src.location}: lazy views need a file descriptor")
+    return LocalObjectReader(fd, src.location, owned=False)
+
+
+def _open_consistently(
+    path: str, rank: int, storage_options: Mapping[str, str] | None
+) -> tuple[CheckpointSnapshot, Manifest, RankEntry, ObjectReader]:
     """The committed generation held open, its manifest, and ``rank``'s entry and open file (as ``read_consistently``)."""
     for _ in range(READ_ATTEMPTS):
-        snapshot = open_checkpoint(path)
+        snapshot = open_checkpoint(path, storage_options)
         try:
             return (snapshot, *_open_rank(snapshot, rank))
         except GenerationReplaced:
@@ -92,10 +125,9 @@ def _open_rank(snapshot: CheckpointSnapshot, rank: int) -> tuple[Manifest, RankE
 
 
 def _mapped(src: ObjectReader, entry: RankEntry) -> mmap.mmap | None:
-    """The rank file mapped read-only (None when it is empty). Local-only: maps ``src.fileno()``."""
+    """The rank file mapped read-only (None when it is empty): maps ``src.fileno()`` (see :func:`_as_local_file`)."""
     fd = src.fileno()
-    if fd is None:
-        raise NotImplementedError(f"cannot map {src.location}: lazy views need a local file")
+    assert fd is not None  # a reader of _as_local_file
     return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if entry.size_bytes else None
 
 
@@ -202,19 +234,91 @@ def tied_keys(state: Any) -> dict[str, str]:
     return {key: earlier for key, _, earlier, _ in _ties(state)}
 
 
+def describe(value: Any) -> dict[str, Any]:
+    """What ``inspect`` shows of a value: type, dtype, shape and bytes of a tensor (or a sharded one), else its repr."""
+    if isinstance(value, ShardedView):
+        return {
+            "type": "sharded tensor",
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "shape": list(value.shape),
+            "bytes": value.nbytes,
+            "chunks": value.chunks,
+            "ranks": list(value.ranks),
+        }
+    if isinstance(value, torch.Tensor):
+        return {
+            "type": "tensor",
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "shape": list(value.shape),
+            "bytes": value.numel() * value.element_size(),
+        }
+    text = repr(value)
+    return {"type": type(value).__name__, "value": text if len(text) <= 80 else text[:77] + "..."}
+
+
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b|, counting positions where both are nan as equal (nan where only one is)."""
+    try:
+        x, y = (a, b) if a.is_complex() else (a.double(), b.double())
+        d = (x - y).abs()
+        d = torch.where(torch.isnan(x) & torch.isnan(y), torch.zeros((), dtype=d.dtype), d)
+        return d.max().item()
+    except (RuntimeError, TypeError):
+        return math.nan
+
+
+def compare(a: Any, b: Any) -> dict[str, Any] | None:
+    """How two values of the same key differ (``diff``), or None when they are the same.
+
+    Tensors are the same when bit-identical (nan equals nan, -0.0 differs from
+    0.0); ``{"change": "values", "max_abs_diff": ...}`` when only their values
+    differ, ``{"change": "type", ...}`` when dtype, shape or kind differ; plain
+    values must be equal and of the same type (``{"change": "value", ...}``).
+    """
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return {"change": "type", "a": describe(a), "b": describe(b)}
+        if a.numel() == 0 or torch.equal(_raw_bytes(a), _raw_bytes(b)):
+            return None  # bit-identical (nan == nan here; -0.0 != 0.0)
+        return {"change": "values", "max_abs_diff": _max_abs_diff(a, b)}
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return {"change": "type", "a": describe(a), "b": describe(b)}
+    same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    return None if same and type(a) is type(b) else {"change": "value", "a": repr(a), "b": repr(b)}
+
+
 def export_path(path: str, out: str, fmt: str) -> str:
     """The file :func:`export` writes: ``out``, or inside it when it is a directory (as ``cp`` does).
 
-    Inside a directory the file is named after the checkpoint directory:
-    ``<name>.safetensors`` or ``<name>.pt``.
+    Inside a directory the file is named after the checkpoint directory (or
+    the last part of its URL): ``<name>.safetensors`` or ``<name>.pt``.
     """
     if os.path.isdir(out):
-        name = os.path.basename(os.path.normpath(os.path.abspath(path)))
-        return os.path.join(out, name + (".safetensors" if fmt == "safetensors" else ".pt"))
+        return os.path.join(out, _checkpoint_name(path) + (".safetensors" if fmt == "safetensors" else ".pt"))
     return out
 
 
-def export(path: str, out: str, *, fmt: str, rank: int = 0, strip_prefix: str | None = None) -> int:
+def _checkpoint_name(path: str) -> str:
+    """The last part of a checkpoint's path or URL (``s3://bucket/runs/step_3`` -> ``step_3``; the bucket at its root)."""
+    if is_object_url(path):
+        loc = parse_object_url(path)
+        return loc.key.rsplit("/", 1)[-1] if loc.key else loc.bucket
+    return os.path.basename(os.path.normpath(os.path.abspath(path)))
+
+
+def export(
+    path: str,
+    out: str,
+    *,
+    fmt: str,
+    rank: int = 0,
+    strip_prefix: str | None = None,
+    storage_options: Mapping[str, str] | None = None,
+) -> int:
     """Write rank ``rank``'s state of the checkpoint at ``path`` as one file.
 
     ``fmt="safetensors"``: a safetensors file (tensors under their key paths;
@@ -232,9 +336,11 @@ def export(path: str, out: str, *, fmt: str, rank: int = 0, strip_prefix: str | 
     of its chunks. ``strip_prefix`` (safetensors only): keys that start with
     it are written without it (``"model."``: the model's own parameter names).
 
-    ``out`` may be an existing directory: the file goes inside it (see
-    :func:`export_path`). The file appears complete or not at all: it is
-    written to a temporary name beside it, removed on any failure.
+    ``path`` may be an object store URL (the client configured by
+    ``storage_options``); ``out`` is a local file. It may be an existing
+    directory: the file goes inside it (see :func:`export_path`). The file
+    appears complete or not at all: it is written to a temporary name beside
+    it, removed on any failure.
 
     Returns:
         The number of bytes written.
@@ -249,7 +355,7 @@ def export(path: str, out: str, *, fmt: str, rank: int = 0, strip_prefix: str | 
         raise ValueError(f"unknown export format {fmt!r} (safetensors or torch)")
     if strip_prefix and fmt != "safetensors":
         raise ValueError("strip_prefix applies to the safetensors format only (a torch export keeps the state's nesting)")
-    with open_lazy(path, rank) as (_manifest, state):
+    with open_lazy(path, rank, storage_options=storage_options) as (_manifest, state):
         target = export_path(path, out, fmt)
         _write_file(target, lambda fd: _write_export(fd, state, fmt=fmt, rank=rank, strip_prefix=strip_prefix or ""))
         return os.path.getsize(target)

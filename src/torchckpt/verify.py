@@ -10,7 +10,7 @@ on, so that every bad file and key is listed, not only the first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +50,17 @@ def _problem(err: CorruptCheckpointError, path: str, file: str, key: str | None 
 
 
 def verify_checkpoint(
-    path: str, *, progress: Callable[[int], None] | None = None
+    path: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    storage_options: Mapping[str, str] | None = None,
 ) -> tuple[Manifest | None, list[Problem]]:
     """Verify the checkpoint at ``path``: manifest, sizes, digests and every tensor checksum.
 
     Args:
-        path: The checkpoint directory.
+        path: The checkpoint directory, or its object store URL (read by ranged GETs, streamed).
         progress: Called with the number of bytes just checked.
+        storage_options: The object store client's configuration keys (ignored for a directory).
 
     Returns:
         The manifest (None when it cannot be read) and every problem found
@@ -65,8 +69,9 @@ def verify_checkpoint(
 
     Raises:
         CheckpointNotFoundError: No checkpoint directory or manifest.
+        OSError: The object store cannot be reached or refuses (names the URL).
     """
-    with open_checkpoint(path) as snapshot:
+    with open_checkpoint(path, storage_options) as snapshot:
         try:
             manifest = snapshot.manifest()
         except CorruptCheckpointError as e:  # the chunks of a sharded tensor that do not tile it among them
