@@ -9,8 +9,8 @@ call. It cannot promise that the save will succeed (the disk may fill, the
 file system may be remounted meanwhile); the writer still reports whatever
 fails later.
 
-The same early moment refuses a path no save can take: a URL
-(:func:`.paths.local_path`) and a symbolic link at the checkpoint's own name
+The same early moment refuses a path no save can take: a URL of no object
+store torchckpt serves (:func:`.paths.local_path`) and a symbolic link at the checkpoint's own name
 (:func:`.paths.check_not_a_link`).
 """
 
@@ -20,6 +20,7 @@ import errno
 import os
 
 from ..errors import CheckpointIOError
+from .object_client import is_object_url
 from .paths import check_not_a_link, local_path, resolve_parent
 
 __all__ = ["check_writable"]
@@ -50,8 +51,10 @@ def check_writable(path: str | os.PathLike[str], *, rank: int = 0) -> None:
         CheckpointIOError: errno EROFS (read-only file system) or EACCES (no
             write or search permission), operation ``"prepare"``, naming the
             rank and the directory; errno ELOOP when ``path`` is a symbolic link.
-        UnsupportedURLError: ``path`` is a URL.
+        UnsupportedURLError: ``path`` is a URL of no object store torchckpt serves.
     """
+    if is_object_url(path):
+        return  # an object store: its save says what it refuses (bucket, credentials), naming the URL
     resolved = resolve_parent(local_path(path))
     check_not_a_link(resolved, rank=rank)
     directory = _nearest_directory(os.path.dirname(resolved))
