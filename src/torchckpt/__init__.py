@@ -14,6 +14,7 @@ from .manager import CheckpointManager, SaveHandle
 from .retention import KeepBest, KeepEvery, KeepLast
 from .checkpoint_process import CheckpointProcess, CheckpointProcessConfig
 from .staging import CheckpointStager, CheckpointStagerConfig, DefaultStager
+from .step_upload import UploadConfig
 from .types import STATE_DICT, RankInfo
 from .utils import wrap_future
 
@@ -44,6 +45,7 @@ __all__ = [
     "SaveHandle",
     "SyncCheckpointer",
     "TCPStoreBarrier",
+    "UploadConfig",
     "WriterHook",
     "create_barrier_from_config",
     "make_async_checkpointer",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -28,9 +27,10 @@ from typing import Any
 from .checkpoint_reader import read_manifest
 from .errors import CheckpointError, CheckpointIOError, CheckpointNotFoundError
 from .format.manifest import Manifest
+from .listing import check_object_root, root_rows, tier_rows
 from .object_prune import DEFAULT_GRACE_S, parse_storage_options
-from .step_dirs import committed_steps, step_dirs
-from .step_metadata import decode_metrics
+from .step_dirs import committed_steps
+from .step_store import ObjectSteps, open_step_store
 from .storage.locate import is_object_url
 from .storage.object_client import parse_object_url
 from .storage.paths import local_path
@@ -115,44 +115,6 @@ def _check_checkpoint(path: str, options: dict[str, str]) -> None:
 # -- ls ------------------------------------------------------------------
 
 
-def _time_text(unix_s: Any) -> str:
-    try:
-        return datetime.datetime.fromtimestamp(unix_s).isoformat(timespec="seconds")
-    except (TypeError, ValueError, OverflowError, OSError):
-        return str(unix_s)
-
-
-def _metrics_of(raw: Any) -> Any:
-    """A step's metrics (non-finite numbers decoded); anything but a dict, as the manifest holds it."""
-    if isinstance(raw, dict):
-        return decode_metrics(raw)
-    return {} if raw is None else raw
-
-
-def _ls_row(step: int, path: str, verify: bool) -> dict[str, Any]:
-    try:
-        man = read_manifest(path)
-    except (CheckpointError, OSError) as e:  # one unreadable step is that step's row, not the listing's end
-        return {"step": step, "path": path, "committed": False, "error": str(e)}
-    row: dict[str, Any] = {
-        "step": step,
-        "path": path,
-        "committed": True,
-        "time": _time_text(man.created_unix_s),
-        "size_bytes": _size(man),
-        "ranks": man.world_size,
-        "format": man.layout,
-        "stall_s": man.stats.get("stall_s"),
-        "write_s": man.stats.get("write_s"),
-        "metrics": _metrics_of(man.metadata.get("metrics")),
-    }
-    if verify:
-        from .verify import verify_checkpoint
-
-        row["verified"] = not verify_checkpoint(path)[1]
-    return row
-
-
 def _metrics_text(metrics: Any) -> str:
     if not isinstance(metrics, dict):
         return repr(metrics)  # written by hand through the checkpointer's metadata: show it as it is
@@ -163,23 +125,39 @@ def _seconds_text(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-" if v is None else str(v)
 
 
+def _ls_rows(root: str, verify: bool) -> dict[int, dict[str, Any]]:
+    """The rows of the steps under ``root`` (a directory or an object store URL), by step."""
+    store = open_step_store(root)
+    if isinstance(store, ObjectSteps):
+        check_object_root(store)
+    else:
+        _check_root(root)
+    return root_rows(store, verify)
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    _check_root(args.root)
-    rows = [_ls_row(step, path, args.verify) for step, path in step_dirs(args.root) if os.path.isdir(path)]
+    rows_by_step = _ls_rows(args.root, args.verify)
+    if args.remote is None:
+        rows = list(rows_by_step.values())
+    else:
+        rows = tier_rows(rows_by_step, _ls_rows(args.remote, args.verify))
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    where = args.remote is not None
     table = []
     for r in rows:
+        place = [r["location"]] if where else []
         if not r["committed"]:
-            table.append([str(r["step"]), "-", "-", "-", "-", "-", "-", "-", "not committed"])
+            table.append([str(r["step"]), *place, "-", "-", "-", "-", "-", "-", "-", "not committed"])
             continue
         status = "verified" if r.get("verified") else ("BAD" if "verified" in r else "committed")
         table.append(
-            [str(r["step"]), r["time"], _human(r["size_bytes"]), str(r["ranks"]), r["format"],
+            [str(r["step"]), *place, r["time"], _human(r["size_bytes"]), str(r["ranks"]), r["format"],
              _seconds_text(r["stall_s"]), _seconds_text(r["write_s"]), _metrics_text(r["metrics"]) or "-", status]
         )  # fmt: skip
-    print(_table(table, ["step", "time", "size", "ranks", "format", "stall_s", "write_s", "metrics", "status"]))
+    header = ["step", *(["location"] if where else []), "time", "size", "ranks", "format", "stall_s", "write_s"]
+    print(_table(table, [*header, "metrics", "status"]))
     return 0
 
 
@@ -455,7 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     s = sub.add_parser("ls", help="list the steps under a root", description="List the steps of a CheckpointManager.")
-    s.add_argument("root", metavar="ROOT", help="a CheckpointManager's root directory (holding step_* directories)")
+    s.add_argument(
+        "root", metavar="ROOT", help="a CheckpointManager's root: a directory holding step_* directories, or an "
+        "s3://, gs://, az:// URL"
+    )  # fmt: skip
+    s.add_argument(
+        "--remote", metavar="URL", help="the manager's remote tier: list the steps of both, with where each is "
+        "committed (local, remote or both)"
+    )  # fmt: skip
     s.add_argument("--verify", action="store_true", help="also verify every checksum of every step (reads all data)")
     s.add_argument("--json", action="store_true", help=_JSON_HELP)
     s.set_defaults(fn=cmd_ls)
@@ -518,8 +503,8 @@ def _add_import_dcp(sub: Any) -> None:
 
 
 #: The arguments of each command that may be an object store URL; every other path argument is local.
-_URL_ARGUMENTS = {"inspect": ("path",), "verify": ("path",), "diff": ("a", "b"), "export": ("path",),
-                  "gc": ("root",), "import-dcp": ("dst",)}  # fmt: skip
+_URL_ARGUMENTS = {"ls": ("root",), "inspect": ("path",), "verify": ("path",), "diff": ("a", "b"),
+                  "export": ("path",), "gc": ("root",), "import-dcp": ("dst",)}  # fmt: skip
 
 
 def _check_paths(args: argparse.Namespace) -> None:

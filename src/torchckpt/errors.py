@@ -15,6 +15,7 @@ keep working::
         ├── StateDictMismatchError               (RuntimeError) .key
         │   └── MissingKeysError                 .missing_keys
         ├── CheckpointIOError                    (OSError)      .rank .operation
+        │   └── UploadError                      .step .url .failures {step: message}
         ├── BarrierTimeoutError                  (TimeoutError) .missing_ranks
         ├── WriterProcessError                   (RuntimeError) .pid .exitcode
         └── DistributedCheckpointError                          .failures {rank: cause}
@@ -41,6 +42,7 @@ __all__ = [
     "StateDictMismatchError",
     "UnsafeObjectError",
     "UnsupportedURLError",
+    "UploadError",
     "WriterProcessError",
 ]
 
@@ -211,6 +213,41 @@ def _rebuild_io_error(
     message: str, errno: int | None, path: str | None, rank: int | None, operation: str | None
 ) -> CheckpointIOError:
     return CheckpointIOError(message, errno=errno, path=path, rank=rank, operation=operation)
+
+
+class UploadError(CheckpointIOError):
+    """A CheckpointManager could not copy a committed step to its remote tier (the local copy is intact).
+
+    ``errno`` is that of the (last) cause when it had one.
+
+    Attributes:
+        step: The (first) step whose upload failed.
+        url: Where it was to be copied.
+        failures: ``{step: why}`` of every failed upload the error reports.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        url: str,
+        errno: int | None = None,
+        failures: Mapping[int, str] | None = None,
+    ) -> None:
+        super().__init__(message, errno=errno, path=url, operation="upload")
+        self.step = step
+        self.url = url
+        self.failures = dict(failures or {step: message})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_upload_error, (self.strerror or str(self), self.step, self.url, self.errno, self.failures))
+
+
+def _rebuild_upload_error(
+    message: str, step: int, url: str, errno: int | None, failures: dict[int, str]
+) -> UploadError:
+    return UploadError(message, step=step, url=url, errno=errno, failures=failures)
 
 
 class BarrierTimeoutError(CheckpointError, TimeoutError):

@@ -40,24 +40,53 @@ T = TypeVar("T")
 DAMAGE = (CorruptCheckpointError, CheckpointIOError, CheckpointNotFoundError)
 
 
-def load_step(root: str, step: int, load: Callable[[int], T]) -> T:
+class _Where:
+    """Where a step is and whether it is still there: given, or the local directory layout of ``root``."""
+
+    def __init__(self, root: str, path_of: Callable[[int], str] | None, present: Callable[[int], bool] | None) -> None:
+        self.path = path_of or (lambda s: step_path(root, s))
+        self.present = present or (lambda s: os.path.isdir(step_path(root, s)))
+
+
+def load_step(
+    root: str,
+    step: int,
+    load: Callable[[int], T],
+    *,
+    path_of: Callable[[int], str] | None = None,
+    present: Callable[[int], bool] | None = None,
+) -> T:
     """``load(step)``, its error raised; a step deleted while it was read is a ``CheckpointNotFoundError``.
+
+    Args:
+        root: The manager's root (names it in errors).
+        step: The step to load.
+        load: Loads one step.
+        path_of: Where a step is, for messages (default: its directory under ``root``).
+        present: Whether a step is still there (default: its directory under ``root`` exists).
 
     Raises:
         CheckpointNotFoundError: The step is not (or no longer) there.
         Exception: Whatever ``load`` raised otherwise.
     """
-    path = step_path(root, step)
+    where = _Where(root, path_of, present)
+    path = where.path(step)
     try:
         return load(step)
     except DAMAGE as e:
-        if isinstance(e, CheckpointNotFoundError) or os.path.isdir(path):
+        if isinstance(e, CheckpointNotFoundError) or where.present(step):
             raise
         raise CheckpointNotFoundError(f"step {step} at {path} was deleted while it was being loaded", path=path) from e
 
 
 def load_newest(
-    root: str, steps: Callable[[], list[int]], load: Callable[[int], T], *, fallback: bool
+    root: str,
+    steps: Callable[[], list[int]],
+    load: Callable[[int], T],
+    *,
+    fallback: bool,
+    path_of: Callable[[int], str] | None = None,
+    present: Callable[[int], bool] | None = None,
 ) -> tuple[int, T]:
     """``(step, load(step))`` of the newest committed step that loads, by the rules of this module.
 
@@ -70,11 +99,14 @@ def load_newest(
         steps: Lists the committed steps, ascending.
         load: Loads one step; raises one of :data:`DAMAGE` when the step is damaged or gone.
         fallback: Skip a damaged step (warning) instead of raising its error.
+        path_of: Where a step is, for messages (default: its directory under ``root``).
+        present: Whether a step is still there (default: its directory under ``root`` exists).
 
     Raises:
         CheckpointNotFoundError: No committed step.
         CorruptCheckpointError: Every committed step is damaged (from the last error).
     """
+    where = _Where(root, path_of, present)
     failed: list[tuple[int, CheckpointError]] = []
     for _ in range(LIST_ATTEMPTS):
         vanished = False
@@ -82,8 +114,8 @@ def load_newest(
             try:
                 return s, load(s)
             except DAMAGE as e:
-                path = step_path(root, s)
-                if isinstance(e, CheckpointNotFoundError) or not os.path.isdir(path):
+                path = where.path(s)
+                if isinstance(e, CheckpointNotFoundError) or not where.present(s):
                     vanished = True  # deleted before or while it was read: not a bad step
                     continue
                 if not fallback:

@@ -32,7 +32,7 @@ from .errors import CheckpointError, ConfigError
 from .retention import CheckpointInfo
 from .step_metadata import decode_metrics
 from .storage import fs
-from .format.manifest import MANIFEST_NAME
+from .format.manifest import MANIFEST_NAME, Manifest
 from .storage.local_dirs import remove_generation
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "move_step_aside",
     "remove_trash",
     "step_dirs",
+    "step_info",
     "step_name",
     "step_of",
     "step_path",
@@ -125,11 +126,17 @@ def _list_once(root: str) -> tuple[list[CheckpointInfo], bool]:
         except (CheckpointError, OSError):
             vanished = vanished or not os.path.lexists(path)
             continue  # not committed (or unreadable): not a checkpoint
-        if manifest.metadata.get("step", step) != step:
-            continue
-        metrics = decode_metrics(manifest.metadata.get("metrics"))
-        infos.append(CheckpointInfo(step, path, metrics, manifest.created_unix_s))
+        info = step_info(step, path, manifest)
+        if info is not None:
+            infos.append(info)
     return infos, vanished
+
+
+def step_info(step: int, path: str, manifest: Manifest) -> CheckpointInfo | None:
+    """The committed step ``step`` at ``path`` as retention sees it, or None when its manifest records another step."""
+    if manifest.metadata.get("step", step) != step:
+        return None
+    return CheckpointInfo(step, path, decode_metrics(manifest.metadata.get("metrics")), manifest.created_unix_s)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from torchckpt.errors import (
     StateDictMismatchError,
     UnsafeObjectError,
     UnsupportedURLError,
+    UploadError,
     WriterProcessError,
 )
 
@@ -41,6 +42,7 @@ TREE = {
     StateDictMismatchError: (RuntimeError,),
     MissingKeysError: (StateDictMismatchError, RuntimeError),
     CheckpointIOError: (OSError,),
+    UploadError: (CheckpointIOError, OSError),
     BarrierTimeoutError: (TimeoutError,),
     WriterProcessError: (RuntimeError,),
     DistributedCheckpointError: (),
@@ -55,6 +57,8 @@ def test_each_error_subclasses_its_builtin(cls: type) -> None:
         assert issubclass(cls, base), f"{cls.__name__} must subclass {base.__name__}"
     # caught by the builtin a user would write
     with pytest.raises(TREE[cls] or (CheckpointError,)):
+        if cls is UploadError:
+            raise cls("boom", step=1, url="s3://b/run/step_0000000001", errno=errno.EIO)
         raise cls("boom") if cls is not CheckpointIOError else cls("boom", errno=errno.EIO)
 
 
@@ -79,6 +83,11 @@ def test_errors_carry_their_attributes_and_survive_pickle() -> None:
             CheckpointIOError("disk full", errno=errno.ENOSPC, path="/p", rank=3, operation="write"),
             {"errno": errno.ENOSPC, "path": "/p", "rank": 3, "operation": "write"},
         ),
+        (
+            UploadError("m", step=4, url="s3://b/r/step_4", errno=errno.EIO, failures={4: "m", 5: "n"}),
+            {"step": 4, "url": "s3://b/r/step_4", "path": "s3://b/r/step_4", "errno": errno.EIO,
+             "operation": "upload", "failures": {4: "m", 5: "n"}},
+        ),  # fmt: skip
         (BarrierTimeoutError("m", path="/p", missing_ranks=[1, 2]), {"missing_ranks": [1, 2]}),
         (WriterProcessError("m", path="/p", pid=12, exitcode=-9), {"pid": 12, "exitcode": -9}),
         (DistributedCheckpointError("m", path="/p", failures={1: "EIO"}), {"failures": {1: "EIO"}}),

@@ -9,8 +9,8 @@ call. It cannot promise that the save will succeed (the disk may fill, the
 file system may be remounted meanwhile); the writer still reports whatever
 fails later.
 
-The same early moment refuses a path no save can take: a URL
-(:func:`.paths.local_path`) and a symbolic link at the checkpoint's own name
+The same early moment refuses a path no save can take: a URL of no object
+store torchckpt serves (:func:`.paths.local_path`) and a symbolic link at the checkpoint's own name
 (:func:`.paths.check_not_a_link`).
 """
 
