@@ -57,7 +57,7 @@ from .retention import CheckpointInfo, RetentionPolicy, doomed
 from .save_handle import SaveHandle
 from .stateful import load_template, restore_objects, to_state_dict
 from .step_metadata import step_metadata
-from .step_store import open_step_store
+from .step_store import delete_steps, open_step_store
 from .step_upload import UploadConfig
 from .storage.object_client import OBJECT_SCHEMES, is_object_url, parse_object_url
 from .tier import LOCAL, RemoteTier
@@ -327,14 +327,7 @@ class CheckpointManager:
             to_delete = doomed(self._policies, self._infos(), guarded)
             if dry_run:
                 return [c.step for c in to_delete]
-            deleted = []
-            for c in to_delete:
-                try:
-                    self._steps.delete(c)
-                except OSError as e:
-                    logger.warning("could not delete step %d (%s): %s; will retry", c.step, c.path, e)
-                    continue
-                deleted.append(c.step)
+            deleted = delete_steps(self._steps, to_delete, tier="local", log=logger)
         if deleted:
             logger.info("retention deleted steps %s under %s", deleted, self.root)
         return deleted

@@ -30,7 +30,9 @@ Both layouts name a step ``step_<n:010d>`` below the root (:mod:`.step_dirs`).
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -45,7 +47,7 @@ from .storage.object_client import parse_object_url
 from .storage.object_storage import ObjectStorage, list_children
 from .storage.paths import local_path
 
-__all__ = ["LIST_THREADS", "LocalSteps", "ObjectSteps", "StepStore", "open_step_store"]
+__all__ = ["LIST_THREADS", "LocalSteps", "ObjectSteps", "StepStore", "delete_steps", "open_step_store"]
 
 #: Manifests of an object store root read at once by a listing.
 LIST_THREADS = 16
@@ -214,3 +216,22 @@ def _info_at(step: int, url: str) -> CheckpointInfo | None:
     except (CheckpointNotFoundError, CorruptCheckpointError):
         return None
     return step_info(step, url, manifest)
+
+
+def delete_steps(
+    store: StepStore, doomed: Iterable[CheckpointInfo], *, tier: str, log: logging.Logger
+) -> list[int]:
+    """Delete the steps retention gave up, one by one; return those deleted.
+
+    A failed delete is logged on ``log`` (naming the step, its path and the
+    ``tier``) and left for the next time retention runs: it never fails a save.
+    """
+    deleted = []
+    for c in doomed:
+        try:
+            store.delete(c)
+        except OSError as e:
+            log.warning("could not delete step %d (%s) of the %s tier: %s; will retry", c.step, c.path, tier, e)
+            continue
+        deleted.append(c.step)
+    return deleted

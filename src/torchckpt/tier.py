@@ -38,7 +38,7 @@ from typing import TypeVar
 from .errors import CheckpointIOError, ConfigError, UploadError
 from .load_fallback import DAMAGE
 from .retention import CheckpointInfo, RetentionPolicy, doomed
-from .step_store import StepStore, open_step_store
+from .step_store import StepStore, delete_steps, open_step_store
 from .step_upload import StepUploader, UploadConfig
 
 __all__ = ["LOCAL", "REMOTE", "RemoteTier"]
@@ -204,14 +204,8 @@ class RemoteTier:
         except OSError as e:
             logger.warning("retention: cannot list the remote steps under %s: %s; will retry", self.root, e)
             return []
-        deleted = []
-        for c in doomed(policies, infos, guarded | self.uploader.pending()):
-            try:
-                self.store.delete(c)
-            except OSError as e:
-                logger.warning("could not delete the remote step %d (%s): %s; will retry", c.step, c.path, e)
-                continue
-            deleted.append(c.step)
+        gone = doomed(policies, infos, guarded | self.uploader.pending())
+        deleted = delete_steps(self.store, gone, tier="remote", log=logger)
         if deleted:
             logger.info("retention deleted the remote steps %s under %s", deleted, self.root)
         return deleted

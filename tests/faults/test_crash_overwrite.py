@@ -9,63 +9,33 @@ so each one is inside its save loop a millisecond after it is asked for.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import crash_child
 import pytest
 from ckpt_testutil import FORMATS, assert_state_equal, reader
 
 from torchckpt.manager import CheckpointManager
+from zygote import Zygote
 
 SEEDS = range(20)
 MAX_DELAY_S = 0.5
 
 
-class Zygote:
-    def __init__(self, cwd: str) -> None:
-        here = os.path.dirname(os.path.abspath(__file__))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here), env.get("PYTHONPATH", "")])
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(here, "crash_child.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            cwd=cwd,
-            env=env,
-            text=True,
-        )
-        assert self._recv() == "ready"
-
-    def _recv(self) -> Any:
-        line = self.proc.stdout.readline()
-        assert line, f"the zygote died (exit code {self.proc.poll()})"
-        return json.loads(line)
-
-    def call(self, *cmd: Any) -> Any:
-        self.proc.stdin.write(json.dumps(list(cmd)) + "\n")
-        self.proc.stdin.flush()
-        return self._recv()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+def _zygote(cwd: str) -> Zygote:
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here), env.get("PYTHONPATH", "")])
+    return Zygote(os.path.join(here, "crash_child.py"), env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def zygote(tmp_path_factory) -> Iterator[Zygote]:
-    z = Zygote(str(tmp_path_factory.mktemp("zygote")))
+    z = _zygote(str(tmp_path_factory.mktemp("zygote")))
     yield z
     z.close()
 

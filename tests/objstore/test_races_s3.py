@@ -20,13 +20,10 @@ load that mixed two saves has two values.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +33,7 @@ import pytest
 from ckpt_testutil import assert_state_equal
 from s3_proxy import FaultProxy
 from s3_testutil import MotoServer
+from zygote import Zygote
 from s3_fault_util import OBJSTORE_DIR, child_env, committed, const_state, load, multipart_uploads, writer
 
 import torchckpt.checkpoint_reader
@@ -57,33 +55,9 @@ WAIT_S = 60.0
 # -- c. a writer SIGKILLed mid-upload ---------------------------------------------------------------
 
 
-class Zygote:
+def _zygote() -> Zygote:
     """``s3_crash_child.py`` running, with the test's ``AWS_*`` environment: forks saving children on request."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(OBJSTORE_DIR, "s3_crash_child.py")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(), text=True,
-        )  # fmt: skip
-        assert self._recv() == "ready"
-
-    def _recv(self) -> Any:
-        line = self.proc.stdout.readline()
-        assert line, f"the zygote died (exit code {self.proc.poll()})"
-        return json.loads(line)
-
-    def call(self, *cmd: Any) -> Any:
-        self.proc.stdin.write(json.dumps(list(cmd)) + "\n")
-        self.proc.stdin.flush()
-        return self._recv()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+    return Zygote(os.path.join(OBJSTORE_DIR, "s3_crash_child.py"), env=child_env())
 
 
 @pytest.fixture
@@ -97,7 +71,7 @@ def watch(moto_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPat
 
 @pytest.fixture
 def zygote(watch: FaultProxy) -> Iterator[Zygote]:
-    z = Zygote()  # started once the environment names the proxy: the children reach the server through it
+    z = _zygote()  # started once the environment names the proxy: the children reach the server through it
     yield z
     z.close()
 
