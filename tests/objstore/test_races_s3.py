@@ -41,6 +41,7 @@ from torchckpt.errors import CheckpointIOError
 from torchckpt.reading import open_checkpoint, read_consistently
 from torchckpt.storage import object_client
 from torchckpt.format.manifest import MANIFEST_NAME
+from torchckpt.storage import object_io
 from torchckpt.storage.object_storage import ObjectStorage
 
 #: The state a killed writer saves (two 32 MiB parts).
@@ -161,6 +162,15 @@ def test_loads_racing_overwrites_see_one_whole_state(
     writer(fmt).write(url, states[1])
     consistent_reads = _spy_read_consistently(monkeypatch)
     caplog.set_level(logging.DEBUG, logger="torchckpt.reading")
+    # Every ranged GET waits a moment after the manifest was read: a save's commit and its delete of the old
+    # generation then fall between a load's start and its GETs often enough to race, however fast both are.
+    real_get = object_io._Blocks._get
+
+    def late_get(self, key, start, nbytes):  # type: ignore[no-untyped-def]
+        time.sleep(0.1)
+        return real_get(self, key, start, nbytes)
+
+    monkeypatch.setattr(object_io._Blocks, "_get", late_get)
     stop = threading.Event()
     seen: list[int] = []
     failures: list[BaseException] = []
