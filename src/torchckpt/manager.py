@@ -140,6 +140,8 @@ class CheckpointManager:
         self._steps.prepare(coordinator=self._rank == 0)
         if self._tier is not None:
             self._tier.store.prepare(coordinator=self._rank == 0)
+            if self._rank == 0:
+                self._tier.catch_up([c.step for c in self._infos()])
 
     @property
     def checkpointer(self) -> Checkpointer:

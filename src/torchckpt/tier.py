@@ -20,7 +20,9 @@
   locally loads from the remote.
 - A failed upload is logged, kept in ``manager.upload_errors``, raised once
   by ``wait_for_uploads`` or ``close``, and retried by ``retry_uploads``; the
-  local copy is never touched by it.
+  local copy is never touched by it. An upload a preemption (or a timed-out
+  ``close``) abandoned is done when the next run opens the manager: its
+  newest local step is queued when the remote has nothing as new.
 
 Only the coordinator (rank 0) uploads and applies retention; it must see the
 whole local checkpoint (one node, or a shared file system).
@@ -136,6 +138,27 @@ class RemoteTier:
             return load_at(remote)
 
     # -- uploads ----------------------------------------------------------------
+
+    def catch_up(self, local_steps: Sequence[int]) -> int | None:
+        """When a manager opens: queue the newest local step if the remote has nothing as new; return it (None: none).
+
+        An upload that a preemption or a timed-out ``close`` abandoned is thus
+        done by the next run; older local steps are left (retention would soon
+        delete them remotely anyway). A remote that cannot be listed queues nothing.
+        """
+        if not local_steps:
+            return None
+        try:
+            remote = [c.step for c in self.store.committed()]
+        except OSError as e:
+            logger.warning("cannot list the remote steps under %s: %s; no upload resumed", self.root, e)
+            return None
+        newest = max(local_steps)
+        if remote and max(remote) >= newest:
+            return None
+        logger.info("step %d is not under the remote %s yet: uploading it", newest, self.root)
+        self.upload(newest, replace=False)
+        return newest
 
     def upload(self, step: int, *, replace: bool) -> None:
         """Queue the upload of the committed local ``step``."""

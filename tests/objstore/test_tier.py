@@ -178,6 +178,24 @@ def test_close_waits_for_the_pending_uploads(tmp_path: Path, remote: str) -> Non
     assert _remote_steps(remote) == [1, 2]
 
 
+def test_an_upload_abandoned_by_the_last_run_is_done_when_the_manager_opens(tmp_path: Path, remote: str) -> None:
+    with tc.CheckpointManager(tmp_path / "local", async_save=False) as mgr:  # a run that never uploaded
+        mgr.save(1, _state(1))
+        mgr.save(2, _state(2))
+    assert _remote_steps(remote) == []
+    with tc.CheckpointManager(tmp_path / "local", remote=remote, async_save=False) as mgr:
+        mgr.wait_for_uploads(timeout_s=60)
+        assert _remote_steps(remote) == [2]  # the newest local step; older ones are not resumed
+        assert mgr.step_locations() == {1: ("local",), 2: ("local", "remote")}
+    with tc.CheckpointManager(tmp_path / "local", remote=remote, async_save=False) as mgr:
+        assert mgr.pending_uploads() == []  # the remote is as new: nothing to resume
+    shutil.rmtree(tmp_path / "local")
+    with tc.CheckpointManager(tmp_path / "fresh", remote=remote, async_save=False) as mgr:
+        step, loaded = mgr.load()
+    assert step == 2
+    assert_state_equal(loaded, _state(2))
+
+
 def test_a_failed_attempt_is_retried_with_backoff(tmp_path: Path, remote: str, monkeypatch, caplog) -> None:
     real = step_upload.copy_checkpoint
     calls: list[str] = []
