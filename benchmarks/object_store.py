@@ -90,8 +90,10 @@ class Methods:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda s: self.obstore.put(self.store, f"limit-objects/{s}", buf[s : s + step]),
-                          range(0, buf.nbytes, step)))  # fmt: skip
+            list(pool.map(
+                lambda s: self.obstore.put(self.store, f"limit-objects/{s}", buf[s : s + step], use_multipart=False),
+                range(0, buf.nbytes, step),
+            ))  # fmt: skip
 
     def limit_get(self) -> None:
         n = self.payload.numel()
