@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 
 import obstore
 import pytest
@@ -369,3 +370,22 @@ def test_a_rank_file_of_many_segments_round_trips(s3_bucket, fmt, monkeypatch) -
     ck.load(url, template)
     assert torch.equal(template["big"], state["big"])
     ck.close()
+
+
+def test_closing_an_abandoned_object_waits_for_its_running_uploads(monkeypatch) -> None:
+    monkeypatch.setattr(object_io, "SEGMENT_BYTES", 100)
+    store = store_for(parse_object_url("memory://unit-abandon"))
+    real_put = object_io._put
+
+    def slow_put(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(object_io, "_put", slow_put)
+    out = object_io.ObjectStoreWriter(store, "a", "memory://unit-abandon/a")
+    out.write_at([memoryview(b"z" * 450)], 0)  # segments 1..3 start uploading; segment 0 is held
+    out.close()
+    after_close = sorted(m["path"] for b in obstore.list(store) for m in b)
+    time.sleep(0.5)
+    assert sorted(m["path"] for b in obstore.list(store) for m in b) == after_close  # nothing lands later
+    assert "a" not in after_close  # the object itself never appears

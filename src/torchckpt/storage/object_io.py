@@ -65,6 +65,8 @@ CACHE_BLOCKS = 16
 DIRECT_READ_BYTES = 4 * RANGE_BYTES
 #: Sends of one segment whose connection failed before an answer came.
 PUT_ATTEMPTS = 3
+#: Longest wait, when an object is abandoned, for its segments being uploaded.
+ABANDON_WAIT_S = 30.0
 #: Longest wait for an upload slot, for the uploads at ``sync``, or for a block another thread fetches.
 UPLOAD_WAIT_S = 900.0
 
@@ -259,11 +261,22 @@ class ObjectStoreWriter:
             self._pool = None
 
     def close(self) -> None:
-        """Release the object; one not finished by ``sync`` is abandoned (its segment 0 never appears)."""
+        """Release the object; one not finished by ``sync`` is abandoned (its segment 0 never appears).
+
+        Segments not started are dropped and those being uploaded are waited for
+        (at most ``ABANDON_WAIT_S``), so that a save that discards its generation
+        next deletes them too.
+        """
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._release()
+            if self._closed:
+                return
+            self._closed = True
+            uploads, self._uploads = self._uploads, []
+            self._release()
+        deadline = time.monotonic() + ABANDON_WAIT_S
+        for f in uploads:
+            with contextlib.suppress(BaseException):
+                f.result(timeout=max(0.0, deadline - time.monotonic()))
 
 
 class ObjectLayout:
