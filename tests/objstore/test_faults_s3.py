@@ -39,7 +39,7 @@ from torchckpt.format.manifest import MANIFEST_NAME
 from torchckpt.storage import object_client
 from torchckpt.storage.object_storage import ObjectStorage
 
-#: A state whose rank file is two segments (segments are 32 MiB): ``.seg00001`` and the first, put last.
+#: A state whose rank file is two segments (segments are 32 MiB): ``.seg00001`` and the first, put at sync.
 MIB = 40
 #: Longest a save or a load may take to fail with the test's retry budget.
 FAIL_WITHIN_S = 30.0
@@ -89,7 +89,7 @@ SAVE_FAULTS = {
     "reset x2 on segment PUTs, nothing sent": lambda p: p.reset(method="PUT", path=PART, times=2),
     "reset x2 on segment PUTs after 1 MiB sent":
         lambda p: p.reset(method="PUT", path=PART, times=2, after_body_bytes=1 << 20),
-    "503 x2 on the first segment's PUT (put last)": lambda p: p.fail(503, method="PUT", path=FIRST, times=2),
+    "503 x2 on the first segment's PUT (at sync)": lambda p: p.fail(503, method="PUT", path=FIRST, times=2),
     "reset on the first segment's PUT, its answer lost":
         lambda p: p.reset(method="PUT", path=FIRST, after_answer_bytes=0),
     "503 x2 on the commit": lambda p: p.fail(503, method="PUT", path=MARKER, times=2),
@@ -116,7 +116,7 @@ def test_transient_faults_of_a_save_are_retried(proxy: FaultProxy, url: str, fau
     assert storage.generations() == [committed(url)[0]]  # the old generation was deleted after the commit
     assert storage.leftovers(MANIFEST_NAME) == {}
     assert multipart_uploads(proxy.upstream_endpoint, _bucket(url)) == []
-    if "segment PUTs" in fault:  # every faulted segment was sent again, and the first one put after it
+    if "segment PUTs" in fault:  # every faulted segment was sent again, and the first one went up
         assert len(proxy.requests("PUT", PART)) == 1 + armed[0].times
         assert proxy.requests("PUT", FIRST)[-1].outcome == "forward"
 

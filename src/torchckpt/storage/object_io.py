@@ -8,9 +8,10 @@ parallel with the others, and visible as an ordinary object — a crashed save
 leaves objects that the next save or ``gc`` deletes with their generation,
 never invisible incomplete multipart uploads that cost storage until a
 lifecycle rule finds them; and the store's per-request limits (5 MiB minimum
-part, 10,000 parts) do not apply. Segment 0 is put last, carrying the
-layout as metadata (``torchckpt-segments``, ``torchckpt-segment-bytes``,
-``torchckpt-size``), so an object whose segment 0 exists is complete. An
+part, 10,000 parts) do not apply. Segment 0 carries the layout as metadata
+(``torchckpt-segments``, ``torchckpt-segment-bytes``, ``torchckpt-size``), so
+it is put at ``sync``, beside the last segments (what says that an object is
+complete is the manifest, committed only after every object's ``sync``). An
 object that fits one segment is one plain object without that metadata.
 
 The writer takes positional writes (``write_at``, from several threads, the
@@ -19,8 +20,8 @@ may reuse its buffer when ``write_at`` returns) into the segment being filled
 — pieces that arrive ahead of the next byte wait until the gap before them is
 written — and hands each full segment to a pool of ``UPLOAD_CONCURRENCY``
 uploading threads while the format goes on writing. ``sync`` uploads the rest
-and then segment 0 (bounded waits) and is the moment the object exists;
-``close`` without ``sync`` abandons it (segment 0 never appears).
+and segment 0 and waits for all (bounded): when it returns the object exists,
+whole; ``close`` without ``sync`` abandons it (segment 0 never appears).
 
 The reader serves positional reads from aligned blocks of ``RANGE_BYTES``,
 fetched by parallel ranged GETs with read-ahead (:class:`_Blocks`), and copies
@@ -138,7 +139,7 @@ class ObjectStoreWriter:
         self._segment = bytearray()  # the segment being filled
         self._fill = 0
         self._index = 0  # its number
-        self._first: memoryview | None = None  # segment 0, put last
+        self._first: memoryview | None = None  # segment 0, put at sync
         self._pool: ThreadPoolExecutor | None = None
         self._uploads: list[Future[None]] = []
         self._slots = threading.BoundedSemaphore(UPLOAD_CONCURRENCY)
@@ -233,6 +234,19 @@ class ObjectStoreWriter:
                 raise OSError(errno.EIO, f"upload {self.location}: bytes {self._next}..{gap} were never written")
             if self._fill or self._index == 0:
                 self._seal()
+            count = self._index
+            if count == 1:  # one plain object
+                try:
+                    _put(self._store, self._key, self._first)
+                except Exception as e:
+                    raise os_error(e, "put", self.location) from e
+            else:  # segment 0 carries the layout; it goes up beside the last segments
+                attributes = {
+                    SEGMENTS_ATTRIBUTE: str(count), SEGMENT_BYTES_ATTRIBUTE: str(SEGMENT_BYTES),
+                    SIZE_ATTRIBUTE: str(self._next),
+                }  # fmt: skip
+                assert self._pool is not None
+                self._uploads.append(self._pool.submit(_put, self._store, self._key, self._first, attributes))
             for f in self._uploads:
                 try:
                     f.result(timeout=UPLOAD_WAIT_S)
@@ -240,17 +254,6 @@ class ObjectStoreWriter:
                     raise OSError(errno.ETIMEDOUT, f"upload {self.location}: not finished in {UPLOAD_WAIT_S:.0f}s") from None
                 except Exception as e:
                     raise os_error(e, "upload", self.location) from e
-            count = self._index
-            attributes = None
-            if count > 1:
-                attributes = {
-                    SEGMENTS_ATTRIBUTE: str(count), SEGMENT_BYTES_ATTRIBUTE: str(SEGMENT_BYTES),
-                    SIZE_ATTRIBUTE: str(self._next),
-                }  # fmt: skip
-            try:
-                _put(self._store, self._key, self._first, attributes)
-            except Exception as e:
-                raise os_error(e, "put", self.location) from e
             self._synced = True
             self._release()
 
