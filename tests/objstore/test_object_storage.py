@@ -389,3 +389,29 @@ def test_closing_an_abandoned_object_waits_for_its_running_uploads(monkeypatch) 
     time.sleep(0.5)
     assert sorted(m["path"] for b in obstore.list(store) for m in b) == after_close  # nothing lands later
     assert "a" not in after_close  # the object itself never appears
+
+
+def test_segment_buffers_are_reused_once_uploaded_and_the_bytes_stay_right(s3_bucket, monkeypatch) -> None:
+    monkeypatch.setattr(object_io, "SEGMENT_BYTES", 1 << 20)
+    reused: list[int] = []
+    real_spare = object_io.ObjectStoreWriter._spare
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        got = real_spare(self)
+        if got is not None:
+            reused.append(len(got))
+        return got
+
+    monkeypatch.setattr(object_io.ObjectStoreWriter, "_spare", spy)
+    loc = parse_object_url(f"{s3_bucket}/reuse")
+    store = store_for(loc)
+    data = os.urandom(40 << 20)
+    out = object_io.ObjectStoreWriter(store, "reuse/obj", f"{s3_bucket}/reuse/obj")
+    for off in range(0, len(data), 3 << 20):  # writes that straddle segments
+        out.write_at([memoryview(data)[off : off + (3 << 20)]], off)
+    out.sync()
+    out.close()
+    assert reused and all(n == 1 << 20 for n in reused)  # an S3 put lets go of its buffer
+    got = obstore.get(store, "reuse/obj", options={"head": True})
+    src = object_io.ObjectStoreReader(store, object_io.layout_of("reuse/obj", "x", int(got.meta["size"]), got.attributes), "x")
+    assert src.read(0, len(data)) == data

@@ -143,6 +143,8 @@ class ObjectStoreWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._uploads: list[Future[None]] = []
         self._slots = threading.BoundedSemaphore(UPLOAD_CONCURRENCY)
+        self._spares: list[bytearray] = []  # segment buffers uploaded, to be filled again
+        self._spares_lock = threading.Lock()
         self._error: BaseException | None = None
         self._synced = False
         self._closed = False
@@ -181,9 +183,10 @@ class ObjectStoreWriter:
         pos = 0
         while pos < data.nbytes:
             if not self._segment:
-                self._segment = bytearray(SEGMENT_BYTES)
+                self._segment = self._spare() or bytearray(SEGMENT_BYTES)
             n = min(SEGMENT_BYTES - self._fill, data.nbytes - pos)
-            self._segment[self._fill : self._fill + n] = data[pos : pos + n]
+            # through a memoryview: a bytearray's own slice assignment copies the source once more first
+            memoryview(self._segment)[self._fill : self._fill + n] = data[pos : pos + n]
             self._fill += n
             pos += n
             if self._fill == SEGMENT_BYTES:
@@ -193,7 +196,8 @@ class ObjectStoreWriter:
 
     def _seal(self) -> None:
         """The segment being filled is complete: keep it (segment 0) or start its upload."""
-        data = memoryview(self._segment)[: self._fill]
+        buffer, fill = self._segment, self._fill
+        data = memoryview(buffer)[:fill]
         index = self._index
         self._segment, self._fill, self._index = bytearray(), 0, index + 1
         if index == 0:
@@ -208,9 +212,11 @@ class ObjectStoreWriter:
                 raise OSError(errno.ETIMEDOUT, f"upload {self.location}: no progress in {UPLOAD_WAIT_S:.0f}s")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="torchckpt-upload")
-        self._uploads.append(self._pool.submit(self._put_segment, index, data))
+        del data
+        self._uploads.append(self._pool.submit(self._put_segment, index, buffer, fill))
 
-    def _put_segment(self, index: int, data: memoryview) -> None:
+    def _put_segment(self, index: int, buffer: bytearray, fill: int) -> None:
+        data = memoryview(buffer)[:fill]
         try:
             _put(self._store, segment_key(self._key, index), data)
         except BaseException as e:  # seen by the writing threads and by sync
@@ -219,6 +225,32 @@ class ObjectStoreWriter:
             raise
         finally:
             self._slots.release()
+        try:
+            data.release()
+        except BufferError:  # the client still holds the bytes: the buffer is not reused
+            return
+        with self._spares_lock:
+            if len(self._spares) < UPLOAD_CONCURRENCY:
+                self._spares.append(buffer)
+
+    def _spare(self) -> bytearray | None:
+        """A segment buffer whose upload is done and that nothing else holds, for the next segment.
+
+        Fresh memory costs a page fault per page (about 0.5 s per GiB here);
+        a buffer is reused only when no export of it is left (a store that
+        keeps the bytes it was given, as the in-memory one does, keeps them
+        exported, and such a buffer is never written again).
+        """
+        with self._spares_lock:
+            while self._spares:
+                buffer = self._spares.pop()
+                try:
+                    buffer.append(0)  # a resize fails (BufferError) while any export of it lives
+                    del buffer[-1]
+                except BufferError:
+                    continue
+                return buffer
+        return None
 
     def sync(self) -> None:
         """Upload what is left, wait for every segment, then put segment 0: the object exists, whole.
