@@ -9,11 +9,14 @@ each command line with one JSON line.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Zygote"]
+__all__ = ["Zygote", "serve"]
 
 
 class Zygote:
@@ -45,3 +48,31 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def serve(work: Callable[..., None]) -> None:
+    """The zygote's side: say ``"ready"``, then fork a child running ``work(*args)`` per ``["fork", *args]`` line.
+
+    Answers a fork with the child's pid, and ``["reap", pid]`` with its exit
+    code (negative: killed by that signal). A child whose ``work`` returns or
+    raises exits 1 (its traceback on stderr): the tests expect it to die by SIGKILL.
+    """
+    import torch
+
+    torch.set_num_threads(1)  # no intra-op thread pool to inherit across fork
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd[0] == "fork":
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    work(*cmd[1:])
+                except BaseException:  # noqa: BLE001 - report whatever stopped the work
+                    traceback.print_exc()
+                finally:
+                    os._exit(1)
+            print(json.dumps(pid), flush=True)
+        elif cmd[0] == "reap":
+            _, status = os.waitpid(cmd[1], 0)
+            print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)

@@ -11,13 +11,11 @@ after every committed save. The test imports this module to know A and B.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import traceback
 from typing import Any
 
 import torch
+from zygote import serve
 
 import torchckpt as tc
 
@@ -58,25 +56,5 @@ def save_loop(path: str, fmt: str, log: str) -> None:
         i += 1
 
 
-def zygote() -> None:
-    torch.set_num_threads(1)  # no intra-op thread pool to inherit across fork
-    print(json.dumps("ready"), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd[0] == "fork":
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    save_loop(*cmd[1:])
-                except BaseException:  # noqa: BLE001 - report whatever stopped the loop
-                    traceback.print_exc()
-                finally:
-                    os._exit(1)  # only reached when the loop failed: the test expects death by SIGKILL
-            print(json.dumps(pid), flush=True)
-        elif cmd[0] == "reap":
-            _, status = os.waitpid(cmd[1], 0)
-            print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
-
-
 if __name__ == "__main__":
-    zygote()
+    serve(save_loop)

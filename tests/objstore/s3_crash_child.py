@@ -13,13 +13,10 @@ returned (committed), then waits to be killed (at most :data:`WAIT_S`).
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-import traceback
 
-import torch
+from zygote import serve
 from s3_fault_util import const_state, writer
 
 #: Longest a child waits for its kill after its save.
@@ -35,25 +32,5 @@ def save_once(url: str, value: int, mib: float, log: str) -> None:
     time.sleep(WAIT_S)
 
 
-def zygote() -> None:
-    torch.set_num_threads(1)  # no intra-op thread pool to inherit across fork
-    print(json.dumps("ready"), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd[0] == "fork":
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    save_once(*cmd[1:])
-                except BaseException:  # noqa: BLE001 - report whatever stopped the save
-                    traceback.print_exc()
-                finally:
-                    os._exit(1)  # the test expects death by SIGKILL
-            print(json.dumps(pid), flush=True)
-        elif cmd[0] == "reap":
-            _, status = os.waitpid(cmd[1], 0)
-            print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
-
-
 if __name__ == "__main__":
-    zygote()
+    serve(save_once)
