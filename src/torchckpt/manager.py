@@ -42,7 +42,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -89,6 +89,9 @@ class CheckpointManager:
         remote: A remote tier (an object store URL, or another directory): every step
             committed under ``root`` is copied there in the background (:mod:`.tier`).
         upload: How the uploads to ``remote`` go (retries, bounds, timeouts).
+        storage_options: The object store client's configuration keys (``endpoint``, ``region``, ...)
+            for an object store ``root`` or ``remote``, on top of the environment; with
+            ``checkpointer=``, that checkpointer's own config says what its saves and loads use.
 
     Raises:
         ConfigError: ``memory://`` root with async saves; ``remote`` is ``root``; ``upload`` without ``remote``.
@@ -107,8 +110,9 @@ class CheckpointManager:
         dedup_replicated: bool | None = None,
         remote: str | os.PathLike[str] | None = None,
         upload: UploadConfig | None = None,
+        storage_options: Mapping[str, str] | None = None,
     ) -> None:
-        self._steps = open_step_store(root)
+        self._steps = open_step_store(root, storage_options)
         self.root = self._steps.root
         self._policies: list[RetentionPolicy] = (
             [] if keep is None else [keep] if hasattr(keep, "should_preserve") else list(keep)  # type: ignore[arg-type]
@@ -119,11 +123,15 @@ class CheckpointManager:
         _refuse_memory_root(self.root, in_subprocess)
         if upload is not None and remote is None:
             raise ConfigError("upload= configures the uploads to a remote tier: pass remote= too", field="upload")
-        self._tier = None if remote is None else RemoteTier(self._steps, remote, upload, self._after_upload)
+        self._tier = (
+            None if remote is None else RemoteTier(self._steps, remote, upload, self._after_upload, storage_options)
+        )
         if checkpointer is None:
             if dedup_replicated is None:
                 dedup_replicated = (rank_info.global_world_size if rank_info is not None else _world_size()) > 1
-            writer_config = CheckpointWriterConfig(format=format, dedup_replicated=dedup_replicated)
+            writer_config = CheckpointWriterConfig(
+                format=format, dedup_replicated=dedup_replicated, storage_options=storage_options
+            )
             config = CheckpointerConfig(writer_config=writer_config)
             checkpointer = (
                 make_async_checkpointer(config, rank_info) if async_save else make_sync_checkpointer(config, rank_info)

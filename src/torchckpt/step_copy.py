@@ -4,7 +4,7 @@ The copy goes through the two storage protocols (``storage/base.py``) and
 nothing else, so any source and destination work (a local directory to an
 object store in practice)::
 
-    with open_checkpoint(src) as snapshot:         # the committed generation, held open
+    with open_checkpoint(src, storage_options) as snapshot:         # the committed generation, held open
         manifest bytes, parsed; the objects it lists (rank files, index objects) and their sizes
         dst already holds this very manifest?      -> done (an earlier attempt committed it)
         dst holds another checkpoint, not replace? -> CheckpointExistsError
@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 from .errors import CheckpointExistsError, CorruptCheckpointError
 from .format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, is_format_file
@@ -66,6 +67,7 @@ def copy_checkpoint(
     replace: bool,
     timeout_s: float = 600.0,
     chunk_bytes: int = COPY_CHUNK_BYTES,
+    storage_options: Mapping[str, str] | None = None,
 ) -> int:
     """Copy the committed checkpoint at ``src`` to ``dst``, committing it there last; return the bytes copied.
 
@@ -76,6 +78,7 @@ def copy_checkpoint(
             ``dst`` holding this very checkpoint (the same manifest) is done already.
         timeout_s: Longest wait for another save to ``dst`` (``begin_save``).
         chunk_bytes: Bytes read and written at a time.
+        storage_options: The object store client's configuration keys (for a URL on either side).
 
     Raises:
         CheckpointNotFoundError: Nothing committed at ``src``.
@@ -86,14 +89,14 @@ def copy_checkpoint(
     """
     src = os.fspath(src)
     started = time.monotonic()
-    with open_checkpoint(src) as snapshot:
+    with open_checkpoint(src, storage_options) as snapshot:
         manifest = snapshot.manifest()
         data = _marker_bytes(snapshot)
         objects = checkpoint_objects(manifest, src)
-        if _holds(dst, data, replace):
+        if _holds(dst, data, replace, storage_options):
             logger.info("%s already holds the checkpoint %s", dst, src)
             return 0
-        storage = storage_for(dst)
+        storage = storage_for(dst, storage_options)
         session = storage.begin_save(
             rank=0, world_size=1, coordinator=True, timeout_s=timeout_s, marker=MANIFEST_NAME, save_id=new_save_id()
         )
@@ -121,10 +124,10 @@ def _marker_bytes(snapshot: CheckpointSnapshot) -> bytes:
         src.close()
 
 
-def _holds(dst: str, data: bytes, replace: bool) -> bool:
+def _holds(dst: str, data: bytes, replace: bool, storage_options: Mapping[str, str] | None) -> bool:
     """Whether ``dst`` holds the manifest ``data`` already; refuse another checkpoint there unless ``replace``."""
     try:
-        with open_checkpoint(dst) as there:
+        with open_checkpoint(dst, storage_options) as there:
             same = _marker_bytes(there) == data
     except FileNotFoundError:  # CheckpointNotFoundError too: nothing committed there
         return False

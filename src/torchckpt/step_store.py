@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -88,14 +88,15 @@ class StepStore(Protocol):
         ...
 
 
-def open_step_store(root: str | os.PathLike[str]) -> StepStore:
-    """The steps under ``root``: an object store prefix for its URLs, else a local directory.
+def open_step_store(root: str | os.PathLike[str], storage_options: Mapping[str, str] | None = None) -> StepStore:
+    """The steps under ``root``: an object store prefix for its URLs (its client configured by
+    ``storage_options`` on top of the environment), else a local directory.
 
     Raises:
         UnsupportedURLError: ``root`` is a URL of a storage torchckpt does not have.
     """
     if is_object_url(root):
-        return ObjectSteps(os.fspath(root))
+        return ObjectSteps(os.fspath(root), storage_options)
     return LocalSteps(root)
 
 
@@ -150,13 +151,15 @@ class ObjectSteps:
 
     Args:
         root: The prefix's URL.
+        storage_options: The client's configuration keys, on top of the environment.
 
     Raises:
         UnsupportedURLError: ``root`` is not a URL of an object store torchckpt serves.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, storage_options: Mapping[str, str] | None = None) -> None:
         self.root = parse_object_url(root).url
+        self.options = dict(storage_options or {})
 
     def prepare(self, *, coordinator: bool) -> None:
         """Nothing to create: a prefix exists once an object is put below it."""
@@ -176,7 +179,7 @@ class ObjectSteps:
         if not entries:
             return []
         with ThreadPoolExecutor(min(LIST_THREADS, len(entries)), thread_name_prefix="torchckpt-list") as pool:
-            found = list(pool.map(lambda e: _info_at(*e), entries))
+            found = list(pool.map(lambda e: _info_at(*e, self.options), entries))
         return [info for info in found if info is not None]
 
     def occupied(self, step: int) -> bool:
@@ -189,7 +192,7 @@ class ObjectSteps:
         Raises:
             OSError: The store cannot be reached.
         """
-        return ObjectStorage(self.path(step)).marker_etag(MANIFEST_NAME) is not None
+        return ObjectStorage(self.path(step), self.options).marker_etag(MANIFEST_NAME) is not None
 
     def delete(self, info: CheckpointInfo) -> None:
         """Delete the marker (no longer listed), then every generation of the step.
@@ -197,7 +200,7 @@ class ObjectSteps:
         Raises:
             OSError: A delete failed (the marker's: the step is intact and still listed).
         """
-        ObjectStorage(info.path).delete_all(MANIFEST_NAME)
+        ObjectStorage(info.path, self.options).delete_all(MANIFEST_NAME)
 
     def entries(self) -> list[tuple[int, str]]:
         """``(step, URL)`` of every prefix below the root with a step's name.
@@ -205,14 +208,14 @@ class ObjectSteps:
         Raises:
             OSError: The listing failed (``FileNotFoundError``: no such bucket).
         """
-        names = list_children(self.root)
+        names = list_children(self.root, self.options)
         return sorted((step, f"{self.root}/{name}") for name in names if (step := step_of(name)) is not None)
 
 
-def _info_at(step: int, url: str) -> CheckpointInfo | None:
+def _info_at(step: int, url: str, options: Mapping[str, str] | None) -> CheckpointInfo | None:
     """The committed step at ``url``, or None (no marker, or an invalid manifest: not a checkpoint)."""
     try:
-        manifest = read_manifest(url)
+        manifest = read_manifest(url, options)
     except (CheckpointNotFoundError, CorruptCheckpointError):
         return None
     return step_info(step, url, manifest)

@@ -28,7 +28,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UploadError
@@ -87,6 +87,7 @@ class StepUploader:
         config: Retries, bounds and timeouts.
         on_finished: Called by the upload thread after each step's upload ended:
             ``(step, uploaded)`` (its errors are logged, never raised).
+        storage_options: The object store client's configuration keys, on top of the environment.
     """
 
     def __init__(
@@ -95,7 +96,9 @@ class StepUploader:
         dest_of: Callable[[int], str],
         config: UploadConfig,
         on_finished: Callable[[int, bool], None],
+        storage_options: Mapping[str, str] | None = None,
     ) -> None:
+        self._storage_options = dict(storage_options) if storage_options else None
         self._source_of = source_of
         self._dest_of = dest_of
         self._config = config
@@ -254,7 +257,9 @@ class StepUploader:
         attempt = 0
         for attempt in range(1, cfg.attempts + 1):
             try:
-                copy_checkpoint(src, dst, replace=replace, chunk_bytes=cfg.chunk_bytes)
+                copy_checkpoint(
+                    src, dst, replace=replace, chunk_bytes=cfg.chunk_bytes, storage_options=self._storage_options
+                )
             except FINAL_ERRORS as e:
                 error = e
                 break

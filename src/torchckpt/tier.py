@@ -34,7 +34,7 @@ import errno
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from .errors import CheckpointIOError, ConfigError, UploadError
@@ -62,6 +62,7 @@ class RemoteTier:
         remote: The remote root (an object store URL, or another directory).
         config: How uploads go (None: the defaults).
         on_uploaded: Called (upload thread) after each upload ended: ``(step, uploaded)``.
+        storage_options: The object store client's configuration keys, on top of the environment.
 
     Raises:
         ConfigError: ``remote`` is the local root.
@@ -74,13 +75,14 @@ class RemoteTier:
         remote: str | os.PathLike[str],
         config: UploadConfig | None,
         on_uploaded: Callable[[int, bool], None],
+        storage_options: Mapping[str, str] | None = None,
     ) -> None:
         self.local = local
-        self.store = open_step_store(remote)
+        self.store = open_step_store(remote, storage_options)
         if self.store.root == local.root:
             raise ConfigError(f"remote must be another root than the local one, got {self.store.root}", field="remote")
         self.config = config or UploadConfig()
-        self.uploader = StepUploader(local.path, self.store.path, self.config, on_uploaded)
+        self.uploader = StepUploader(local.path, self.store.path, self.config, on_uploaded, storage_options)
 
     @property
     def root(self) -> str:

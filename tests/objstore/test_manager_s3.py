@@ -143,3 +143,22 @@ def test_ls_on_an_object_store_root(s3_bucket: str, capsys: pytest.CaptureFixtur
     assert "the bucket does not exist" in capsys.readouterr().err
     assert cli.main(["ls", "ftp://host/run"]) == 2  # no object store: refused by name
     assert "ftp://host/run: ftp:// URLs are not supported here" in capsys.readouterr().err
+
+
+def test_storage_options_reach_every_part_of_the_manager(s3_bucket, moto_server, tmp_path, monkeypatch) -> None:
+    # the endpoint only in storage_options: saves, listing, retention, loads and the remote tier all use them
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_ALLOW_HTTP")
+    options = {"endpoint": moto_server.endpoint, "allow_http": "true"}
+    state = {"w": torch.arange(10.0)}
+    with tc.CheckpointManager(f"{s3_bucket}/run", async_save=False, keep=tc.KeepLast(1), storage_options=options) as mgr:
+        mgr.save(1, state)
+        mgr.save(2, {"w": state["w"] + 1})
+        assert mgr.steps() == [2]
+        step, loaded = mgr.load()
+    assert step == 2 and torch.equal(loaded["w"], state["w"] + 1)
+    with tc.CheckpointManager(tmp_path / "local", remote=f"{s3_bucket}/tier", async_save=False,
+                              storage_options=options) as mgr:  # fmt: skip
+        mgr.save(5, state)
+        mgr.wait_for_uploads(timeout_s=60)
+        assert mgr.step_locations() == {5: ("local", "remote")}
