@@ -188,15 +188,8 @@ class RemoteTier:
                 uploads are still pending after ``timeout_s``.
         """
         timeout = self.config.close_timeout_s if timeout_s is None else timeout_s
-        if not self.uploader.wait_idle(timeout):
-            left = sorted(self.uploader.pending())
-            raise UploadError(
-                f"the uploads of steps {left} to {self.root} are still pending after {timeout:g}s",
-                step=left[0], url=self.store.path(left[0]), errno=errno.ETIMEDOUT,
-            )  # fmt: skip
-        error = self.uploader.take_unseen()
-        if error is not None:
-            raise error
+        left = [] if self.uploader.wait_idle(timeout) else sorted(self.uploader.pending())
+        self._raise_failures(left, f"the uploads of steps {left} to {self.root} are still pending after {timeout:g}s")
 
     def retry(self) -> list[int]:
         """Queue again the failed uploads whose local step is still committed; return those steps."""
@@ -210,12 +203,15 @@ class RemoteTier:
                 ``UploadConfig.close_timeout_s`` (they are abandoned; nothing half-copied is committed).
         """
         left = sorted(self.uploader.close(self.config.close_timeout_s))
+        self._raise_failures(
+            left, f"closing the manager abandoned the uploads of steps {left} to {self.root}: still pending after "
+            f"{self.config.close_timeout_s:g}s (the local copies are intact)",
+        )  # fmt: skip
+
+    def _raise_failures(self, left: list[int], pending_message: str) -> None:
+        """Raise ``UploadError(pending_message)`` (ETIMEDOUT) when uploads are ``left``, else a failure not raised before."""
         if left:
-            raise UploadError(
-                f"closing the manager abandoned the uploads of steps {left} to {self.root}: still pending after "
-                f"{self.config.close_timeout_s:g}s (the local copies are intact)",
-                step=left[0], url=self.store.path(left[0]), errno=errno.ETIMEDOUT,
-            )  # fmt: skip
+            raise UploadError(pending_message, step=left[0], url=self.store.path(left[0]), errno=errno.ETIMEDOUT)
         error = self.uploader.take_unseen()
         if error is not None:
             raise error

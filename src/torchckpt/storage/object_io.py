@@ -40,8 +40,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
 from ..errors import CorruptCheckpointError
@@ -402,29 +402,35 @@ class _Blocks:
             raise OSError(errno.EIO, f"read {self.location}: a ranged GET at {start} returned {data.nbytes} of {nbytes} bytes")
         return data
 
-    def fetch(self, starts: list[int], lengths: list[int]) -> list[memoryview]:
-        """The byte ranges ``starts[i] .. + lengths[i]``, by ranged GETs in parallel (each checked for its length).
+    def fetch(self, start: int, nbytes: int, sink: Callable[[int, memoryview], None]) -> None:
+        """Bytes ``[start, start + nbytes)`` by ranged GETs in parallel, each handed to ``sink(offset, data)`` as it lands.
+
+        Each GET reads at most ``RANGE_BYTES`` of one segment, so no range is
+        joined from pieces, and a landed range is released once ``sink`` took it.
 
         Raises:
             OSError: A GET failed (the first failure; every started GET is waited for).
         """
-        jobs = [[_pool().submit(self._get, *piece) for piece in self.layout.pieces(s, n)] for s, n in zip(starts, lengths)]
-        out: list[memoryview] = []
+        pending = {}
+        for key, local, n in self.layout.pieces(start, nbytes):
+            for k in range(0, n, RANGE_BYTES):
+                m = min(RANGE_BYTES, n - k)
+                pending[_pool().submit(self._get, key, local + k, m)] = start
+                start += m
         error: BaseException | None = None
-        for parts in jobs:
-            got = []
-            for f in parts:
+        try:
+            for f in as_completed(pending, timeout=UPLOAD_WAIT_S):
                 try:
-                    got.append(f.result(timeout=UPLOAD_WAIT_S))
+                    data = f.result()
                 except BaseException as e:  # noqa: BLE001 - the first is raised once all are done
                     error = error or e
-            if error is None:
-                out.append(got[0] if len(got) == 1 else memoryview(b"".join(got)))
+                    continue
+                if error is None:
+                    sink(pending[f], data)
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, f"read {self.location}: no answer in {UPLOAD_WAIT_S:.0f}s") from None
         if error is not None:
-            if isinstance(error, TimeoutError):
-                raise OSError(errno.ETIMEDOUT, f"read {self.location}: no answer in {UPLOAD_WAIT_S:.0f}s") from None
             raise error
-        return out
 
     def block(self, i: int) -> memoryview:
         """Block ``i``, waited for when missing; the blocks after it are requested ahead of a sequential reader.
@@ -508,10 +514,7 @@ class ObjectStoreReader:
         if want <= 0:
             return 0
         if want >= DIRECT_READ_BYTES:
-            starts = list(range(offset, offset + want, RANGE_BYTES))
-            parts = self._blocks.fetch(starts, [min(RANGE_BYTES, offset + want - s) for s in starts])
-            for s, data in zip(starts, parts):
-                _copy_into(views, s - offset, data)
+            self._blocks.fetch(offset, want, lambda at, data: _copy_into(views, at - offset, data))
             return want
         pos = offset
         while pos < offset + want:
@@ -541,12 +544,13 @@ class ObjectStoreReader:
             try:
                 os.ftruncate(fd, self.size)
                 if self.size:
-                    starts = list(range(0, self.size, RANGE_BYTES))
-                    parts = self._blocks.fetch(starts, [min(RANGE_BYTES, self.size - s) for s in starts])
                     mm = mmap.mmap(fd, self.size)
+
+                    def land(at: int, data: memoryview) -> None:
+                        mm[at : at + data.nbytes] = data
+
                     try:
-                        for s, data in zip(starts, parts):
-                            mm[s : s + data.nbytes] = data
+                        self._blocks.fetch(0, self.size, land)
                     finally:
                         with contextlib.suppress(BufferError):
                             mm.close()

@@ -128,9 +128,7 @@ class ObjectStorage:
 
     def generations(self) -> list[str]:
         """The names of the generations present at the location (``gen-...``), committed or not."""
-        listing = _call("list", self.location, _obstore().list_with_delimiter, self.store, self.loc.child("") or None)
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in listing["common_prefixes"]]
-        return sorted(n for n in names if _GEN.match(n))
+        return [n for n in list_children(self.location, self._options) if _GEN.match(n)]
 
     def delete_generation(self, name: str) -> int:
         """Delete every object of generation ``name``; return how many.
@@ -149,7 +147,7 @@ class ObjectStorage:
         store = self.store
 
         def listed() -> list[dict[str, Any]]:
-            return [m for page in _obstore().list(store, prefix) for m in page]
+            return [m for page in _obstore().list(store, prefix or None) for m in page]
 
         return list(_call("list", self.loc.url_of(prefix), listed))
 
@@ -160,14 +158,14 @@ class ObjectStorage:
         """
         got = self.read_marker(marker)
         committed = got[1] if got is not None else None
+        base = self.loc.child("")
+        newest: dict[str, float] = {}
+        for m in self._listed(base):  # one listing of the location, grouped by generation
+            name, inside, _ = m["path"][len(base) :].partition("/")
+            if inside and _GEN.match(name) and name != committed:
+                newest[name] = max(newest.get(name, 0.0), m["last_modified"].timestamp())
         now = time.time()
-        out = {}
-        for name in self.generations():
-            if name == committed:
-                continue
-            stamps = [m["last_modified"].timestamp() for m in self._listed(self.loc.child(name) + "/")]
-            out[name] = now - max(stamps, default=now)
-        return out
+        return {name: now - stamp for name, stamp in sorted(newest.items())}
 
     def delete_all(self, marker: str) -> int:
         """Delete the checkpoint: the marker first (it is no longer committed), then every generation.
