@@ -82,3 +82,52 @@ def test_fsdp2_dcp_checkpoint_imports_as_full_tensors(tmp_path: Any) -> None:
 
 def _sorted(d: Any) -> Any:
     return {k: _sorted(d[k]) for k in sorted(d)} if isinstance(d, dict) else d
+
+
+def _dcp_save_2d(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """``dcp.save`` from a 2 x 2 (dp, tp) mesh: FSDP2 over tensor parallel (``_StridedShard``) and plain 2-D shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    warnings.filterwarnings("ignore")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 7))
+    expected = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    msd = model.state_dict()
+    g = torch.Generator().manual_seed(5)
+    grid, rep = torch.randn(9, 6, generator=g), torch.randn(5, 3, generator=g)  # uneven over 2 x 2
+    state = {
+        "model": msd,
+        "grid": distribute_tensor(grid, mesh, [Shard(0), Shard(1)]),
+        "rep": distribute_tensor(rep, mesh, [Replicate(), Shard(0)]),
+    }
+    expected.update(grid=grid, rep=rep)
+    dcp.save(state, checkpoint_id=path)
+    placements = sorted({type(p).__name__ for v in msd.values() for p in v.placements})
+    return {"expected": expected, "placements": placements}
+
+
+@pytest.mark.timeout(300)
+def test_a_2d_dcp_checkpoint_with_strided_shards_imports_as_full_tensors(tmp_path: Any) -> None:
+    src, dst = str(tmp_path / "dcp"), str(tmp_path / "out")
+    got = values(launch(_dcp_save_2d, 4, src))
+    assert "_StridedShard" in got[0]["placements"], got[0]["placements"]
+    expected = got[0]["expected"]
+
+    summary = import_dcp(src, dst)
+    ck = tc.make_sync_checkpointer()
+    loaded = ck.load(dst)
+    ck.close()
+
+    flat = {f"model.{k}": v for k, v in loaded["model"].items()} | {k: loaded[k] for k in ("grid", "rep")}
+    assert sorted(flat) == sorted(expected)
+    for k, v in expected.items():
+        assert flat[k].shape == v.shape and torch.equal(flat[k], v), k
+    assert (summary.source_ranks, summary.files) == (4, 4)
+    assert summary.tensors == len(expected)
