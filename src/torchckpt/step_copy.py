@@ -25,7 +25,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .errors import CheckpointExistsError, CorruptCheckpointError
 from .format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, is_format_file
@@ -198,8 +198,9 @@ def copy_with_references(
     replace: bool,
     chunk_bytes: int = COPY_CHUNK_BYTES,
     storage_options: Mapping[str, str] | None = None,
+    copy: Callable[..., int] | None = None,
 ) -> int:
-    """:func:`copy_checkpoint`, after the checkpoints ``src`` refers to (an incremental save) are copied beside ``dst``.
+    """:func:`copy_checkpoint` (or ``copy``, called alike), after the checkpoints ``src`` refers to (an incremental save) are copied beside ``dst``.
 
     A step's references name sibling checkpoints (``../step_...``): each is
     copied to the same name beside ``dst`` first (itself after its own
@@ -224,7 +225,9 @@ def copy_with_references(
                 raise CorruptCheckpointError(f"corrupt checkpoint {src}: its references form a cycle at {there}", path=src)
             if there not in done:
                 visit(there, ref_location(to, ref), False, (*path, there))
-        copied += copy_checkpoint(at, to, replace=replace_there, chunk_bytes=chunk_bytes, storage_options=storage_options)
+        copied += (copy or copy_checkpoint)(
+            at, to, replace=replace_there, chunk_bytes=chunk_bytes, storage_options=storage_options
+        )
         done.add(at)
 
     visit(src, dst, replace, (src,))
