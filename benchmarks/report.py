@@ -141,6 +141,23 @@ TARGETS: list[Target] = [
 ]  # fmt: skip
 
 
+#: Targets of ``incremental.py`` (issue 13): (name, key of its result, goal, sense).
+INCREMENTAL_TARGETS: list[tuple[str, str, float, str]] = [
+    ("incremental saves 2..10: save time / full save time", "time_ratio", 0.15, "le"),
+    ("incremental, 10 saves: bytes on disk / (full state + 10 x changed bytes)", "disk_ratio", 1.1, "le"),
+]
+
+
+def incremental_targets(result: dict[str, Any]) -> list[tuple[str, float, float, str, bool]]:
+    """``(name, value, goal, sense, met)`` of each incremental target found in ``result``."""
+    rows = []
+    for name, key, goal, sense in INCREMENTAL_TARGETS:
+        value = result.get(key)
+        if value is not None:
+            rows.append((name, float(value), goal, sense, value <= goal if sense == "le" else value >= goal))
+    return rows
+
+
 def _tput(num_key: str, den_key: str) -> Callable[[dict[str, Any]], float | None]:
     return lambda s: _ratio(_t(s, den_key), _t(s, num_key))
 

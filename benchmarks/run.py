@@ -282,6 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the metadata scaling case instead (metadata_scaling.py, its defaults; --out-dir, --report)")
     p.add_argument("--object-store", action="store_true",
                    help="a state to and from a loopback S3 server (moto), vs the client's limit and DCP (object_store.py)")
+    p.add_argument("--incremental", action="store_true",
+                   help="only the incremental-save case (LoRA-like state, --size-gib of frozen weights; incremental.py)")
     p.add_argument("--tier", action="store_true", help="with --object-store: also the tiered manager save's stall")
     p.add_argument("--ranks", default="2,4", help="world sizes of --sharded (default 2,4; both: the 4 -> 2 reshard)")
     return p.parse_args(argv)
@@ -293,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         import metadata_scaling
 
         return metadata_scaling.main(["--out-dir", args.out_dir] + (["--report"] if args.report else []))
+    if args.incremental:
+        import incremental
+
+        return incremental.main(["--frozen-gib", f"{args.size_gib:g}", "--dir", args.dir])
     if args.object_store:
         import object_store
 

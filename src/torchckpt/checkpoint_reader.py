@@ -145,6 +145,7 @@ class CheckpointReader:
                     src, entry, state_dict, map_location=map_location, verify=verify,
                     allow_pickle=allow_pickle, where=path, threads=self._io_threads,
                     manifest=manifest, open_rank=snapshot.open_rank_file, entry_of=snapshot.rank_entry,
+                    open_ref=lambda k: snapshot.open_ref(entry, k),
                 )  # fmt: skip
             else:
                 if verify:

@@ -34,7 +34,8 @@ from .format.gcpause import paused_gc
 from .format.manifest import MANIFEST_NAME, RankEntry, is_format_file
 from .format.fields import ManifestError
 from .reports import commit_manifest, write_report
-from .format.native import native_file_name, plan_rank_file, rank_entry, write_rank_file
+from .format.native import host_contiguous, native_file_name, plan_rank_file, rank_entry, write_rank_file
+from .incremental import INCREMENTAL_KEYWORD, check_refs_present, load_base, plan_references
 from .format.torch_save import rank_file_name, save_torch_save
 from .format.tree import (
     MAX_DEPTH, STACK_FRAMES_NEEDED, Flattened, check_saveable, deepest_key, dtensor_needs_native, flatten, unflatten,
@@ -241,6 +242,7 @@ class CheckpointWriter:
         try:
             self.check_keywords(save.path, kwargs, unknown="warn")
             save.metadata = check_metadata(kwargs.get("metadata"), save.path)  # before a byte is written
+            self._check_incremental(save.path, kwargs.get(INCREMENTAL_KEYWORD))
             if dedup:
                 state = _flattened(state, allow_pickle=self._pickle(kwargs))
         except Exception as e:
@@ -265,8 +267,11 @@ class CheckpointWriter:
                 rank=rank, world_size=self._rank_info.global_world_size, coordinator=rank == 0,
                 timeout_s=timeout_s, marker=MANIFEST_NAME, save_id=save.save_id,
             )  # fmt: skip
-            save.entry, stats = self._write_rank(save.session, state, kwargs.get("allow_pickle"))
+            base = kwargs.get(INCREMENTAL_KEYWORD)
+            save.entry, stats = self._write_rank(save.session, state, kwargs.get("allow_pickle"), save.path, base)
             save.stats = {**stats, **save.stats}
+            if save.entry.refs:  # before the barrier: what this rank refers to is still committed
+                check_refs_present(save.path, save.entry.refs, self._config.storage_options)
             if self._rank_info.global_world_size > 1:
                 write_report(save.session, save.entry)
             if self._commit_hook is not None:
@@ -276,6 +281,23 @@ class CheckpointWriter:
                 raise
             return e
         return None
+
+    def _check_incremental(self, path: str, base: Any) -> None:
+        """Refuse an ``incremental_base`` that is not a path, or given to the ``torch_save`` layout.
+
+        Raises:
+            ConfigError: Either (names the field).
+        """
+        if base is None:
+            return
+        if not isinstance(base, str):
+            raise ConfigError(
+                f"incremental_base of the save to {path} must be a checkpoint path, got {base!r}", field=INCREMENTAL_KEYWORD
+            )
+        if CheckpointFormat(self._config.format) is not CheckpointFormat.SAFETENSORS:
+            raise ConfigError(
+                f"incremental saves need the safetensors layout: the save to {path} is torch_save", field=INCREMENTAL_KEYWORD
+            )
 
     def _shared_save_id(self, save: _Save) -> str:
         """The id rank 0 published for this save (through the store), or one all ranks derive alike without one."""
@@ -392,16 +414,28 @@ class CheckpointWriter:
 
     @paused_gc()  # many small objects per entry: see format/gcpause.py
     def _write_rank(
-        self, session: SaveSession, state_dict: STATE_DICT | Flattened, allow_pickle: bool | None
+        self,
+        session: SaveSession,
+        state_dict: STATE_DICT | Flattened,
+        allow_pickle: bool | None,
+        path: str = "",
+        incremental_base: str | None = None,
     ) -> tuple[RankEntry, dict[str, Any]]:
         rank = self._rank_info.global_rank
         t0 = time.monotonic()
         native = CheckpointFormat(self._config.format) is CheckpointFormat.SAFETENSORS
         if allow_pickle is None:  # not given to this save: the config's
             allow_pickle = self._config.allow_pickle
+        references = None
         if native:
             flat = _flattened(state_dict, allow_pickle=allow_pickle)
-            plan = plan_rank_file(flat, rank=rank)
+            hosts = [host_contiguous(t) for t in flat.tensors]
+            if incremental_base is not None:  # digests of every tensor, and references to the unchanged ones
+                world = self._rank_info.global_world_size
+                base = load_base(path, incremental_base, rank, world, self._config.storage_options)
+                references = plan_references(flat, hosts, base, path)
+            skip = references.skip if references is not None else frozenset()
+            plan = plan_rank_file(flat, rank=rank, hosts=hosts, skip=skip)
         else:  # torch.save writes it: only check that it is safe to (the same errors as flatten)
             state_dict, nbytes, empty_bytes = _for_torch_save(state_dict, allow_pickle=allow_pickle)
             plan = None
@@ -432,11 +466,16 @@ class CheckpointWriter:
             ) from e
         t3 = time.monotonic()
         if plan is not None:
-            entry = rank_entry(rank, name, plan, flat.tree, tensors, header_crc, flat.sharded)
+            refs = ()
+            if references is not None:
+                tensors, refs = references.entries(tensors), references.refs
+            entry = rank_entry(rank, name, plan, flat.tree, tensors, header_crc, flat.sharded, refs)
             nbytes = entry.tensor_bytes
         else:
             entry = RankEntry(rank=rank, file=name, size_bytes=size, digest=digest)
         stats = {"bytes": nbytes, "plan_s": t1 - t0, "write_s": t2 - t1, "fsync_s": t3 - t2}
+        if references is not None:
+            stats["referenced_bytes"] = sum(t.nbytes for t in references.referenced.values())
         return entry, stats
 
     def close(self) -> None:

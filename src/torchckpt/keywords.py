@@ -26,7 +26,7 @@ from .utils import caller_stacklevel
 __all__ = ["READ_KEYWORDS", "WRITE_KEYWORDS", "accepted_keywords", "check_keywords", "keywords_for"]
 
 #: Keywords of ``save``/``CheckpointWriter.write`` that torchckpt acts on.
-WRITE_KEYWORDS = frozenset({"allow_pickle", "metadata"})
+WRITE_KEYWORDS = frozenset({"allow_pickle", "incremental_base", "metadata"})
 #: Keywords of ``load``/``CheckpointReader.read`` that torchckpt acts on.
 READ_KEYWORDS = frozenset({"allow_pickle", "rank", "verify"})
 

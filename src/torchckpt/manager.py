@@ -51,6 +51,7 @@ from .checkpoint_writer import CheckpointWriterConfig
 from .checkpointer import AsyncCheckpointer, Checkpointer
 from .config import CheckpointerConfig
 from .errors import CheckpointError, CheckpointExistsError, ConfigError, UploadError
+from .incremental import INCREMENTAL_KEYWORD
 from .load_fallback import load_newest, load_step
 from .preemption import PreemptionHandler
 from .retention import CheckpointInfo, RetentionPolicy, doomed
@@ -92,9 +93,15 @@ class CheckpointManager:
         storage_options: The object store client's configuration keys (``endpoint``, ``region``, ...)
             for an object store ``root`` or ``remote``, on top of the environment; with
             ``checkpointer=``, that checkpointer's own config says what its saves and loads use.
+        incremental: A tensor whose bytes are the same as in the newest committed step is not
+            written again: the new step refers to the file that holds them (:mod:`.incremental`;
+            decided by a 128-bit digest of the bytes in memory). Off by default: retention then
+            keeps an older step as long as a kept step refers to it, so the disk holds more steps
+            than ``keep`` says. Native layout only.
 
     Raises:
-        ConfigError: ``memory://`` root with async saves; ``remote`` is ``root``; ``upload`` without ``remote``.
+        ConfigError: ``memory://`` root with async saves; ``remote`` is ``root``; ``upload`` without ``remote``;
+            ``incremental`` with ``format="torch_save"``.
         UnsupportedURLError: ``root`` or ``remote`` is a URL of a storage torchckpt does not have.
     """
 
@@ -111,7 +118,14 @@ class CheckpointManager:
         remote: str | os.PathLike[str] | None = None,
         upload: UploadConfig | None = None,
         storage_options: Mapping[str, str] | None = None,
+        incremental: bool = False,
     ) -> None:
+        if incremental and format != "safetensors" and checkpointer is None:
+            raise ConfigError(
+                f"incremental=True needs the safetensors layout (format={format!r} writes whole files)",
+                field="incremental",
+            )
+        self._incremental = incremental
         self._steps = open_step_store(root, storage_options)
         self.root = self._steps.root
         self._policies: list[RetentionPolicy] = (
@@ -230,14 +244,17 @@ class CheckpointManager:
         md = step_metadata(step, metrics, metadata, f"cannot save step {step} under {self.root}")
         with self._lock:
             self._refuse_existing(step, path, overwrite)
+            save_kwargs: dict[str, Any] = {"metadata": md}
+            if self._incremental:
+                save_kwargs[INCREMENTAL_KEYWORD] = self._base_for(step)
             if self._tier is not None:
                 self._tier.wait_for_room(step)
             self._saving = step  # the upload thread's retention leaves it alone until its handle does
             try:
                 state_dict = to_state_dict(state)
                 if not self._async:
-                    return self._save_sync(step, path, state_dict, md, overwrite)
-                return self._save_async(step, path, state_dict, md, overwrite)
+                    return self._save_sync(step, path, state_dict, save_kwargs, overwrite)
+                return self._save_async(step, path, state_dict, save_kwargs, overwrite)
             finally:
                 self._saving = None
 
@@ -258,19 +275,44 @@ class CheckpointManager:
                 f"step {step} already exists under {self.root} ({path}); pass overwrite=True to replace it",
                 path=path,
             )
+        if overwrite and self._steps.occupied(step):
+            self._refuse_referenced(step, path)
 
-    def _save_sync(self, step: int, path: str, state_dict: Any, md: dict[str, Any], overwrite: bool) -> SaveHandle:
+    def _base_for(self, step: int) -> str:
+        """The base of an incremental save of ``step``: the newest committed step but ``step`` ("" when none)."""
+        others = [c for c in self._infos() if c.step != step]
+        return others[-1].path if others else ""
+
+    def _refuse_referenced(self, step: int, path: str) -> None:
+        """An overwrite must not replace a step whose files other committed steps refer to.
+
+        Raises:
+            CheckpointExistsError: Steps refer to ``step`` (named).
+        """
+        infos = self._infos()
+        name = next((c.name for c in infos if c.step == step), None)
+        users = [c.step for c in infos if name is not None and name in c.refs]
+        if users:
+            raise CheckpointExistsError(
+                f"step {step} under {self.root} ({path}) cannot be replaced: steps {users} refer to its files "
+                "(incremental saves); save another step instead",
+                path=path,
+            )
+
+    def _save_sync(
+        self, step: int, path: str, state_dict: Any, save_kwargs: dict[str, Any], overwrite: bool
+    ) -> SaveHandle:
         with self._preemption.deferring():  # a signal during the save: exit at its end, committed or not
-            self._ckpt.save(path, state_dict, metadata=md)
+            self._ckpt.save(path, state_dict, **save_kwargs)
             handle = SaveHandle(step, path, None)
             self._inflight = handle
             self._after_commit(step, overwrite)
         return handle
 
     def _save_async(
-        self, step: int, path: str, state_dict: Any, md: dict[str, Any], overwrite: bool
+        self, step: int, path: str, state_dict: Any, save_kwargs: dict[str, Any], overwrite: bool
     ) -> SaveHandle:
-        result = self._ckpt.save(path, state_dict, metadata=md)
+        result = self._ckpt.save(path, state_dict, **save_kwargs)
         assert result is not None
         stage_future, write_future = result
         stage_future.result()  # the state may change once staged

@@ -46,6 +46,7 @@ from .format.manifest import (
 from .storage.base import Generation, ObjectReader
 from .format.extents import checksum
 from .format.manifest import MANIFEST_NAME
+from .format.refs import ref_location
 from .storage.locate import storage_for
 
 __all__ = [
@@ -85,11 +86,14 @@ class CheckpointSnapshot:
             a legacy checkpoint's rank file, are opened through it).
     """
 
-    def __init__(self, path: str, generation: Generation) -> None:
+    def __init__(self, path: str, generation: Generation, storage_options: Mapping[str, str] | None = None) -> None:
         self.path = path
         self.generation = generation
+        self._storage_options = storage_options
         self._manifest: Manifest | None = None
         self._entries: dict[int, RankEntry] = {}
+        #: The checkpoints this one's references name, opened once (``open_ref``), closed with this one.
+        self._referenced: dict[str, CheckpointSnapshot] = {}
 
     def manifest(self) -> Manifest:
         """The manifest of this generation, read and validated on the first call.
@@ -150,6 +154,55 @@ class CheckpointSnapshot:
         """
         return self._open_listed(entry.file, "rank file")
 
+    def open_ref(self, entry: RankEntry, k: int) -> tuple[ObjectReader, str]:
+        """Open the rank file of another checkpoint that holds some of ``entry``'s tensors (``entry.refs[k]``).
+
+        The checkpoint is opened as any (``open_checkpoint``: a directory or an object store's
+        generation); its manifest must list the file with the size and digest the reference names.
+
+        Returns:
+            The open file and the referenced checkpoint's path (for messages).
+
+        Raises:
+            CorruptCheckpointError: The checkpoint or file referred to is missing, or is not
+                the one referred to (size or digest differ), or the reference is out of range.
+        """
+        if not 0 <= k < len(entry.refs):
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {self.path}: a tensor refers to refs[{k}] of {len(entry.refs)}",
+                path=self.path, file=MANIFEST_NAME,
+            )  # fmt: skip
+        ref = entry.refs[k]
+        where = ref_location(self.path, ref)
+        what = f"{where}/{ref.file}, which {self.path} refers to"
+        try:
+            snapshot = self._referenced.get(where)
+            if snapshot is None:
+                snapshot = self._referenced[where] = open_checkpoint(where, self._storage_options)
+            lines = [line for line in snapshot.manifest().ranks if line.file == ref.file]
+            if not lines or (lines[0].size_bytes, lines[0].digest) != (ref.size_bytes, ref.digest):
+                raise CorruptCheckpointError(
+                    f"corrupt checkpoint {self.path}: {what}, is not there or not the file referred to "
+                    f"(the size or digest differ: deleted or replaced)",
+                    path=self.path, file=ref.file,
+                )  # fmt: skip
+            src = snapshot.open_rank_file(lines[0])
+        except CheckpointNotFoundError as e:
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {self.path}: {what}, is missing: {e}", path=self.path, file=ref.file
+            ) from e
+        except GenerationReplaced as e:
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {self.path}: {what}, was replaced", path=self.path, file=ref.file
+            ) from e
+        if src.size != ref.size_bytes:
+            src.close()
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {self.path}: {what}, is {src.size} bytes, the reference says {ref.size_bytes}",
+                path=self.path, file=ref.file,
+            )  # fmt: skip
+        return src, where
+
     def _open_listed(self, name: str, what: str) -> ObjectReader:
         try:
             return self.generation.open(name)
@@ -167,7 +220,10 @@ class CheckpointSnapshot:
         return self.generation.replaced()
 
     def close(self) -> None:
-        """Release the generation (idempotent)."""
+        """Release the generation and those of the checkpoints referred to (idempotent)."""
+        referenced, self._referenced = self._referenced, {}
+        for snapshot in referenced.values():
+            snapshot.close()
         self.generation.close()
 
     def __enter__(self) -> CheckpointSnapshot:
@@ -190,7 +246,7 @@ def open_checkpoint(
         CheckpointNotFoundError: No checkpoint directory there (or a symbolic link at its name).
     """
     path = os.fspath(path)
-    return CheckpointSnapshot(path, storage_for(path, storage_options).open_generation(MANIFEST_NAME))
+    return CheckpointSnapshot(path, storage_for(path, storage_options).open_generation(MANIFEST_NAME), storage_options)
 
 
 def read_consistently(

@@ -5,7 +5,8 @@ Each policy is a small object with one method, ``should_preserve(checkpoints)
 step survives if any policy keeps it (:func:`preserved`). :func:`doomed` adds
 the guards that hold whatever the policies say: the newest committed step is
 never deleted, nor a step the caller guards (the manager guards a step being
-written and a step being loaded). The manager's retention and ``torchckpt gc``
+written and a step being loaded), nor a step whose files a step that stays
+refers to (incremental saves: ``CheckpointInfo.refs``, followed transitively). The manager's retention and ``torchckpt gc``
 both decide through :func:`doomed`.
 """
 
@@ -18,7 +19,9 @@ from typing import Any, Protocol
 
 from .errors import ConfigError
 
-__all__ = ["CheckpointInfo", "KeepBest", "KeepEvery", "KeepLast", "RetentionPolicy", "doomed", "preserved"]
+__all__ = [
+    "CheckpointInfo", "KeepBest", "KeepEvery", "KeepLast", "RetentionPolicy", "doomed", "preserved", "referenced",
+]
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,20 @@ class CheckpointInfo:
         path: Its directory.
         metrics: The metrics given to ``save(metrics=...)``.
         created_unix_s: When it was committed.
+        refs: The names of the checkpoints of the same root whose files it refers to
+            (an incremental save): they are kept as long as it is.
     """
 
     step: int
     path: str
     metrics: dict[str, Any] = field(default_factory=dict)
     created_unix_s: float = 0.0
+    refs: frozenset[str] = frozenset()
+
+    @property
+    def name(self) -> str:
+        """Its name in the root (the last part of its path)."""
+        return self.path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
 
 
 class RetentionPolicy(Protocol):
@@ -126,4 +137,20 @@ def doomed(
         return []
     keep = preserved(policies, checkpoints)
     newest = checkpoints[-1].step
-    return [c for c, k in zip(checkpoints, keep) if not k and c.step != newest and c.step not in guarded]
+    gone = [c for c, k in zip(checkpoints, keep) if not k and c.step != newest and c.step not in guarded]
+    needed = referenced(checkpoints, [c for c in checkpoints if c not in gone])
+    return [c for c in gone if c.name not in needed]
+
+
+def referenced(checkpoints: Sequence[CheckpointInfo], kept: Sequence[CheckpointInfo]) -> set[str]:
+    """The names of the checkpoints the ``kept`` ones need, directly or through others (incremental saves)."""
+    by_name = {c.name: c for c in checkpoints}
+    needed: set[str] = set()
+    todo = [name for c in kept for name in c.refs]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            found = by_name.get(name)
+            todo.extend(found.refs if found is not None else ())
+    return needed

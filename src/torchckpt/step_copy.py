@@ -25,16 +25,17 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .errors import CheckpointExistsError, CorruptCheckpointError
 from .format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, is_format_file
-from .reading import CheckpointSnapshot, GenerationReplaced, open_checkpoint
+from .format.refs import RankRef, ref_location
+from .reading import CheckpointSnapshot, GenerationReplaced, open_checkpoint, read_manifest
 from .save_ids import new_save_id
 from .storage.base import ObjectReader, ObjectWriter, SaveSession
 from .storage.locate import storage_for
 
-__all__ = ["COPY_CHUNK_BYTES", "checkpoint_objects", "copy_checkpoint"]
+__all__ = ["COPY_CHUNK_BYTES", "checkpoint_objects", "copy_checkpoint", "copy_with_references", "referenced_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +189,55 @@ def _stream(src: ObjectReader, out: ObjectWriter, name: str, size: int, chunk_by
                 raise OSError(errno.EIO, f"write {out.location}: no byte written at offset {offset + done}")
             done += n
         offset += got
+
+
+def copy_with_references(
+    src: str | os.PathLike[str],
+    dst: str,
+    *,
+    replace: bool,
+    chunk_bytes: int = COPY_CHUNK_BYTES,
+    storage_options: Mapping[str, str] | None = None,
+    copy: Callable[..., int] | None = None,
+) -> int:
+    """:func:`copy_checkpoint` (or ``copy``, called alike), after the checkpoints ``src`` refers to (an incremental save) are copied beside ``dst``.
+
+    A step's references name sibling checkpoints (``../step_...``): each is
+    copied to the same name beside ``dst`` first (itself after its own
+    references; one already there with the same manifest is skipped), so
+    the copy at ``dst`` is loadable on its own. Returns the bytes copied.
+
+    Raises:
+        CheckpointExistsError: Another checkpoint is at a referenced name beside ``dst``
+            (never replaced: a step there may be referred to itself).
+        CorruptCheckpointError: The references form a cycle.
+        Exception: What :func:`copy_checkpoint` raises.
+    """
+    src = os.fspath(src)
+    done: set[str] = set()
+    copied = 0
+
+    def visit(at: str, to: str, replace_there: bool, path: tuple[str, ...]) -> None:
+        nonlocal copied
+        for ref in referenced_checkpoints(read_manifest(at, storage_options)):
+            there = ref_location(at, ref)
+            if there in path:
+                raise CorruptCheckpointError(f"corrupt checkpoint {src}: its references form a cycle at {there}", path=src)
+            if there not in done:
+                visit(there, ref_location(to, ref), False, (*path, there))
+        copied += (copy or copy_checkpoint)(
+            at, to, replace=replace_there, chunk_bytes=chunk_bytes, storage_options=storage_options
+        )
+        done.add(at)
+
+    visit(src, dst, replace, (src,))
+    return copied
+
+
+def referenced_checkpoints(manifest: Manifest) -> list[RankRef]:
+    """One reference per checkpoint the manifest's rank lines refer to (first seen first)."""
+    seen: dict[str, RankRef] = {}
+    for line in manifest.ranks:
+        for ref in line.refs:
+            seen.setdefault(ref.checkpoint, ref)
+    return list(seen.values())

@@ -136,7 +136,8 @@ def step_info(step: int, path: str, manifest: Manifest) -> CheckpointInfo | None
     """The committed step ``step`` at ``path`` as retention sees it, or None when its manifest records another step."""
     if manifest.metadata.get("step", step) != step:
         return None
-    return CheckpointInfo(step, path, decode_metrics(manifest.metadata.get("metrics")), manifest.created_unix_s)
+    refs = frozenset(ref.name for line in manifest.ranks for ref in line.refs)
+    return CheckpointInfo(step, path, decode_metrics(manifest.metadata.get("metrics")), manifest.created_unix_s, refs)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UploadError
-from .step_copy import COPY_CHUNK_BYTES, copy_checkpoint
+from .step_copy import COPY_CHUNK_BYTES, copy_checkpoint, copy_with_references
 
 __all__ = ["UploadConfig", "StepUploader"]
 
@@ -257,8 +257,9 @@ class StepUploader:
         attempt = 0
         for attempt in range(1, cfg.attempts + 1):
             try:
-                copy_checkpoint(
-                    src, dst, replace=replace, chunk_bytes=cfg.chunk_bytes, storage_options=self._storage_options
+                copy_with_references(  # the steps it refers to first (incremental saves)
+                    src, dst, replace=replace, chunk_bytes=cfg.chunk_bytes, storage_options=self._storage_options,
+                    copy=copy_checkpoint,
                 )
             except FINAL_ERRORS as e:
                 error = e

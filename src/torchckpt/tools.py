@@ -27,7 +27,7 @@ import torch
 from .errors import CheckpointError, CheckpointIOError, CorruptCheckpointError
 from .consolidate import ExportItem, ShardedView, replace_views, sharded_view, write_streamed
 from .format.dtypes import dtype_from_name
-from .format.manifest import Layout, Manifest, RankEntry
+from .format.manifest import Layout, Manifest, RankEntry, TensorEntry
 from .format.native import plan_rank_file, write_rank_file
 from .format.torch_save import unpickle_rank_file
 from .format.tree import Flattened, flatten, join_key, unflatten
@@ -77,11 +77,17 @@ def open_lazy(
         OSError: The object store cannot be reached or refuses (names the URL).
     """
     snapshot, manifest, entry, src = _open_consistently(path, rank, storage_options)
-    with contextlib.closing(snapshot), contextlib.closing(src):
+    with contextlib.closing(snapshot), contextlib.closing(src), contextlib.ExitStack() as held:
         local = _as_local_file(src)
         if manifest.layout == Layout.SAFETENSORS:
             views = functools.partial(sharded_view, snapshot, manifest, entry)
-            yield manifest, _lazy_native(local, entry, path, views)
+
+            def open_ref(k: int) -> tuple[ObjectReader, str]:
+                ref_src, where = snapshot.open_ref(entry, k)
+                held.callback(ref_src.close)
+                return _as_local_file(ref_src), where
+
+            yield manifest, _lazy_native(local, entry, path, views, open_ref)
         else:
             yield manifest, _lazy_torch_save(local, entry, path)
 
@@ -131,10 +137,33 @@ def _mapped(src: ObjectReader, entry: RankEntry) -> mmap.mmap | None:
     return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if entry.size_bytes else None
 
 
-def _lazy_native(src: ObjectReader, entry: RankEntry, path: str, sharded: Callable[[int], Any]) -> Any:
+def _lazy_native(
+    src: ObjectReader,
+    entry: RankEntry,
+    path: str,
+    sharded: Callable[[int], Any],
+    open_ref: Callable[[int], tuple[ObjectReader, str]] | None = None,
+) -> Any:
     check_size(src, entry, path)  # the loader's checks: size, and header against the manifest's digest
     check_header(src, entry, path)
-    mm = _mapped(src, entry)
+    own = _mapped(src, entry)
+    # The files of other checkpoints holding some tensors (an incremental save), mapped when first touched.
+    referenced: dict[int, tuple[mmap.mmap | None, str, str]] = {}
+
+    def source(t: TensorEntry) -> tuple[mmap.mmap | None, str, str]:
+        if t.ref is None:
+            return own, path, entry.file
+        if t.ref not in referenced:
+            if open_ref is None:
+                raise CorruptCheckpointError(
+                    f"corrupt checkpoint {path}: tensor {t.name!r} refers to another checkpoint", path=path
+                )
+            ref_src, where = open_ref(t.ref)
+            fd = ref_src.fileno()
+            assert fd is not None  # a reader of _as_local_file
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if ref_src.size else None
+            referenced[t.ref] = (mapped, where, entry.refs[t.ref].file)
+        return referenced[t.ref]
 
     def tensor(i: int) -> torch.Tensor:
         if not 0 <= i < len(entry.tensors):
@@ -144,9 +173,12 @@ def _lazy_native(src: ObjectReader, entry: RankEntry, path: str, sharded: Callab
             )  # fmt: skip
         t = entry.tensors[i]
         dtype = dtype_from_name(t.dtype)
-        if t.nbytes == 0 or mm is None:
+        if t.nbytes == 0:
             return torch.empty(t.shape, dtype=dtype)
-        check_tensor_bytes(memoryview(mm)[t.offset : t.offset + t.nbytes], t, path, entry.file)
+        mm, where, file = source(t)
+        if mm is None:
+            return torch.empty(t.shape, dtype=dtype)
+        check_tensor_bytes(memoryview(mm)[t.offset : t.offset + t.nbytes], t, where, file)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only buffer: these tensors are never written
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=t.offset)

@@ -10,14 +10,14 @@ on, so that every bad file and key is listed, not only the first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.extent_read import read_extents
-from .format.manifest import MANIFEST_NAME, Layout, Manifest, RankEntry
+from .format.manifest import MANIFEST_NAME, Layout, Manifest, RankEntry, TensorEntry
 from .format.native import byte_view
 from .format.verification import check_file_digest, check_header, check_size, read_error
 from .reading import CheckpointSnapshot, open_checkpoint
@@ -132,27 +132,65 @@ def _verify_rank(
                 if progress:
                     progress(src.size)
             return []
-        return _verify_native(src, entry, path, progress)
+        problems = _verify_native(src, entry, path, progress, entry.tensors)
+        if entry.refs:
+            problems.extend(_verify_referenced(snapshot, entry, progress))
+        return problems
     finally:
         src.close()
 
 
-def _verify_native(
-    src: ObjectReader, entry: RankEntry, path: str, progress: Callable[[int], None] | None
+def _verify_referenced(
+    snapshot: CheckpointSnapshot, entry: RankEntry, progress: Callable[[int], None] | None
 ) -> list[Problem]:
+    """The tensors whose bytes other checkpoints hold (an incremental save): each file opened, every checksum read."""
+    problems: list[Problem] = []
+    for k, ref in enumerate(entry.refs):
+        tensors = [t for t in entry.tensors if t.ref == k]
+        if not tensors:
+            continue
+        try:
+            src, where = snapshot.open_ref(entry, k)
+        except CorruptCheckpointError as e:
+            problems.append(_problem(e, snapshot.path, f"{ref.checkpoint}/{ref.file}"))
+            continue
+        try:
+            for p in _verify_native(src, entry, where, progress, tensors, header=False, file=ref.file):
+                problems.append(Problem(f"{ref.checkpoint}/{p.file}", p.key, p.message))
+        finally:
+            src.close()
+    return problems
+
+
+def _verify_native(
+    src: ObjectReader,
+    entry: RankEntry,
+    path: str,
+    progress: Callable[[int], None] | None,
+    tensors: Sequence[TensorEntry],
+    *,
+    header: bool = True,
+    file: str = "",
+) -> list[Problem]:
+    """Every checksum of ``tensors`` read from ``src`` (the rank file ``file``, default the entry's own)."""
     problems = []
-    try:
-        check_header(src, entry, path)
-    except CorruptCheckpointError as e:
-        problems.append(_problem(e, path, entry.file))
+    file = file or entry.file
+    if header:
+        try:
+            check_header(src, entry, path)
+        except CorruptCheckpointError as e:
+            problems.append(_problem(e, path, entry.file))
     scratch = torch.empty(_SCRATCH_BYTES, dtype=torch.uint8)
-    for t in entry.tensors:
+    own = file == entry.file and header
+    for t in tensors:
+        if own and t.ref is not None:
+            continue  # verified from its own file by _verify_referenced
         # One tensor at a time through a bounded scratch buffer: memory stays flat.
         buf = scratch if t.nbytes <= _SCRATCH_BYTES else torch.empty(t.nbytes, dtype=torch.uint8)
         try:
             read_extents(src, [Extent(t.offset, byte_view(buf[: t.nbytes]), list(t.crc32c))], threads=2)
         except (ChecksumError, EOFError) as e:
-            problems.append(_problem(read_error(e, path, entry.file, [t.name]), path, entry.file, t.name))
+            problems.append(_problem(read_error(e, path, file, [t.name]), path, file, t.name))
         if progress:
             progress(t.nbytes)
     return problems

@@ -31,6 +31,7 @@ from .fields import ints_field as _ints
 from .fields import nonneg_field as _nonneg
 from .fields import size_field as _size
 from .shards import ChunkEntry, GlobalTensor, MeshTable, ShardedEntry, ShardingError, build_index
+from .refs import RankRef, check_referenced, parse_refs
 from .table import parse_layout, parse_meshes, parse_table
 from .tensor_table import TensorEntry, parse_tensor, parse_tensor_fast
 from .tree import MAX_DEPTH, MAX_DIMS, STACK_FRAMES_NEEDED, deepest_key
@@ -130,6 +131,8 @@ class RankEntry:
     sharded: tuple[ShardedEntry, ...] = ()
     index: IndexRef | None = None
     signature_digest: str = ""
+    #: Other checkpoints' rank files holding tensors of this entry (an incremental save, ``refs.py``).
+    refs: tuple[RankRef, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -138,6 +141,8 @@ class RankEntry:
             "size_bytes": self.size_bytes,
             "digest": self.digest,
         }
+        if self.refs:
+            out["refs"] = [r.to_json() for r in self.refs]
         if self.index is not None:
             out["index"] = self.index.to_json()
             out["signature"] = self.signature_digest
@@ -154,11 +159,15 @@ class RankEntry:
 
     def stub(self, index: IndexRef) -> RankEntry:
         """This entry's line in a manifest whose entries are kept in index objects."""
-        return RankEntry(self.rank, self.file, self.size_bytes, self.digest, index=index, signature_digest=self.signature())
+        return RankEntry(
+            self.rank, self.file, self.size_bytes, self.digest, index=index, signature_digest=self.signature(),
+            refs=self.refs,
+        )  # fmt: skip
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        """The bytes of the tensors this entry's own file holds (referenced ones are another file's)."""
+        return sum(t.nbytes for t in self.tensors if t.ref is None)
 
     @cached_property
     def chunk_tensors(self) -> dict[tuple[str, tuple[int, ...]], TensorEntry]:
@@ -365,9 +374,11 @@ def parse_rank_index(data: bytes, stub: RankEntry, chunk_bytes: int, world_size:
     entry = _parse_rank(doc, stub.rank, Layout.SAFETENSORS, chunk_bytes, world_size, FORMAT_VERSION, inline=True)
     if (entry.file, entry.size_bytes, entry.digest) != (stub.file, stub.size_bytes, stub.digest):
         raise ManifestError(f"describes {entry.file} ({entry.size_bytes} bytes), not the manifest's {stub.file}")
+    if entry.refs != stub.refs:
+        raise ManifestError(f"its refs differ from the manifest's line for {stub.file}")
     return RankEntry(
         entry.rank, entry.file, entry.size_bytes, entry.digest, entry.tree, entry.tensors, entry.data_offset,
-        entry.sharded, None, stub.signature_digest,
+        entry.sharded, None, stub.signature_digest, entry.refs,
     )  # fmt: skip
 
 
@@ -380,7 +391,8 @@ def _parse_stub(doc: Any, rank: int, file: str, size: int, digest: str, where: s
         raise ManifestError(f"{where}: malformed index checksum or signature")
     name = check_file_name(_get(ref, "file", str, f"{where}.index"))
     index = IndexRef(name, _size(ref, "size_bytes", f"{where}.index"), int(crc, 16))
-    return RankEntry(rank, file, size, digest, index=index, signature_digest=signature)
+    refs = parse_refs(doc, where)
+    return RankEntry(rank, file, size, digest, index=index, signature_digest=signature, refs=refs)
 
 
 def _parse_rank(
@@ -407,8 +419,11 @@ def _parse_rank(
     )
     if "tree" not in doc:
         raise ManifestError(f"{where}: missing field 'tree'")
+    refs = parse_refs(doc, where)
+    if refs or any(t.ref is not None for t in tensors):
+        check_referenced(tensors, refs, where)
     end = data_offset
-    for t in sorted(tensors, key=lambda t: (t.offset, t.nbytes)):
+    for t in sorted((t for t in tensors if t.ref is None), key=lambda t: (t.offset, t.nbytes)):
         if t.offset != end:
             raise ManifestError(f"{where}: tensor {t.name!r} at offset {t.offset}, expected {end} (gap or overlap)")
         end += t.nbytes
@@ -423,7 +438,9 @@ def _parse_rank(
         or _parse_sharded(x, f"{where}.sharded[{j}]", tensors, meshes, world_size, grids)
         for j, x in enumerate(_get(doc, "sharded", list, where))
     ) if "sharded" in doc else ()  # fmt: skip
-    return RankEntry(rank, file, size, digest, doc["tree"], tensors, data_offset, sharded)
+    if refs and any(tensors[c.tensor].ref is not None for s in sharded for c in s.chunks):
+        raise ManifestError(f"{where}: a chunk of a sharded tensor refers to another checkpoint (chunks are never referenced)")
+    return RankEntry(rank, file, size, digest, doc["tree"], tensors, data_offset, sharded, refs=refs)
 
 
 def _parse_sharded_fast(

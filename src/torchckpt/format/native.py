@@ -42,6 +42,7 @@ from . import extents
 from .dtypes import dtype_name, safetensors_name
 from .extents import CHUNK_BYTES, Extent, Piece, checksum, chunk_count, contiguous_batches, run_parallel
 from .manifest import RankEntry, TensorEntry
+from .refs import RankRef
 from .tree import Flattened
 
 __all__ = [
@@ -125,9 +126,12 @@ def host_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def digest_of(header_crc: int, entries: list[TensorEntry]) -> str:
-    """File digest: crc32c over the header crc then every chunk crc, in file order, each u32 LE."""
+    """File digest: crc32c over the header crc then every chunk crc, in file order, each u32 LE.
+
+    Tensors held by another checkpoint's file (``ref``) are not part of this file's digest.
+    """
     crcs = array.array("I", [header_crc])
-    for e in sorted(entries, key=_file_order):
+    for e in sorted((e for e in entries if e.ref is None), key=_file_order):
         crcs.extend(e.crc32c)
     if sys.byteorder != "little":
         crcs.byteswap()
@@ -152,18 +156,34 @@ class NativeFile:
     devices: list[str]
     offsets: list[int]  # absolute, in tensor-table order
     size_bytes: int
+    #: Tensors of the table this file does not hold (an incremental save refers to another file for them).
+    skip: frozenset[int] = frozenset()
 
     @property
     def data_offset(self) -> int:
         return len(self.header)
 
 
-def plan_rank_file(flat: Flattened, *, rank: int, metadata: dict[str, str] | None = None) -> NativeFile:
-    """Lay out the rank file of ``flat``: header bytes and every tensor's offset."""
-    hosts = [host_contiguous(t) for t in flat.tensors]
+def plan_rank_file(
+    flat: Flattened,
+    *,
+    rank: int,
+    metadata: dict[str, str] | None = None,
+    hosts: list[torch.Tensor] | None = None,
+    skip: frozenset[int] = frozenset(),
+) -> NativeFile:
+    """Lay out the rank file of ``flat``: header bytes and every tensor's offset.
+
+    Args:
+        hosts: ``flat``'s tensors as :func:`host_contiguous` makes them (made here when None).
+        skip: Tensors of the table the file does not hold (their offset is 0 in the plan).
+    """
+    if hosts is None:
+        hosts = [host_contiguous(t) for t in flat.tensors]
     nbytes = [t.nbytes for t in hosts]
     # Stable: tensors of one element size keep their table order.
-    order = sorted(range(len(hosts)), key=[-t.element_size() for t in hosts].__getitem__)
+    held = [i for i in range(len(hosts)) if i not in skip] if skip else range(len(hosts))
+    order = sorted(held, key=[-t.element_size() for t in hosts].__getitem__)
     rel = [0] * len(hosts)
     pos = 0
     for i in order:
@@ -206,8 +226,9 @@ def plan_rank_file(flat: Flattened, *, rank: int, metadata: dict[str, str] | Non
         dtypes=dtypes,
         shapes=shapes,
         devices=devices,
-        offsets=[data_offset + r for r in rel],
+        offsets=[0 if i in skip else data_offset + r for i, r in enumerate(rel)],
         size_bytes=data_offset + pos,
+        skip=skip,
     )
 
 
@@ -226,8 +247,9 @@ def write_rank_file(out: ObjectWriter, plan: NativeFile, *, threads: int) -> tup
     sizes = [t.nbytes for t in plan.tensors]
     crcs: list[tuple[int, ...]] = [()] * count
     limit = min(SMALL_TENSOR_BYTES, CHUNK_BYTES)  # a gathered tensor has one checksum chunk
-    small = [i for i in range(count) if sizes[i] <= limit]
-    large = [i for i in range(count) if sizes[i] > limit]
+    skip = plan.skip
+    small = [i for i in range(count) if sizes[i] <= limit and i not in skip]
+    large = [i for i in range(count) if sizes[i] > limit and i not in skip]
     if small:
         tensors, offsets = plan.tensors, plan.offsets
         small_crcs = write_gathered(
@@ -355,6 +377,7 @@ def rank_entry(
     entries: list[TensorEntry],
     header_crc: int,
     sharded: Sequence[ShardedEntry] = (),
+    refs: Sequence[RankRef] = (),
 ) -> RankEntry:
     """The manifest entry of a written rank file (``sharded``: its ``DTensor``s, see ``shards.py``)."""
     return RankEntry(
@@ -366,5 +389,6 @@ def rank_entry(
         tensors=tuple(entries),
         data_offset=plan.data_offset,
         sharded=tuple(sharded),
+        refs=tuple(refs),
     )
 

@@ -112,7 +112,12 @@ class _Loads:
                 path=self.where, file=self.entry.file,
             )  # fmt: skip
         if isinstance(ref, TensorRef):
-            self.info(ref.index)
+            e, _ = self.info(ref.index)
+            if e.ref is not None:
+                raise NotImplementedError(
+                    f"cannot load key {key!r} of {self.where} into a DTensor: its bytes are another checkpoint's "
+                    "(an incremental save); load it into a plain tensor"
+                )
             return self.sharded.tensor(one_chunk(self.entry, ref.index), target, key)
         if not 0 <= ref.index < len(self.entry.sharded):
             raise CorruptCheckpointError(
@@ -138,13 +143,16 @@ def read_native(
     manifest: Manifest | None = None,
     open_rank: Callable[[RankEntry], ObjectReader] | None = None,
     entry_of: Callable[[int], RankEntry] | None = None,
+    open_ref: Callable[[int], tuple[ObjectReader, str]] | None = None,
 ) -> tuple[Any, list[str], int]:
     """Load a rank's state from its open rank file ``src``.
 
     Sharded tensors (and plain ones loaded into ``DTensor`` templates) are read
     from whichever rank files hold the parts needed (``sharded_read.py``): that
     needs the ``manifest``, ``open_rank`` (opens a rank's file) and ``entry_of``
-    (a rank's whole entry; default: the manifest's line).
+    (a rank's whole entry; default: the manifest's line). A tensor whose bytes
+    another checkpoint holds (``ref``, an incremental save) is read from the
+    file ``open_ref(k)`` opens (``CheckpointSnapshot.open_ref``).
 
     Every key of the template is checked against the manifest before any byte
     is read: a mismatch leaves the template untouched. The bytes of plain CPU
@@ -181,7 +189,7 @@ def read_native(
         tensor=loads.tensor,
         where=where,
     )
-    nbytes = _execute(src, loads, verify=verify, where=where, threads=threads)
+    nbytes = _execute(src, loads, verify=verify, where=where, threads=threads, open_ref=open_ref)
     if sharded is not None:
         nbytes += sharded.execute(verify=verify, threads=threads)
     commit()
@@ -200,12 +208,56 @@ def _overwritten(keys: list[str], direct: list[bool], fresh: set[int], targets: 
     )
 
 
-def _execute(src: ObjectReader, loads: _Loads, *, verify: bool, where: str, threads: int) -> int:
+def _execute(
+    src: ObjectReader,
+    loads: _Loads,
+    *,
+    verify: bool,
+    where: str,
+    threads: int,
+    open_ref: Callable[[int], tuple[ObjectReader, str]] | None = None,
+) -> int:
+    by_source: dict[int | None, list[tuple[int, torch.Tensor]]] = {}
+    for index, target in loads.targets:
+        by_source.setdefault(loads.entry.tensors[index].ref, []).append((index, target))
+    if list(by_source) == [None]:
+        return _read_targets(src, loads, loads.targets, verify=verify, where=where, file=loads.entry.file, threads=threads)
+    nbytes = 0
+    for k, targets in by_source.items():
+        if k is None:
+            nbytes += _read_targets(src, loads, targets, verify=verify, where=where, file=loads.entry.file, threads=threads)
+            continue
+        if open_ref is None:
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint {where}: tensor {loads.entry.tensors[targets[0][0]].name!r} refers to another "
+                "checkpoint, which this read cannot open",
+                path=where, file=loads.entry.file,
+            )  # fmt: skip
+        ref_src, ref_where = open_ref(k)
+        try:
+            file = loads.entry.refs[k].file
+            nbytes += _read_targets(ref_src, loads, targets, verify=verify, where=ref_where, file=file, threads=threads)
+        finally:
+            ref_src.close()
+    return nbytes
+
+
+def _read_targets(
+    src: ObjectReader,
+    loads: _Loads,
+    targets: list[tuple[int, torch.Tensor]],
+    *,
+    verify: bool,
+    where: str,
+    file: str,
+    threads: int,
+) -> int:
+    """Read ``targets`` (tensor index, target) from ``src``, the file ``file`` of the checkpoint ``where``."""
     extents: list[Extent] = []
     keys: list[str] = []
     direct_flags: list[bool] = []
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for index, target in loads.targets:
+    for index, target in targets:
         e = loads.entry.tensors[index]
         direct = target.is_cpu and target.is_contiguous() and not target.is_conj() and not target.is_neg()
         host = target if direct else torch.empty(e.shape, dtype=target.dtype)
@@ -218,8 +270,8 @@ def _execute(src: ObjectReader, loads: _Loads, *, verify: bool, where: str, thre
         nbytes = read_extents(src, extents, threads=threads)
     except (ChecksumError, EOFError) as err:
         fresh = {id(t) for t in loads.fresh.values()}
-        after = _overwritten(keys, direct_flags, fresh, loads.targets)
-        raise read_error(err, where, loads.entry.file, keys, after) from err
+        after = _overwritten(keys, direct_flags, fresh, targets)
+        raise read_error(err, where, file, keys, after) from err
     for target, host in copies:
         with torch.no_grad():
             target.copy_(host)

@@ -9,6 +9,7 @@ entry in one pass and the slow path says what is wrong with any other.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,13 @@ class TensorEntry:
     nbytes: int
     crc32c: tuple[int, ...]
     device: str = "cpu"
+    #: XXH3-128 of the bytes (32 hex digits; "" when the save did not compute it): incremental saves compare it.
+    xxh3: str = ""
+    #: Which of the entry's ``refs`` holds the bytes (None: this entry's own rank file), see ``refs.py``.
+    ref: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "dtype": self.dtype,
             "shape": list(self.shape),
@@ -47,7 +52,14 @@ class TensorEntry:
             "crc32c": list(self.crc32c),
             "device": self.device,
         }
+        if self.xxh3:
+            out["xxh3"] = self.xxh3
+        if self.ref is not None:
+            out["ref"] = self.ref
+        return out
 
+
+_XXH3 = re.compile(r"[0-9a-f]{32}")
 
 #: Device strings ``torch.device`` has accepted in a manifest (checked once, not per tensor).
 _DEVICES_SEEN: set[str] = {"cpu"}
@@ -60,6 +72,9 @@ def parse_tensor_fast(doc: Any, chunk_bytes: int) -> TensorEntry | None:
     manifest has an entry per tensor, and this runs on every load.
     """
     if type(doc) is not dict:
+        return None
+    xxh3, ref = doc.get("xxh3", ""), doc.get("ref")
+    if type(xxh3) is not str or (xxh3 and not _XXH3.fullmatch(xxh3)) or (ref is not None and (type(ref) is not int or ref < 0)):
         return None
     name, dtype_str, shape_doc = doc.get("name"), doc.get("dtype"), doc.get("shape")
     nbytes, offset, crcs, device = doc.get("nbytes"), doc.get("offset"), doc.get("crc32c"), doc.get("device", "cpu")
@@ -92,7 +107,7 @@ def parse_tensor_fast(doc: Any, chunk_bytes: int) -> TensorEntry | None:
     for c in crcs:
         if type(c) is not int or not 0 <= c < 0x1_0000_0000:
             return None
-    return TensorEntry(name, dtype_str, tuple(shape_doc), offset, nbytes, tuple(crcs), device)
+    return TensorEntry(name, dtype_str, tuple(shape_doc), offset, nbytes, tuple(crcs), device, xxh3, ref)
 
 
 def parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
@@ -127,4 +142,8 @@ def parse_tensor(doc: Any, where: str, chunk_bytes: int) -> TensorEntry:
     except (RuntimeError, ValueError) as e:
         raise ManifestError(f"{where}: malformed device {device!r}: {e}") from e
     _DEVICES_SEEN.add(device)
-    return TensorEntry(name, dtype_str, shape, _nonneg(doc, "offset", where), nbytes, tuple(crcs), device)
+    xxh3 = doc.get("xxh3", "")
+    if not isinstance(xxh3, str) or (xxh3 and not _XXH3.fullmatch(xxh3)):
+        raise ManifestError(f"{where}: malformed xxh3 digest {xxh3!r} (32 hex digits)")
+    ref = _nonneg(doc, "ref", where) if "ref" in doc else None
+    return TensorEntry(name, dtype_str, shape, _nonneg(doc, "offset", where), nbytes, tuple(crcs), device, xxh3, ref)
