@@ -23,6 +23,7 @@ from .extents import ChecksumError, Extent
 from .dtypes import dtype_from_name
 from .extent_read import read_extents
 from .gcpause import paused_gc
+from .mapped_read import FileMapping
 from .manifest import Manifest, RankEntry, TensorEntry
 from .native import contiguous_bytes
 from .select import check_fits, merge
@@ -67,9 +68,14 @@ class ShardedRef:
 class _Loads:
     """Collects which tensors to read and where to put them."""
 
-    def __init__(self, entry: RankEntry, map_location: Any, where: str, sharded: ShardedLoads | None) -> None:
+    def __init__(
+        self, entry: RankEntry, map_location: Any, where: str, sharded: ShardedLoads | None,
+        map_source: ObjectReader | None = None,
+    ) -> None:  # fmt: skip
         self.entry = entry
         self.sharded = sharded
+        self.map_source = map_source  # the rank file, mapped on the first fresh CPU tensor (None: never)
+        self.mapping: FileMapping | None = None
         self.map_location = map_location
         self.where = where
         self.fresh: dict[int, torch.Tensor] = {}
@@ -93,8 +99,12 @@ class _Loads:
         if target is None:
             if ref.index not in self.fresh:
                 device = resolve_device(e.device, self.map_location)
-                self.fresh[ref.index] = torch.empty(e.shape, dtype=dtype, device=device)
-                self.targets.append((ref.index, self.fresh[ref.index]))
+                mapped = self.mapped(e, dtype) if device.type == "cpu" else None
+                if mapped is not None:
+                    self.fresh[ref.index] = mapped  # checked by FileMapping.verify, not read
+                else:
+                    self.fresh[ref.index] = torch.empty(e.shape, dtype=dtype, device=device)
+                    self.targets.append((ref.index, self.fresh[ref.index]))
             return self.fresh[ref.index]
         check_fits(target, dtype, e.shape, key, self.where)
         mark = (ref.index, target.data_ptr() if target.numel() else id(target))
@@ -103,6 +113,13 @@ class _Loads:
             self.targets.append((ref.index, target))
         return target
 
+
+    def mapped(self, e: TensorEntry, dtype: torch.dtype) -> torch.Tensor | None:
+        """A fresh CPU tensor viewing the mapped rank file (see ``mapped_read.py``), or None: allocate and read it."""
+        if self.mapping is None and self.map_source is not None:
+            self.mapping = FileMapping.open(self.map_source)
+            self.map_source = None
+        return self.mapping.tensor(e, dtype) if self.mapping is not None else None
 
     def global_tensor(self, ref: TensorRef | ShardedRef, target: torch.Tensor | None, key: str) -> torch.Tensor:
         """A sharded tensor, or a plain one loaded into a ``DTensor``: planned by :class:`ShardedLoads`."""
@@ -173,7 +190,7 @@ def read_native(
             manifest, open_rank, entry_of=entry_of or (lambda r: manifest.ranks[r]), map_location=map_location,
             resolve_device=resolve_device, where=where,
         )  # fmt: skip
-    loads = _Loads(entry, map_location, where, sharded)
+    loads = _Loads(entry, map_location, where, sharded, map_source=src)
     result, missing, commit = merge(
         template,
         source,
@@ -201,6 +218,16 @@ def _overwritten(keys: list[str], direct: list[bool], fresh: set[int], targets: 
 
 
 def _execute(src: ObjectReader, loads: _Loads, *, verify: bool, where: str, threads: int) -> int:
+    nbytes = 0
+    if loads.mapping is not None:
+        # First, so that a corrupt chunk there leaves the template's tensors untouched.
+        made = loads.mapping.made
+        if verify:
+            try:
+                loads.mapping.verify(threads)
+            except ChecksumError as err:
+                raise read_error(err, where, loads.entry.file, [e.name for e, _ in made], "the template is untouched") from err
+        nbytes += sum(e.nbytes for e, _ in made)
     extents: list[Extent] = []
     keys: list[str] = []
     direct_flags: list[bool] = []
@@ -215,7 +242,7 @@ def _execute(src: ObjectReader, loads: _Loads, *, verify: bool, where: str, thre
         keys.append(e.name)
         direct_flags.append(direct)
     try:
-        nbytes = read_extents(src, extents, threads=threads)
+        nbytes += read_extents(src, extents, threads=threads)
     except (ChecksumError, EOFError) as err:
         fresh = {id(t) for t in loads.fresh.values()}
         after = _overwritten(keys, direct_flags, fresh, loads.targets)
