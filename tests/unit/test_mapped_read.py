@@ -51,6 +51,7 @@ def test_fresh_load_maps_the_file_and_returns_the_saved_values(saved: str) -> No
         assert torch.equal(out[key], expected[key]), key
         assert out[key].dtype == expected[key].dtype and out[key].shape == expected[key].shape
         assert out[key].is_contiguous() and _mapped(out[key]), key
+        assert out[key].untyped_storage().nbytes() == out[key].nbytes, key  # its own bytes, not the whole file
     assert torch.equal(out["nested"]["m"], expected["nested"]["m"]) and _mapped(out["nested"]["m"])
     assert out["nested"]["lr"] == 0.5
     assert out["empty"].shape == (0, 4) and not _mapped(out["empty"])  # no bytes: allocated

@@ -11,8 +11,8 @@ over the mapped bytes, on ``threads`` threads in file order (crc32c releases
 the GIL; the page faults of the first read happen inside it, and the kernel
 reads ahead of them).
 
-The mapping lives as long as any tensor made from it (each holds the
-mapping's storage); it is unmapped with the last. Rank files are never
+The mapping lives as long as any tensor made from it (each holds a
+slice of the mapping's storage); it is unmapped with the last. Rank files are never
 changed in place once committed (a new save writes a new generation, and
 retention unlinks files): a file truncated under a live mapping would raise
 ``SIGBUS`` on access, as it does for ``torch.load(mmap=True)``.
@@ -67,7 +67,10 @@ class FileMapping:
         shape = tuple(entry.shape)
         if _numel(shape) != numel:
             return None
-        out = torch.empty(0, dtype=dtype).set_(self._storage, entry.offset // itemsize, shape, _strides(shape))
+        # A storage of its own bytes (a slice of the mapping's, sharing its memory): like a storage read into,
+        # it holds only this tensor (``torch.save`` of it writes its bytes, not the whole file).
+        storage = self._storage[entry.offset : entry.offset + entry.nbytes]
+        out = torch.empty(0, dtype=dtype).set_(storage, 0, shape, _strides(shape))
         self.made.append((entry, out))
         return out
 
