@@ -24,13 +24,11 @@ store is read as before, by ranged reads into allocated tensors.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Sequence
-
 import torch
 
 from ..storage.base import ObjectReader
 from ..storage.local_read import LocalObjectReader
-from .extent_read import PARALLEL_READ_BYTES
+from .extent_read import PARALLEL_READ_BYTES, RUNS_PER_THREAD, InTurn
 from .extents import CHUNK_BYTES, ChecksumError, checksum, run_parallel
 from .manifest import TensorEntry
 
@@ -87,19 +85,27 @@ class FileMapping:
         sizes = [self.made[i][0].nbytes for i in order]
         if sum(sizes) < PARALLEL_READ_BYTES:
             threads = 1  # starting threads would cost more than they save
-        parts = _split(order, sizes, max(1, threads))
-        run_parallel([lambda part=part: self._check(view, part) for part in parts], threads)
+        threads = max(1, threads)
+        parts = _split(order, sizes, threads * RUNS_PER_THREAD if threads > 1 else 1)
+        shared = InTurn(parts)  # taken in turn: a thread slowed by another process leaves more to the others
+        workers = min(threads, len(parts))
+        run_parallel([lambda: self._check(view, shared) for _ in range(workers)], workers)
 
-    def _check(self, view: memoryview, indices: Sequence[int]) -> int:
+    def _check(self, view: memoryview, parts: InTurn[list[int]]) -> int:
         done = 0
-        for i in indices:
-            entry = self.made[i][0]
-            for k, want in enumerate(entry.crc32c):
-                lo = entry.offset + k * CHUNK_BYTES
-                hi = entry.offset + min(entry.nbytes, (k + 1) * CHUNK_BYTES)
-                if checksum(view[lo:hi]) != want:
-                    raise ChecksumError(i, k)
-            done += entry.nbytes
+        try:
+            while (indices := parts.next()) is not None:
+                for i in indices:
+                    entry = self.made[i][0]
+                    for k, want in enumerate(entry.crc32c):
+                        lo = entry.offset + k * CHUNK_BYTES
+                        hi = entry.offset + min(entry.nbytes, (k + 1) * CHUNK_BYTES)
+                        if checksum(view[lo:hi]) != want:
+                            raise ChecksumError(i, k)
+                    done += entry.nbytes
+        except BaseException:
+            parts.failed = True  # the others stop after their current part
+            raise
         return done
 
 
