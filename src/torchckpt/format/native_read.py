@@ -4,7 +4,10 @@
 it checks size and header (``verification.py``), matches the template
 against the manifest's tree (``select.merge``), then reads every tensor's
 bytes in parallel straight into its target (``extent_read.read_extents``),
-chunk checksums checked as the bytes arrive.
+chunk checksums checked as the bytes arrive. A tensor the load creates (no
+template tensor) on the CPU from a local file is instead a view of one
+private mapping of the file (``mapped_read.FileMapping``), its chunks
+checked over the mapped bytes before any template tensor is written.
 """
 
 from __future__ import annotations
