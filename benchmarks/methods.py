@@ -16,6 +16,7 @@ much fresh memory as it needs is touched (see ``harness.prefault``).
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -228,6 +229,10 @@ class TorchSave(Block):
                                "peer", "load", n)  # fmt: skip
         self.mmap_cold = b.row("torch_load_mmap_cold", "torch.load(mmap=True) + copy_ into preallocated, cold",
                                "peer", "load", n)  # fmt: skip
+        self.touch_warm = b.row("torch_load_mmap_touch_warm", "torch.load(mmap=True) + touch every page, warm",
+                                "peer", "load", n)  # fmt: skip
+        self.touch_cold = b.row("torch_load_mmap_touch_cold", "torch.load(mmap=True) + touch every page, cold",
+                                "peer", "load", n)  # fmt: skip
         f = os.path.join(b.scratch, "warmup.pt")
         torch_save_durable(ctx.small, f)
         torch.load(f, weights_only=True)
@@ -248,7 +253,20 @@ class TorchSave(Block):
                       fresh_bytes=fresh)  # fmt: skip
             if verify:
                 b.check(row.key, state_equal(ctx.dst, ctx.sd))
+        for row, before in ((self.touch_warm, None), (self.touch_cold, b.drop)):
+            out = b.measure(row, lambda: touch_pages(torch.load(f, weights_only=True, mmap=True)), before=before)
+            if verify:
+                b.check(row.key, state_equal(out, ctx.sd))
+            del out
         remove(f)
+
+
+def touch_pages(sd: Any) -> Any:
+    """Read one byte of every page of every tensor of ``sd`` (a mapped load's bytes all read once); return ``sd``."""
+    for t in tensors(sd):
+        if t.numel():
+            t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
+    return sd
 
 
 # --------------------------------------------------------------------------- safetensors (tensors only)

@@ -9,6 +9,7 @@ median (min–max) of the per-round ratios::
     python benchmarks/probes.py stage         # DefaultStager.stage (two copy threads) vs a one-thread copy_ loop
     python benchmarks/probes.py hygiene       # copy_ right away vs after os.sync() + fresh memory (as saves are timed)
     python benchmarks/probes.py write --size-gib 4 --pairs 3   # sync native save vs pwritev + sync_file_range
+    python benchmarks/probes.py pickle --pairs 3   # torch.save of many small tensors vs its pickle's least cost
 """
 
 from __future__ import annotations
@@ -88,17 +89,28 @@ def probe_read(size: int, pairs: int, scratch: str) -> None:
                 while got < view.nbytes:
                     got += f.readinto(view[got:])
 
-    def ours() -> None:  # the loader's read of the bytes: through an ObjectReader, a handle per thread
-        with LocalObjectReader(os.open(file, os.O_RDONLY | os.O_CLOEXEC), file) as src:
-            extents = [Extent(e.offset, contiguous_bytes(b), list(e.crc32c)) for e, b in zip(entry.tensors, buffers)]
-            read_extents(src, extents, threads=2)
+    def reads(threads: int, verify: bool) -> Callable[[], None]:
+        def read() -> None:  # the loader's read of the bytes: through an ObjectReader, a handle per thread
+            with LocalObjectReader(os.open(file, os.O_RDONLY | os.O_CLOEXEC), file) as src:
+                extents = [Extent(e.offset, contiguous_bytes(b), list(e.crc32c) if verify else None)
+                           for e, b in zip(entry.tensors, buffers)]  # fmt: skip
+                read_extents(src, extents, threads=threads)
+
+        return read
+
+    ours = reads(2, True)
 
     plain()  # warm: the file is in the page cache
     print(f"{len(entry.tensors)} tensors, {entry.tensor_bytes / GIB:.2f} GiB, warm page cache")
     template = template_like(state)
     with _sync_checkpointer() as ck:
+        # What the verified load is made of on one core (another process on the other one): the copy alone,
+        # then the copy and the crc32c; and what the fresh load does instead (the file mapped, crc32c only).
         _compare(pairs, ("plain readinto", plain), ("read_extents (crc32c, 2 threads)", ours),
-                 ("torchckpt load into preallocated", lambda: ck.load(path, template)))  # fmt: skip
+                 ("read_extents (1 thread, no crc32c)", reads(1, False)),
+                 ("read_extents (crc32c, 1 thread)", reads(1, True)),
+                 ("torchckpt load into preallocated", lambda: ck.load(path, template)),
+                 ("torchckpt load, fresh (mapped)", lambda: ck.load(path)))  # fmt: skip
 
 
 def probe_bookkeeping(pairs: int, scratch: str) -> None:
@@ -177,9 +189,53 @@ def probe_write(size: int, pairs: int, scratch: str) -> None:
                  ("torchckpt sync save native", lambda: ck.save(ckpt, sd)), before=before)  # fmt: skip
 
 
+def probe_pickle(pairs: int) -> None:
+    """What bounds a writer of torch.save's format: ``torch.save`` of the many-small state (to memory) against
+    the least a Python writer of the same pickle must do (a ``pickle.Pickler`` whose ``reducer_override`` turns
+    each tensor into torch's ``_rebuild_tensor_v2`` call and whose ``persistent_id`` names its storage), no zip."""
+    import io
+    import pickle
+    from collections import OrderedDict
+
+    from torch._utils import _rebuild_tensor_v2
+    from workload import make_many_small
+
+    sd = make_many_small()
+    names = torch.storage._dtype_to_storage_type_map()
+
+    class Ref:
+        __slots__ = ("pid",)
+
+        def __init__(self, pid: tuple[object, ...]) -> None:
+            self.pid = pid
+
+    class Least(pickle.Pickler):
+        def __init__(self, f: io.BytesIO) -> None:
+            super().__init__(f, protocol=2)
+            self.refs: dict[int, Ref] = {}
+
+        def reducer_override(self, obj: object) -> object:
+            if type(obj) is not torch.Tensor:
+                return NotImplemented
+            st = obj.untyped_storage()
+            ref = self.refs.get(st.data_ptr())
+            if ref is None:
+                numel = st.nbytes() // obj.element_size()
+                pid = ("storage", getattr(torch, names[obj.dtype]), str(len(self.refs)), "cpu", numel)
+                ref = self.refs[st.data_ptr()] = Ref(pid)
+            args = (ref, obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.requires_grad, OrderedDict())
+            return (_rebuild_tensor_v2, args)
+
+        def persistent_id(self, obj: object) -> object:  # called for every object pickled
+            return obj.pid if type(obj) is Ref else None
+
+    _compare(pairs, ("torch.save to memory", lambda: torch.save(sd, io.BytesIO())),
+             ("pickle with the two hooks only", lambda: Least(io.BytesIO()).dump(sd)))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["read", "bookkeeping", "stage", "hygiene", "write"])
+    p.add_argument("probe", choices=["read", "bookkeeping", "stage", "hygiene", "write", "pickle"])
     p.add_argument("--size-gib", type=float, default=1.0, help="tensor bytes of the state, GiB (default 1)")
     p.add_argument("--pairs", type=int, default=9, help="interleaved rounds (default 9)")
     p.add_argument("--dir", default="/work/bench-scratch", help="scratch directory on the disk to measure")
@@ -197,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             probe_stage(size, args.pairs)
         elif args.probe == "hygiene":
             probe_hygiene(size, args.pairs)
+        elif args.probe == "pickle":
+            probe_pickle(args.pairs)
         else:
             probe_write(size, args.pairs, scratch)
     finally:

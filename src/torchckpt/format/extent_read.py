@@ -3,9 +3,12 @@
 Bytes go straight from the object into tensor memory (``read_into``, which
 is ``preadv`` for local files): no intermediate buffer holds a whole tensor.
 The extents are cut into runs of contiguous bytes, split into about equal
-parts in file order, and each part is read by a thread of its own through a
-handle of its own (:meth:`ObjectReader.reopen`): interleaved reads of one
-file description defeat the kernel's read-ahead on cold reads. Reads are at
+parts in file order, ``RUNS_PER_THREAD`` per thread; each thread reads
+through a handle of its own (:meth:`ObjectReader.reopen`: interleaved reads
+of one file description defeat the kernel's read-ahead on cold reads) and
+takes the next part in file order when it is done with one, so that a
+thread slowed by another process on its core (a shared machine) leaves
+more of the work to the others instead of holding the whole load back. Reads are at
 most ``READ_BYTES``, so each chunk's crc32c (see ``verification.py`` for the
 chunk rule) runs while its bytes are still in cache; ``preadv`` and crc32c
 release the GIL, so two threads keep both the disk and the checksum busy.
@@ -13,17 +16,23 @@ release the GIL, so two threads keep both the disk and the checksum busy.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from typing import Generic, TypeVar
 
 from ..storage.base import ObjectReader
 from .extents import IOV_MAX, ChecksumError, Extent, Piece, checksum, contiguous_batches, run_parallel
 
-__all__ = ["PARALLEL_READ_BYTES", "READ_BYTES", "read_extents"]
+__all__ = ["PARALLEL_READ_BYTES", "READ_BYTES", "RUNS_PER_THREAD", "InTurn", "read_extents"]
+
+T = TypeVar("T")
 
 #: Reads of fewer bytes in all run in the calling thread.
 PARALLEL_READ_BYTES = 8 * 1024 * 1024
 #: Largest single read: small enough that its checksum runs while the bytes are still in cache.
 READ_BYTES = 1024 * 1024
+#: Parts of the file per reading thread, taken in turn by whichever thread is free.
+RUNS_PER_THREAD = 4
 
 
 _Batch = tuple[int, list[Piece]]
@@ -103,13 +112,34 @@ def _split_in_order(batches: list[_Batch], parts: int) -> list[list[_Batch]]:
 
 
 
-def _read_run(src: ObjectReader, run: list[_Batch], expected: Sequence[list[int] | None], *, own: bool) -> int:
+class InTurn(Generic[T]):
+    """Parts of one job, handed out in order to whichever thread asks next; none once a thread has failed."""
+
+    def __init__(self, parts: Sequence[T]) -> None:
+        self._parts = iter(parts)
+        self._lock = threading.Lock()
+        self.failed = False
+
+    def next(self) -> T | None:
+        """The next part, or None when none is left or a thread failed."""
+        with self._lock:
+            return None if self.failed else next(self._parts, None)
+
+
+def _read_runs(src: ObjectReader, runs: InTurn[list[_Batch]], expected: Sequence[list[int] | None], *, own: bool) -> int:
+    """Read parts taken from ``runs`` until none is left (through a handle of its own when ``own``)."""
     handle = src.reopen() if own else src
+    total = 0
     try:
-        return sum(_BatchReader(handle, offset, pieces, expected).run() for offset, pieces in run)
+        while (run := runs.next()) is not None:
+            total += sum(_BatchReader(handle, offset, pieces, expected).run() for offset, pieces in run)
+    except BaseException:
+        runs.failed = True  # the others stop after their current part
+        raise
     finally:
         if handle is not src:
             handle.close()
+    return total
 
 
 def read_extents(src: ObjectReader, extents: Sequence[Extent], *, threads: int = 2) -> int:
@@ -135,6 +165,9 @@ def read_extents(src: ObjectReader, extents: Sequence[Extent], *, threads: int =
     expected = [e.crcs for e in extents]
     if sum(e.buffer.nbytes for e in extents) < PARALLEL_READ_BYTES:
         threads = 1  # starting threads and opening handles would cost more than they save
-    runs = _split_in_order(contiguous_batches(extents), max(1, threads))
-    jobs = [lambda run=run: _read_run(src, run, expected, own=len(runs) > 1) for run in runs]
-    return run_parallel(jobs, threads)
+    threads = max(1, threads)
+    runs = _split_in_order(contiguous_batches(extents), threads * RUNS_PER_THREAD if threads > 1 else 1)
+    workers = min(threads, len(runs))
+    shared = InTurn(runs)
+    jobs = [lambda: _read_runs(src, shared, expected, own=workers > 1) for _ in range(workers)]
+    return run_parallel(jobs, workers)

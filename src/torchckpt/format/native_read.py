@@ -4,7 +4,10 @@
 it checks size and header (``verification.py``), matches the template
 against the manifest's tree (``select.merge``), then reads every tensor's
 bytes in parallel straight into its target (``extent_read.read_extents``),
-chunk checksums checked as the bytes arrive.
+chunk checksums checked as the bytes arrive. A tensor the load creates (no
+template tensor) on the CPU from a local file is instead a view of one
+private mapping of the file (``mapped_read.FileMapping``), its chunks
+checked over the mapped bytes before any template tensor is written.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .extents import ChecksumError, Extent
 from .dtypes import dtype_from_name
 from .extent_read import read_extents
 from .gcpause import paused_gc
+from .mapped_read import FileMapping
 from .manifest import Manifest, RankEntry, TensorEntry
 from .native import contiguous_bytes
 from .select import check_fits, merge
@@ -67,9 +71,14 @@ class ShardedRef:
 class _Loads:
     """Collects which tensors to read and where to put them."""
 
-    def __init__(self, entry: RankEntry, map_location: Any, where: str, sharded: ShardedLoads | None) -> None:
+    def __init__(
+        self, entry: RankEntry, map_location: Any, where: str, sharded: ShardedLoads | None,
+        map_source: ObjectReader | None = None,
+    ) -> None:  # fmt: skip
         self.entry = entry
         self.sharded = sharded
+        self.map_source = map_source  # the rank file, mapped on the first fresh CPU tensor (None: never)
+        self.mapping: FileMapping | None = None
         self.map_location = map_location
         self.where = where
         self.fresh: dict[int, torch.Tensor] = {}
@@ -93,8 +102,13 @@ class _Loads:
         if target is None:
             if ref.index not in self.fresh:
                 device = resolve_device(e.device, self.map_location)
-                self.fresh[ref.index] = torch.empty(e.shape, dtype=dtype, device=device)
-                self.targets.append((ref.index, self.fresh[ref.index]))
+                # A tensor another checkpoint's file holds (``ref``) is read from there, never mapped from this one.
+                mapped = self.mapped(e, dtype) if device.type == "cpu" and e.ref is None else None
+                if mapped is not None:
+                    self.fresh[ref.index] = mapped  # checked by FileMapping.verify, not read
+                else:
+                    self.fresh[ref.index] = torch.empty(e.shape, dtype=dtype, device=device)
+                    self.targets.append((ref.index, self.fresh[ref.index]))
             return self.fresh[ref.index]
         check_fits(target, dtype, e.shape, key, self.where)
         mark = (ref.index, target.data_ptr() if target.numel() else id(target))
@@ -103,6 +117,13 @@ class _Loads:
             self.targets.append((ref.index, target))
         return target
 
+
+    def mapped(self, e: TensorEntry, dtype: torch.dtype) -> torch.Tensor | None:
+        """A fresh CPU tensor viewing the mapped rank file (see ``mapped_read.py``), or None: allocate and read it."""
+        if self.mapping is None and self.map_source is not None:
+            self.mapping = FileMapping.open(self.map_source)
+            self.map_source = None
+        return self.mapping.tensor(e, dtype) if self.mapping is not None else None
 
     def global_tensor(self, ref: TensorRef | ShardedRef, target: torch.Tensor | None, key: str) -> torch.Tensor:
         """A sharded tensor, or a plain one loaded into a ``DTensor``: planned by :class:`ShardedLoads`."""
@@ -181,7 +202,7 @@ def read_native(
             manifest, open_rank, entry_of=entry_of or (lambda r: manifest.ranks[r]), map_location=map_location,
             resolve_device=resolve_device, where=where,
         )  # fmt: skip
-    loads = _Loads(entry, map_location, where, sharded)
+    loads = _Loads(entry, map_location, where, sharded, map_source=src)
     result, missing, commit = merge(
         template,
         source,
@@ -217,12 +238,23 @@ def _execute(
     threads: int,
     open_ref: Callable[[int], tuple[ObjectReader, str]] | None = None,
 ) -> int:
+    nbytes = 0
+    if loads.mapping is not None:
+        # First, so that a corrupt chunk there leaves the template's tensors untouched.
+        made = loads.mapping.made
+        if verify:
+            try:
+                loads.mapping.verify(threads)
+            except ChecksumError as err:
+                raise read_error(err, where, loads.entry.file, [e.name for e, _ in made], "the template is untouched") from err
+        nbytes += sum(e.nbytes for e, _ in made)
     by_source: dict[int | None, list[tuple[int, torch.Tensor]]] = {}
     for index, target in loads.targets:
         by_source.setdefault(loads.entry.tensors[index].ref, []).append((index, target))
     if list(by_source) == [None]:
-        return _read_targets(src, loads, loads.targets, verify=verify, where=where, file=loads.entry.file, threads=threads)
-    nbytes = 0
+        return nbytes + _read_targets(
+            src, loads, loads.targets, verify=verify, where=where, file=loads.entry.file, threads=threads
+        )
     for k, targets in by_source.items():
         if k is None:
             nbytes += _read_targets(src, loads, targets, verify=verify, where=where, file=loads.entry.file, threads=threads)

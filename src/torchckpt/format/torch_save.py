@@ -15,6 +15,7 @@ it. That part is local-only: a reader without a file descriptor is refused.
 from __future__ import annotations
 
 import codecs
+import logging
 import errno
 import io
 import os
@@ -32,8 +33,11 @@ from .extents import checksum
 from .gcpause import paused_gc
 from .bounds import check_loaded, check_zip_records
 from .select import check_fits, merge
+from .torch_save_read import Unsupported, cpu_only, load_mapped
 
 __all__ = ["load_torch_save", "rank_file_name", "save_torch_save", "unpickle_rank_file"]
+
+logger = logging.getLogger(__name__)
 
 
 def rank_file_name(rank: int) -> str:
@@ -233,8 +237,13 @@ def unpickle_rank_file(
     is_zip = src.read(0, 4) == _ZIP_MAGIC
     if is_zip:
         check_zip_records(fd, size, where=where, file=file)
+    # Weights only, to the CPU: the fast reader first (tensors mapped); what it does not admit goes to torch.load.
+    fast = by_path and is_zip and not allow_pickle and cpu_only(map_location)
     try:
-        if by_path:
+        loaded = _load_fast(fd, proc_path, size) if fast else _NOT_LOADED
+        if loaded is not _NOT_LOADED:
+            pass
+        elif by_path:
             # By name (the same open file): torch reads the archive in C++, faster than through a file object.
             loaded = torch.load(
                 proc_path, map_location=map_location, weights_only=not allow_pickle, mmap=mmap and is_zip
@@ -248,6 +257,18 @@ def unpickle_rank_file(
         raise CorruptCheckpointError(f"corrupt checkpoint {where}: cannot read {file}: {e}", path=where, file=file) from e
     check_loaded(loaded, file_size=size, where=where, file=file)
     return loaded
+
+
+_NOT_LOADED = object()
+
+
+def _load_fast(fd: int, proc_path: str, size: int) -> Any:
+    """The file through the fast reader (``torch_save_read.py``), or ``_NOT_LOADED`` where it needs ``torch.load``."""
+    try:
+        return load_mapped(fd, proc_path, size)
+    except Unsupported as e:
+        logger.debug("%s: read by torch.load (%s)", proc_path, e)
+        return _NOT_LOADED
 
 
 def _unpickling_error(e: pickle.UnpicklingError, where: str, file: str) -> CheckpointError:
