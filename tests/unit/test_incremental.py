@@ -273,3 +273,20 @@ def test_without_incremental_nothing_is_referenced(tmp_path) -> None:
         m.save(2, _state(2, frozen))
         m.save(3, _state(3, frozen))
     assert _size(root, 2) == _size(root, 0) and _size(root, 3) == 4096 + 3 * TRAIN * 4
+
+
+def test_a_fresh_load_reads_a_referenced_tensor_from_its_own_file_where_offsets_overlap(tmp_path) -> None:
+    # "small" is unchanged and lies at the same offset in step 0's file as the changed "big" in step 1's:
+    # a fresh load must read it from step 0's file, never view step 1's bytes at that offset.
+    root = str(tmp_path)
+    small = torch.arange(256, dtype=torch.float64)
+    states = [{"small": small, "big": torch.full((8192,), float(step), dtype=torch.float32)} for step in range(2)]
+    with _manager(root) as m:
+        for step in range(2):
+            m.save(step, states[step])
+    entry = read_manifest(os.path.join(root, "step_0000000001")).ranks[0]
+    by_name = {t.name: t for t in entry.tensors}
+    assert by_name["small"].ref == 0 and by_name["big"].ref is None
+    assert by_name["small"].offset == by_name["big"].offset == 4096  # the same place in two files
+    loaded = _load(root, 1)
+    assert torch.equal(loaded["small"], small) and torch.equal(loaded["big"], states[1]["big"])
