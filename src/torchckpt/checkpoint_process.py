@@ -26,7 +26,11 @@ multiprocessing reductions, which
 pass a shared storage's file descriptor (a staged state dict lives in one
 shared arena, :mod:`torchckpt.shm`) and move any other tensor into shared
 memory first. The subprocess keeps the last mapping, so a reused arena is not
-mapped again. Every wait has a limit: the subprocess start
+mapped again; :meth:`CheckpointProcess.warmup` hands it the arena before the
+first save (a ``WARMUP`` request), so that even the first is not. The
+subprocess starts when this object is made; ``write_staged`` never waits for
+it in the caller's thread (the write's background thread does), ``write``
+does, as the reference's does. Every wait has a limit: the subprocess start
 (``subprocess_init_timeout_secs``; a writer that dies while starting fails it
 at once, naming its exit code or signal), each write (``write_timeout_secs``),
 and the shutdown (``subprocess_shutdown_timeout_secs``, then it is killed). A

@@ -26,6 +26,8 @@ Start-up, in order:
    failure up to here, and in the init functions, is sent back as the answer
    to the parent's first ``PING``.
 4. Requests are served until ``TERMINATE_PROCESS`` or the end of the pipe.
+   ``WARMUP`` carries the staging arena: it is mapped, each page read once,
+   and kept (as the last write's state is kept), so the first write finds it mapped.
    A write goes to torchckpt's own ``CheckpointWriter`` whole
    (``write_staged``: the staged state as it came, flattened or not, with the
    save's number and figures); a user's writer (any other writer object, or a
