@@ -143,6 +143,7 @@ def _hanging_checkpointer(tmp_path) -> tuple[tc.AsyncCheckpointer, str]:
 
 
 def _kill_the_writer_mid_write(ckpt: tc.AsyncCheckpointer, reached: str) -> None:
+    ckpt._checkpoint_process.process_creation_future.result(timeout=SCRIPT_TIMEOUT_S)  # a save does not wait for it
     child = ckpt._checkpoint_process.process.processes[0]
     at.wait_for_file(reached, SCRIPT_TIMEOUT_S, child.is_alive)
     os.kill(child.pid, signal.SIGKILL)
