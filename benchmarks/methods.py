@@ -685,8 +685,42 @@ class TorchckptAsync(_AsyncCheckpointerBlock):
     def make(self) -> Any:
         return tc.make_async_checkpointer(tc_config(self.fmt))
 
+    def setup(self, b: Bench, ctx: Ctx) -> None:
+        super().setup(b, ctx)
+        if self.fmt == "native":
+            n = ctx.nbytes
+            self.first = b.row(f"{self.key}_first", f"torchckpt async {self.fmt}, first save right after make",
+                               "torchckpt", "save", n, notes="a fresh checkpointer each time: writer start, staging "
+                               "allocation; stall and durable from the save call")  # fmt: skip
+            self.first_warm = b.row(f"{self.key}_first_warm", f"torchckpt async {self.fmt}, first save after warmup(sd)",
+                                    "torchckpt", "save", n, notes="a fresh checkpointer each time, warmup(sd) untimed; "
+                                    "stall and durable from the save call")  # fmt: skip
+
+    def _first_save(self, p: str, sd: Any, warmup: bool) -> tuple[None, dict[str, Any]]:
+        """A fresh checkpointer's first save (after ``warmup(sd)`` or right after it is made): from the save call."""
+        ck = self.make()
+        try:
+            if warmup:
+                ck.warmup(sd)
+            t0 = time.perf_counter()
+            stage, write = ck.save(p, sd)
+            stage.result()
+            stall = time.perf_counter() - t0
+            write.result()
+            durable = time.perf_counter() - t0
+        finally:
+            ck.close()
+        return None, figures(stall_s=stall, durable_s=durable)
+
     def run(self, b: Bench, ctx: Ctx, verify: bool) -> None:
         super().run(b, ctx, False)
+        if self.fmt == "native":
+            for row, warm in ((self.first, False), (self.first_warm, True)):
+                p = b.path(row.key)
+                # Fresh memory for the staging arena, and as much again for the writer's start.
+                b.measure(row, lambda p=p, w=warm: self._first_save(p, ctx.sd, w), before=b.sync,
+                          fresh_bytes=2 * ctx.nbytes)  # fmt: skip
+                remove(p)
         if verify:
             # The checkpoint the async path wrote loads back bit-identically.
             p = b.path(self.key + "-check")

@@ -117,6 +117,8 @@ TARGETS: list[Target] = [
     ("sync save native: throughput / torch.save+fsync", lambda s: _ratio(_t(s, "torch_save"), _t(s, "tc_native_save")), 1.5, "ge"),
     ("sync save native: throughput / DCP save", lambda s: _ratio(_t(s, "dcp_save"), _t(s, "tc_native_save")), 2.0, "ge"),
     ("async native, 2nd+ save: stall / copy_", lambda s: _ratio(_t(s, "tc_async_native", "stall"), _t(s, "copy")), 1.1, "le"),
+    ("async native, first save after warmup: stall / copy_",
+     lambda s: _ratio(_t(s, "tc_async_native_first_warm", "stall"), _t(s, "copy")), 1.5, "le"),
     ("async torch_save, 2nd+ save: stall / copy_", lambda s: _ratio(_t(s, "tc_async_torch_save", "stall"), _t(s, "copy")), 1.1, "le"),
     ("async native: stall / DCP async_save stall (faster executor)", lambda s: _ratio(
         _t(s, "tc_async_native", "stall"), _min(_t(s, "dcp_async_thread", "stall"), _t(s, "dcp_async_process", "stall"))),
@@ -188,6 +190,9 @@ RATIOS: list[tuple[str, Callable[[dict[str, Any]], float | None]]] = [
     ("sync save torch_save format: throughput / DCP save", _tput("tc_torch_save_save", "dcp_save")),
     ("async torch_save: save-to-durable / (copy_ + plain write+fsync)",
      lambda s: _ratio(_t(s, "tc_async_torch_save"), _sum(_t(s, "copy"), _t(s, "write")))),
+    ("async native, first save right after make: stall / copy_", _time("tc_async_native_first", "copy", "stall")),
+    ("async native, first save after warmup: save-to-durable / 2nd+ save's",
+     lambda s: _ratio(_t(s, "tc_async_native_first_warm"), _t(s, "tc_async_native"))),
     ("async native: stall / reference async stall", lambda s: _ratio(_t(s, "tc_async_native", "stall"),
                                                                      _t(s, "reference_async", "stall"))),
     ("DCP async_save thread: stall / copy_", _time("dcp_async_thread", "copy", "stall")),

@@ -26,7 +26,11 @@ multiprocessing reductions, which
 pass a shared storage's file descriptor (a staged state dict lives in one
 shared arena, :mod:`torchckpt.shm`) and move any other tensor into shared
 memory first. The subprocess keeps the last mapping, so a reused arena is not
-mapped again. Every wait has a limit: the subprocess start
+mapped again; :meth:`CheckpointProcess.warmup` hands it the arena before the
+first save (a ``WARMUP`` request), so that even the first is not. The
+subprocess starts when this object is made; ``write_staged`` never waits for
+it in the caller's thread (the write's background thread does), ``write``
+does, as the reference's does. Every wait has a limit: the subprocess start
 (``subprocess_init_timeout_secs``; a writer that dies while starting fails it
 at once, naming its exit code or signal), each write (``write_timeout_secs``),
 and the shutdown (``subprocess_shutdown_timeout_secs``, then it is killed). A
@@ -46,9 +50,12 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from multiprocessing.connection import Connection, wait
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .checkpoint_writer import CheckpointWriter
 from .config import CheckpointProcessConfig
@@ -71,6 +78,8 @@ logger = logging.getLogger(__name__)
 
 _DIED = "Child process terminated unexpectedly"
 _WHERE = "the writer's own messages, if any, are on this process's standard error"
+#: Added to the init timeout where a wait covers a start that is itself bounded by it.
+_GRACE_S = 30.0
 
 
 class _RemoteTraceback(Exception):
@@ -321,6 +330,52 @@ class CheckpointProcess:
 
     # -- writing ---------------------------------------------------------
 
+    def warmup(self, staging: torch.Tensor | None = None) -> None:
+        """Wait until the writer subprocess has started; with ``staging``, have it map that memory now.
+
+        ``AsyncCheckpointer.warmup`` calls it with the staging arena (one
+        ``uint8`` tensor over its whole shared storage): the writer maps it,
+        touches every page of the mapping and keeps it, so that the first
+        save's request finds it mapped (as every later save does). Waits at
+        most ``subprocess_init_timeout_secs`` for the start and as long again
+        for the answer; call it when no write is in flight.
+
+        Raises:
+            WriterProcessError: Closed, or the writer died (its pid and exit status named).
+            TimeoutError: The writer did not start, or did not answer, in time.
+            Exception: The writer's start failed: that error (an init function's, a pickling error).
+        """
+        rank = self._rank_info.global_rank
+        if self._closed:
+            raise WriterProcessError(f"warmup of the checkpoint writer of rank {rank} after close")
+        timeout = self._config.subprocess_init_timeout_secs
+        # A TimeoutError raised by the start itself is the start's error: only a wait that ran out is ours.
+        if not futures_wait([self.process_creation_future], timeout=timeout + _GRACE_S).done:
+            raise TimeoutError(f"Timed out after {timeout}s waiting for the checkpoint writer of rank {rank} to start")
+        self.process_creation_future.result()
+        if staging is None:
+            return
+        warmed = self._executor.submit(self._warm, staging, timeout)
+        if not futures_wait([warmed], timeout=2 * timeout + _GRACE_S).done:
+            raise TimeoutError(
+                f"Timed out after {timeout}s waiting for the checkpoint writer of rank {rank} to map staging memory"
+            )
+        warmed.result()
+
+    def _warm(self, staging: torch.Tensor, timeout: float) -> None:
+        if self._killed:
+            raise WriterProcessError(f"{_killed_message(self._rank_info)}: warmup abandoned")
+        if not self._alive() and not (self._parent_end is not None and self._parent_end.closed):
+            self._respawn()
+        data, _ = self._encode(WorkerRequest(RequestType.WARMUP, {"staging": staging}))
+        self._send_bytes(RequestType.WARMUP, data)
+        if not self._await_response(timeout, during="warmup"):
+            pid = self._pid()
+            self._stop_subprocess()
+            self._broken = True
+            raise TimeoutError(f"checkpoint writer subprocess (pid {pid}) did not map the staging memory in {timeout}s")
+        self._recv(during="warmup")
+
     def write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> Future[None]:
         """Write a (staged) state dict in the subprocess.
 
@@ -332,6 +387,8 @@ class CheckpointProcess:
         Returns:
             A future that completes when the checkpoint is committed, or holds the error.
         """
+        # The reference's contract: the writer has started (or its start failed) when this returns.
+        self.process_creation_future.result()
         return self.write_staged(state_dict, path, **kwargs)
 
     def write_staged(
@@ -346,9 +403,11 @@ class CheckpointProcess:
 
         ``AsyncCheckpointer.save`` calls it with ``DefaultStager.stage_flattened``'s
         result as soon as staging has started. Call order: the save is numbered
-        here, in the calling thread; a background thread then waits for the
-        staged state, sends it to the writer and waits for the commit. Writes
-        run one at a time, in the order of the calls.
+        here, in the calling thread, which never waits for the writer to start;
+        a background thread then waits for the start (bounded by
+        ``subprocess_init_timeout_secs``; a failed start fails the returned
+        future with its error), for the staged state, sends it to the writer
+        and waits for the commit. Writes run one at a time, in the order of the calls.
 
         Args:
             staged: A state dict or a :class:`~torchckpt.format.tree.Flattened`, or a future of either.
@@ -360,13 +419,14 @@ class CheckpointProcess:
         Returns:
             A future that completes when the checkpoint is committed, or holds the error.
         """
-        self.process_creation_future.result()
         # Numbered here, in the training process, so a replaced writer keeps counting with the other ranks.
         request = _WriteRequest(os.fspath(path), kwargs, self._writes, save_called_at)
         self._writes += 1
         return self._executor.submit(self._write, staged, request)
 
     def _write(self, staged: Any, request: _WriteRequest) -> None:
+        # Ran before this on the same one-thread executor: done, and bounded by the init timeout.
+        self.process_creation_future.result()
         state = staged.result() if isinstance(staged, Future) else staged
         path = request.path
         payload = {

@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 from .checkpoint_process import CheckpointProcess
 from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import CheckpointWriter, check_metadata
-from .errors import MissingKeysError
+from .errors import MissingKeysError, WriterProcessError
 from .format.tree import STACK_FRAMES_NEEDED
 from .keywords import READ_KEYWORDS, WRITE_KEYWORDS, check_keywords
 from .staging import DefaultStager
@@ -212,6 +212,39 @@ class AsyncCheckpointer(Checkpointer):
         self._reader = reader
         self._hook_keywords = hook_keywords
         self._write_future: _WriteFuture | None = None
+        self._closed = False
+
+    def warmup(self, state_dict: STATE_DICT) -> None:
+        """Get ready for a fast first save of states structured like ``state_dict``; returns nothing.
+
+        Waits for the writer subprocess to start (it starts when the
+        checkpointer is made; at most ``subprocess_init_timeout_secs``),
+        allocates the staging memory for ``state_dict``'s structure (keys,
+        shapes, dtypes: nothing is copied) and writes each of its pages once,
+        and has the writer map it, so that the first ``save`` stalls about as
+        long as a ``copy_`` of the state, like every later one. The memory is
+        held until ``close``: one staging copy of the state's tensor bytes, in
+        shared memory that the writer maps too (counted once), as after any
+        first save. Without it, the first save does all this itself. A save of
+        another structure still works (it re-lays or reallocates the memory).
+        Waits for the previous save's write first.
+
+        Raises:
+            WriterProcessError: After ``close``, or the writer died while starting.
+            TimeoutError: The writer did not start in time.
+            Exception: The writer's start failed: its error (an init function's).
+        """
+        if self._closed:
+            raise WriterProcessError(
+                "AsyncCheckpointer.warmup after close: the writer is stopped and the staging memory freed"
+            )
+        self._raise_unseen_error()
+        staging = None
+        if isinstance(self._checkpoint_stager, DefaultStager):
+            # Flattening walks the state once per level: run it where that fits.
+            staging = call_with_stack(STACK_FRAMES_NEEDED, self._checkpoint_stager.warmup, state_dict)
+        if isinstance(self._checkpoint_process, CheckpointProcess):
+            self._checkpoint_process.warmup(staging)
 
     def _raise_unseen_error(self) -> None:
         previous, self._write_future = self._write_future, None
@@ -300,6 +333,7 @@ class AsyncCheckpointer(Checkpointer):
 
     def close(self) -> None:
         """Wait for the last write, stop the writer and free staging memory; raise an unseen write error."""
+        self._closed = True
         try:
             self._raise_unseen_error()
         finally:

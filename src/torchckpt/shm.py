@@ -55,6 +55,14 @@ class SharedArena:
         raw = torch.empty(0, dtype=torch.uint8).set_(self.storage, offset, (nbytes,), (1,))
         return raw.view(dtype).view(shape)
 
+    def as_bytes(self) -> torch.Tensor:
+        """The whole arena as one ``uint8`` tensor (what the writer subprocess is handed to map it)."""
+        return torch.empty(0, dtype=torch.uint8).set_(self.storage, 0, (self.storage.nbytes(),), (1,))
+
+    def touch(self) -> None:
+        """Write every page of the arena once, so that the first copy into it takes no page faults."""
+        self.storage.fill_(0)
+
     def close(self) -> None:
         """Drop the arena's own reference (the memory goes when the last view does)."""
         if self.pinned:

@@ -172,6 +172,25 @@ class _StateDictStager:
                 other.result()  # never return (or raise) while the other half is still copying
         return dataclasses.replace(flat, tensors=list(staged))
 
+    @paused_gc()
+    def warmup(self, state_dict: STATE_DICT) -> torch.Tensor | None:
+        """Allocate and touch the staging memory of ``state_dict``'s structure; the arena as bytes, or None."""
+        flat = flatten(state_dict, allow_pickle=True)
+        if self._buffers is None or self._buffers.signature != self._signature(flat):
+            old = self._buffers
+            self._buffers = self._allocate(flat)
+            arena = self._buffers.arena
+            if arena is not None and (old is None or old.arena is not arena):
+                arena.touch()
+            elif arena is None:
+                kept = {id(t) for t in old.tensors} if old is not None else set()
+                for t in self._buffers.tensors:
+                    if id(t) not in kept:
+                        t.zero_()
+        self._helper(sum(t.nbytes for t in flat.tensors))  # the copy thread, started now
+        arena = self._buffers.arena
+        return arena.as_bytes() if arena is not None else None
+
     def _helper(self, nbytes: int) -> ThreadPoolExecutor | None:
         """The thread that copies half of a large host state (None: copy in one thread)."""
         if nbytes < PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2:
@@ -241,6 +260,25 @@ class DefaultStager(CheckpointStager):
                 state, a value that does not pickle), here or from the future.
         """
         return self._submit(lambda flat: flat, state_dict)
+
+    def warmup(self, state_dict: STATE_DICT) -> torch.Tensor | None:
+        """Make the staging memory of ``state_dict``'s structure ready before the first ``stage``.
+
+        Allocates what the first ``stage`` of a state of that structure (keys,
+        shapes, dtypes) would allocate, writes every page of it once (so the
+        first copy takes no page faults) and starts the staging and copy
+        threads. Nothing is copied. A later ``stage`` of the same structure
+        copies into this memory; of another structure, it re-lays or
+        reallocates as ``stage`` always does. Holds one staging copy of the
+        state (its tensor bytes, 64-byte aligned), as the first ``stage`` would.
+
+        Returns:
+            With shared memory, the arena as one ``uint8`` tensor (to hand to
+            the writer subprocess, ``CheckpointProcess.warmup``); else None.
+        """
+        if self._staging_executor is not None:
+            return self._staging_executor.submit(self._state_dict_stager.warmup, state_dict).result()
+        return self._state_dict_stager.warmup(state_dict)
 
     def _submit(self, result: Callable[[Flattened], Any], state_dict: STATE_DICT) -> Any:
         compute_event = None

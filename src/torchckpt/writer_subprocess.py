@@ -26,6 +26,8 @@ Start-up, in order:
    failure up to here, and in the init functions, is sent back as the answer
    to the parent's first ``PING``.
 4. Requests are served until ``TERMINATE_PROCESS`` or the end of the pipe.
+   ``WARMUP`` carries the staging arena: it is mapped, each page read once,
+   and kept (as the last write's state is kept), so the first write finds it mapped.
    A write goes to torchckpt's own ``CheckpointWriter`` whole
    (``write_staged``: the staged state as it came, flattened or not, with the
    save's number and figures); a user's writer (any other writer object, or a
@@ -70,6 +72,7 @@ __all__ = [
     "in_writer_subprocess",
     "main",
     "own_storages",
+    "touch_pages",
     "watch_parent",
 ]
 
@@ -80,6 +83,7 @@ PARENT_PID = "torchckpt_parent_pid"
 SHARING_STRATEGY = "torchckpt_sharing_strategy"
 
 _IN_WRITER = False
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 def in_writer_subprocess() -> bool:
@@ -91,6 +95,7 @@ class RequestType(Enum):
     """Kinds of message to the writer subprocess."""
 
     PING = "ping"
+    WARMUP = "warmup"
     WRITE_CHECKPOINT = "write_checkpoint"
     TERMINATE_PROCESS = "exit"
 
@@ -228,6 +233,9 @@ class WriterLoop:
         try:
             if request.request_type == RequestType.PING:
                 self.pipe.send(WorkerResponse(RequestType.PING, success=True))
+            elif request.request_type == RequestType.WARMUP:
+                self.keep_alive = touch_pages(request.payload["staging"])
+                self.pipe.send(WorkerResponse(RequestType.WARMUP, success=True))
             elif request.request_type == RequestType.WRITE_CHECKPOINT:
                 self._write(writer, request.payload)
                 self.pipe.send(WorkerResponse(RequestType.WRITE_CHECKPOINT, success=True))
@@ -277,6 +285,14 @@ class WriterLoop:
         else:
             state_dict = own_storages(state)
         writer.write(path=path, state_dict=state_dict, **kwargs)
+
+
+def touch_pages(staging: torch.Tensor) -> torch.Tensor:
+    """Read one byte of every page of ``staging`` (a mapped arena), so that writes from it take no page faults."""
+    flat = staging.view(-1).view(torch.uint8) if staging.numel() else staging
+    if flat.numel():
+        flat[:: _PAGE_BYTES].sum()
+    return staging
 
 
 def own_storages(obj: Any, memo: dict[int, Any] | None = None) -> Any:

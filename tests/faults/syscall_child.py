@@ -34,6 +34,7 @@ def main() -> None:
     try:
         futures = ck.save(path, sd)
         if futures is not None:
+            ck._checkpoint_process.process_creation_future.result(timeout=120)  # type: ignore[attr-defined]
             pids.append(ck._checkpoint_process.process.processes[0].pid)  # type: ignore[attr-defined]
             futures[0].result(timeout=120)
             futures[1].result(timeout=120)

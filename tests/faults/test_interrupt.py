@@ -37,6 +37,7 @@ from torchckpt.errors import WriterProcessError
 if __name__ == "__main__":  # (not needed any more; kept so that this tests only the interrupt)
     with tc.CheckpointManager(sys.argv[1], format="torch_save") as mgr:
         mgr.save(1, {"w": torch.ones(32 << 20), "step": 1})
+        mgr.checkpointer._checkpoint_process.process_creation_future.result(timeout=120)  # a save does not wait for it
         print("WRITER", mgr.checkpointer._checkpoint_process.process.processes[0].pid, flush=True)
         if sys.argv[2] == "interrupt":
             time.sleep(120)
@@ -51,6 +52,7 @@ from torchckpt.errors import WriterProcessError
 if __name__ == "__main__":
     ckpt = tc.make_async_checkpointer()
     ckpt.save(os.path.join(sys.argv[1], "step_0000000001"), {"w": torch.ones(32 << 20), "step": 1})
+    ckpt._checkpoint_process.process_creation_future.result(timeout=120)  # a save does not wait for it
     print("WRITER", ckpt._checkpoint_process.process.processes[0].pid, flush=True)
     if sys.argv[2] == "interrupt":
         time.sleep(120)
@@ -141,6 +143,7 @@ def _hanging_checkpointer(tmp_path) -> tuple[tc.AsyncCheckpointer, str]:
 
 
 def _kill_the_writer_mid_write(ckpt: tc.AsyncCheckpointer, reached: str) -> None:
+    ckpt._checkpoint_process.process_creation_future.result(timeout=SCRIPT_TIMEOUT_S)  # a save does not wait for it
     child = ckpt._checkpoint_process.process.processes[0]
     at.wait_for_file(reached, SCRIPT_TIMEOUT_S, child.is_alive)
     os.kill(child.pid, signal.SIGKILL)

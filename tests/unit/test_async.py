@@ -83,6 +83,8 @@ def async_ckpt(fmt: str | None = None, **kw) -> tc.AsyncCheckpointer:
 
 
 def writer_pid(ckpt: tc.AsyncCheckpointer) -> int:
+    # A save does not wait for the writer to start: its pid is known once the start is done.
+    ckpt._checkpoint_process.process_creation_future.result(timeout=WAIT_S)
     return ckpt._checkpoint_process.process.processes[0].pid
 
 
