@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .agreement import Agreement, run_collective
 from .barriers import Barrier
 from .config import CheckpointFormat, CheckpointWriterConfig
-from .errors import CheckpointIOError, ConfigError, CorruptCheckpointError, StateDictMismatchError
+from .errors import CheckpointIOError, ConfigError, StateDictMismatchError
 from .format.gcpause import paused_gc
 from .format.manifest import MANIFEST_NAME, RankEntry, is_format_file
 from .format.fields import ManifestError
@@ -348,7 +348,6 @@ class CheckpointWriter:
     ) -> None:
         """Steps 4-5: the barrier and every rank's agreement, then the coordinator's commit."""
         rank = self._rank_info.global_rank
-        world = self._rank_info.global_world_size
         barrier = self._barrier.execute_barrier if self._barrier is not None else None
 
         def do_commit() -> None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-import torch
 
 from ..utils import call_with_stack
 from .dtypes import ITEMSIZE as _ITEMSIZE

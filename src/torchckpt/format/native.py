@@ -42,6 +42,7 @@ from . import extents
 from .dtypes import dtype_name, safetensors_name
 from .extents import CHUNK_BYTES, Extent, Piece, checksum, chunk_count, contiguous_batches, run_parallel
 from .manifest import RankEntry, TensorEntry
+from .shards import ShardedEntry
 from .refs import RankRef
 from .tree import Flattened
 

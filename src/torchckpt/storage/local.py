@@ -43,7 +43,6 @@ passes the marker's name to :meth:`LocalStorage.begin_save` and the
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from .local_dirs import previous_generation
 from .local_read import LocalGeneration
