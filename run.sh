@@ -16,7 +16,7 @@ setup() {
   if ! $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
     $PY -m pip install -q "torch==2.13.0"
   fi
-  if ! $PY -c "import torchckpt, pytest, hypothesis, safetensors, pytest_timeout, obstore, moto.server" 2>/dev/null; then
+  if ! $PY -c "import torchckpt, pytest, hypothesis, safetensors, pytest_timeout, obstore, moto.server, xxhash" 2>/dev/null; then
     $PY -m pip install -q -e ".[test]"
   fi
 }
