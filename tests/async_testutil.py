@@ -15,6 +15,7 @@ runs the init functions again).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 from pathlib import Path
@@ -294,3 +295,15 @@ def marking_writer_init(rank_info: tc.RankInfo, out_file: str) -> MarkingWriter:
 def fail_start(message: str) -> None:
     """``subprocess_init_fn``: the writer's initialisation raises ``RuntimeError(message)``."""
     raise RuntimeError(message)
+
+
+def writer_process(ckpt: tc.AsyncCheckpointer, timeout: float = 120.0) -> Any:
+    """The writer subprocess of ``ckpt`` (a ``multiprocessing`` process).
+
+    A save does not wait for the writer to start: this waits (up to ``timeout``
+    seconds) for the start that the first save or ``warmup`` began. A start
+    that failed still has its process: the caller checks it is no longer alive.
+    """
+    process = ckpt._checkpoint_process
+    concurrent.futures.wait([process.process_creation_future], timeout=timeout)
+    return process.process.processes[0]

@@ -61,7 +61,7 @@ def test_writer_killed_during_an_incremental_save(tmp_path) -> None:
             with open(arm, "w") as f:
                 json.dump({"point": point, "threshold": 1 << 16}, f)
             handle = m.save(step, _state(step, frozen))
-            proc = ck._checkpoint_process.process.processes[0]
+            proc = at.writer_process(ck, WAIT_S)
             at.wait_for_file(reached, WAIT_S, proc.is_alive)
             with open(reached) as f:
                 assert json.load(f)["point"] == point

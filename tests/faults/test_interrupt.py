@@ -143,8 +143,7 @@ def _hanging_checkpointer(tmp_path) -> tuple[tc.AsyncCheckpointer, str]:
 
 
 def _kill_the_writer_mid_write(ckpt: tc.AsyncCheckpointer, reached: str) -> None:
-    ckpt._checkpoint_process.process_creation_future.result(timeout=SCRIPT_TIMEOUT_S)  # a save does not wait for it
-    child = ckpt._checkpoint_process.process.processes[0]
+    child = at.writer_process(ckpt, SCRIPT_TIMEOUT_S)
     at.wait_for_file(reached, SCRIPT_TIMEOUT_S, child.is_alive)
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)
@@ -165,7 +164,7 @@ def test_a_failed_save_does_not_replace_the_exception_leaving_the_block(tmp_path
         raise KeyError("the user's own error")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "KeyError" in r.getMessage()]
     assert len(warnings) == 1 and "Child process terminated unexpectedly" in warnings[0], warnings
-    assert not ckpt._checkpoint_process.process.processes[0].is_alive()
+    assert not at.writer_process(ckpt).is_alive()
     # Without an exception in flight, close() still raises the failure.
     (tmp_path / "other").mkdir()
     other, reached = _hanging_checkpointer(tmp_path / "other")

@@ -104,7 +104,7 @@ class _Writer:
         self.before = at.dir_bytes(self.path)
 
     def pid(self) -> int:
-        return self.ck._checkpoint_process.process.processes[0].pid
+        return at.writer_process(self.ck, WAIT_S).pid
 
     def close(self) -> None:
         for f in (self.arm, self.reached):
@@ -123,7 +123,7 @@ def _kill_writer_at(w: _Writer, seed: int) -> str:
         json.dump({"point": point, "threshold": threshold}, f)
     stage_future, write_future = w.ck.save(w.path, new)
     assert stage_future.result(timeout=WAIT_S) is None
-    proc = w.ck._checkpoint_process.process.processes[0]
+    proc = at.writer_process(w.ck, WAIT_S)
     at.wait_for_file(w.reached, WAIT_S, proc.is_alive)
     with open(w.reached) as f:
         reached = json.load(f)

@@ -32,7 +32,7 @@ TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def writer_pid(ckpt: tc.AsyncCheckpointer) -> int:
-    return ckpt._checkpoint_process.process.processes[0].pid
+    return at.writer_process(ckpt, WAIT_S).pid
 
 
 def state(step: int, mib: int = 8) -> dict:
@@ -103,7 +103,7 @@ def test_sigkill_of_the_writer_mid_save(tmp_path, monkeypatch, request, point: s
         open(arm, "w").close()
         stage_future, write_future = ckpt.save(path, state(2))
         assert stage_future.result(timeout=WAIT_S) is None
-        proc = ckpt._checkpoint_process.process.processes[0]
+        proc = at.writer_process(ckpt, WAIT_S)
         at.wait_for_file(reached, WAIT_S, proc.is_alive)
         pid = writer_pid(ckpt)
         pending = parent / ".ckpt.torchckpt-pending"
@@ -160,7 +160,7 @@ def test_writer_killed_while_idle_is_replaced_by_the_next_save(tmp_path) -> None
         pid = writer_pid(ckpt)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while ckpt._checkpoint_process.process.processes[0].is_alive():
+        while at.writer_process(ckpt, WAIT_S).is_alive():
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert ckpt.save(path, state(2, mib=1))[1].result(timeout=WAIT_S) is None

@@ -83,9 +83,7 @@ def async_ckpt(fmt: str | None = None, **kw) -> tc.AsyncCheckpointer:
 
 
 def writer_pid(ckpt: tc.AsyncCheckpointer) -> int:
-    # A save does not wait for the writer to start: its pid is known once the start is done.
-    ckpt._checkpoint_process.process_creation_future.result(timeout=WAIT_S)
-    return ckpt._checkpoint_process.process.processes[0].pid
+    return at.writer_process(ckpt, WAIT_S).pid
 
 
 @pytest.fixture(scope="module", params=cu.FORMATS)
@@ -539,7 +537,7 @@ def test_close_stops_the_writer_and_is_idempotent(tmp_path) -> None:
     assert pid in at.children()
     ckpt.close()
     assert at.process_state(pid) is None  # exited and reaped: no zombie
-    assert not ckpt._checkpoint_process.process.processes[0].is_alive()
+    assert not at.writer_process(ckpt, WAIT_S).is_alive()
     ckpt.close()
     ckpt.close()
     # The checkpoint it wrote is still there and loads after close.

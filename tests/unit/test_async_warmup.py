@@ -43,7 +43,7 @@ def buffers(ckpt: tc.AsyncCheckpointer):
 
 
 def writer(ckpt: tc.AsyncCheckpointer):
-    return ckpt._checkpoint_process.process.processes[0]
+    return at.writer_process(ckpt)
 
 
 def mapping_inode(pid: int | str, address: int) -> int:
