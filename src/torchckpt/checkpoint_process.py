@@ -47,6 +47,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +62,7 @@ from .checkpoint_writer import CheckpointWriter
 from .config import CheckpointProcessConfig
 from .errors import WriterProcessError
 from .format.tree import Flattened
+from .pipeline import Handover
 from .types import STATE_DICT, RankInfo
 from .writer_launch import WriterProcesses, pickle_for_writer, start_message, start_writer
 from .writer_subprocess import (
@@ -99,6 +101,7 @@ class _WriteRequest:
     kwargs: dict[str, Any]
     save_number: int
     called_at: float | None
+    handover: Handover | None = None
 
 
 def _killed_message(rank_info: RankInfo) -> str:
@@ -161,6 +164,7 @@ class CheckpointProcess:
         self._closed = False
         self._killed = False
         self._writes = 0
+        self._send_lock = threading.Lock()  # one message at a time on the pipe (a pipelined save's come from staging)
         self.process_creation_future: Future[None] = self._executor.submit(self._create_subprocess, config)
 
     @property
@@ -274,9 +278,10 @@ class CheckpointProcess:
 
     def _send_bytes(self, request_type: RequestType, data: bytes) -> None:
         try:
-            if self._parent_end is None:
-                raise OSError("pipe to the writer subprocess is not open")
-            self._parent_end.send_bytes(data)
+            with self._send_lock:
+                if self._parent_end is None:
+                    raise OSError("pipe to the writer subprocess is not open")
+                self._parent_end.send_bytes(data)
         except (OSError, ValueError) as e:
             self._broken = True
             raise WriterProcessError(
@@ -397,6 +402,7 @@ class CheckpointProcess:
         path: str,
         *,
         save_called_at: float | None = None,
+        handover: Handover | None = None,
         **kwargs: Any,
     ) -> Future[None]:
         """Write what staging made in the subprocess: ``write``, also for the flattened form.
@@ -414,13 +420,15 @@ class CheckpointProcess:
             path: The checkpoint directory.
             save_called_at: ``time.perf_counter()`` when the save was called: the time from
                 it until the staged state is ready is stored as the save's ``stall_s``.
+            handover: A pipelined save (``staged`` is its ``planned``): the request is sent
+                once the plan is made, the staged groups after it (:mod:`torchckpt.pipeline`).
             **kwargs: Passed to the writer (and its hooks).
 
         Returns:
             A future that completes when the checkpoint is committed, or holds the error.
         """
         # Numbered here, in the training process, so a replaced writer keeps counting with the other ranks.
-        request = _WriteRequest(os.fspath(path), kwargs, self._writes, save_called_at)
+        request = _WriteRequest(os.fspath(path), kwargs, self._writes, save_called_at, handover)
         self._writes += 1
         return self._executor.submit(self._write, staged, request)
 
@@ -428,11 +436,16 @@ class CheckpointProcess:
         # Ran before this on the same one-thread executor: done, and bounded by the init timeout.
         self.process_creation_future.result()
         state = staged.result() if isinstance(staged, Future) else staged
+        ends = None
+        if request.handover is not None:
+            state, ends = state  # the plan: the flattened state, its groups (None: staged whole)
         path = request.path
+        stats = {} if request.called_at is None or ends is not None else {"stall_s": time.perf_counter() - request.called_at}
         payload = {
-            "state": state, "path": path, "kwargs": request.kwargs, "save_number": request.save_number,
-            "stats": {} if request.called_at is None else {"stall_s": time.perf_counter() - request.called_at},
+            "state": state, "path": path, "kwargs": request.kwargs, "save_number": request.save_number, "stats": stats,
         }  # fmt: skip
+        if ends is not None:
+            payload["pipeline"] = {"ends": ends, "timeout_s": self._config.write_timeout_secs}
         if self._killed:
             raise WriterProcessError(f"{_killed_message(self._rank_info)}: the save of {path} is abandoned", path=path)
         data, from_main = self._encode(WorkerRequest(RequestType.WRITE_CHECKPOINT, payload))
@@ -445,15 +458,30 @@ class CheckpointProcess:
                           "the new writer imports the script")  # fmt: skip
         elif not self._alive() and not (self._parent_end is not None and self._parent_end.closed):
             self._respawn()
-        self._send_bytes(RequestType.WRITE_CHECKPOINT, data)
-        timeout = self._config.write_timeout_secs
-        during = f"the write of {path}"
-        if not self._await_response(timeout, during=during, path=path):
-            pid = self._pid()
-            self._stop_subprocess()
-            self._broken = True
-            raise TimeoutError(f"checkpoint writer subprocess (pid {pid}) did not finish writing {path} in {timeout}s")
-        self._recv(during=during, path=path)
+        handover = request.handover if ends is not None else None
+        if handover is None:
+            self._send_bytes(RequestType.WRITE_CHECKPOINT, data)
+        else:
+            handover.attach(
+                request.save_number, lambda: self._send_bytes(RequestType.WRITE_CHECKPOINT, data), self._send_staged
+            )
+        try:
+            timeout = self._config.write_timeout_secs
+            during = f"the write of {path}"
+            if not self._await_response(timeout, during=during, path=path):
+                pid = self._pid()
+                self._stop_subprocess()
+                self._broken = True
+                raise TimeoutError(f"checkpoint writer subprocess (pid {pid}) did not finish writing {path} in {timeout}s")
+            self._recv(during=during, path=path)
+        finally:
+            if handover is not None:
+                handover.detach()
+
+    def _send_staged(self, progress: dict[str, Any]) -> None:
+        """Tell the writer how far staging of the pipelined save in flight has come (``pipeline.Handover``)."""
+        data, _ = self._encode(WorkerRequest(RequestType.STAGED, progress))
+        self._send_bytes(RequestType.STAGED, data)
 
     def close(self) -> None:
         """Stop the subprocess: ask it to exit, wait up to the shutdown timeout, then kill it."""

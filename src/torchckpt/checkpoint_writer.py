@@ -40,6 +40,7 @@ from .format.torch_save import rank_file_name, save_torch_save
 from .format.tree import (
     MAX_DEPTH, STACK_FRAMES_NEEDED, Flattened, check_saveable, deepest_key, dtensor_needs_native, flatten, unflatten,
 )  # fmt: skip
+from .pipeline import StagedProgress
 from .replicas import OtherRankFailed, ReplicaExchange, deduplicate, replica_digests
 from .keywords import WRITE_KEYWORDS, accepted_keywords, check_keywords, keywords_for
 from .shm import own_storage
@@ -92,6 +93,8 @@ class _Save:
     session: SaveSession | None = None
     #: The id every rank of this save gives the storage (object stores name the generation with it).
     save_id: str = ""
+    #: A pipelined save's staging progress: tensors are written once staged (``pipeline.py``).
+    progress: StagedProgress | None = None
 
 
 class CheckpointWriter:
@@ -161,6 +164,7 @@ class CheckpointWriter:
         *,
         save_number: int | None = None,
         stats: Mapping[str, float] | None = None,
+        progress: StagedProgress | None = None,
         **kwargs: Any,
     ) -> None:
         """Write a state, or the flattened form staging made of it, as this rank's part of the checkpoint at ``path``.
@@ -181,6 +185,9 @@ class CheckpointWriter:
                 one that died is given the number by the process that numbers the saves.
             stats: Figures measured before the write (``stall_s``), stored with the
                 checkpoint's figures in the manifest.
+            progress: A pipelined save (the writer subprocess's): ``state``'s tensors are
+                still being staged; each is written once its group is (a save that needs
+                every byte first, such as an incremental one, waits for all of them).
             **kwargs: As for ``write``.
 
         Raises:
@@ -191,8 +198,9 @@ class CheckpointWriter:
         self._saves = save_number + 1
         # Parts of a save recurse once per level of the state: run it where that fits.
         call_with_stack(
-            STACK_FRAMES_NEEDED, self._write, _Save(os.fspath(path), save_number, dict(stats or {})), state, kwargs
-        )
+            STACK_FRAMES_NEEDED, self._write, _Save(os.fspath(path), save_number, dict(stats or {}), progress=progress),
+            state, kwargs,
+        )  # fmt: skip
 
     def _write(self, save: _Save, state: STATE_DICT | Flattened, kwargs: dict[str, Any]) -> None:
         rank = self._rank_info.global_rank
@@ -243,6 +251,8 @@ class CheckpointWriter:
             self.check_keywords(save.path, kwargs, unknown="warn")
             save.metadata = check_metadata(kwargs.get("metadata"), save.path)  # before a byte is written
             self._check_incremental(save.path, kwargs.get(INCREMENTAL_KEYWORD))
+            if save.progress is not None and (dedup or kwargs.get(INCREMENTAL_KEYWORD) is not None or not self._native):
+                save.progress.wait_all()  # these read every byte before the first write
             if dedup:
                 state = _flattened(state, allow_pickle=self._pickle(kwargs))
         except Exception as e:
@@ -268,7 +278,9 @@ class CheckpointWriter:
                 timeout_s=timeout_s, marker=MANIFEST_NAME, save_id=save.save_id,
             )  # fmt: skip
             base = kwargs.get(INCREMENTAL_KEYWORD)
-            save.entry, stats = self._write_rank(save.session, state, kwargs.get("allow_pickle"), save.path, base)
+            save.entry, stats = self._write_rank(
+                save.session, state, kwargs.get("allow_pickle"), save.path, base, save.progress
+            )  # fmt: skip
             save.stats = {**stats, **save.stats}
             if save.entry.refs:  # before the barrier: what this rank refers to is still committed
                 check_refs_present(save.path, save.entry.refs, self._config.storage_options)
@@ -311,10 +323,14 @@ class CheckpointWriter:
         flag = kwargs.get("allow_pickle")
         return self._config.allow_pickle if flag is None else bool(flag)
 
+    @property
+    def _native(self) -> bool:
+        """Whether rank files are native (safetensors) files, not ``torch_save`` ones."""
+        return CheckpointFormat(self._config.format) is CheckpointFormat.SAFETENSORS
+
     def _deduplicates(self, collective: bool) -> bool:
         """Whether this save writes replicated plain tensors once (``replicas.py``)."""
-        native = CheckpointFormat(self._config.format) is CheckpointFormat.SAFETENSORS
-        return self._config.dedup_replicated and collective and native
+        return self._config.dedup_replicated and collective and self._native
 
     def _agreement(self, save: _Save, store: Any) -> Agreement:
         return Agreement(
@@ -419,10 +435,11 @@ class CheckpointWriter:
         allow_pickle: bool | None,
         path: str = "",
         incremental_base: str | None = None,
+        progress: StagedProgress | None = None,
     ) -> tuple[RankEntry, dict[str, Any]]:
         rank = self._rank_info.global_rank
         t0 = time.monotonic()
-        native = CheckpointFormat(self._config.format) is CheckpointFormat.SAFETENSORS
+        native = self._native
         if allow_pickle is None:  # not given to this save: the config's
             allow_pickle = self._config.allow_pickle
         references = None
@@ -447,7 +464,7 @@ class CheckpointWriter:
             try:
                 op = "write"
                 if plan is not None:
-                    tensors, header_crc = write_rank_file(out, plan, threads=self._config.io_threads)
+                    tensors, header_crc = write_rank_file(out, plan, threads=self._config.io_threads, ready=progress)
                 else:
                     size, digest = save_torch_save(out, state_dict, empty_bytes=empty_bytes)
                 t2 = time.monotonic()
@@ -475,6 +492,8 @@ class CheckpointWriter:
         stats = {"bytes": nbytes, "plan_s": t1 - t0, "write_s": t2 - t1, "fsync_s": t3 - t2}
         if references is not None:
             stats["referenced_bytes"] = sum(t.nbytes for t in references.referenced.values())
+        if progress is not None:
+            stats.update(progress.stats)  # the stall, known once staging has ended
         return entry, stats
 
     def close(self) -> None:

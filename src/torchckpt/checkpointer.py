@@ -33,6 +33,7 @@ from .checkpoint_writer import CheckpointWriter, check_metadata
 from .errors import MissingKeysError, WriterProcessError
 from .format.tree import STACK_FRAMES_NEEDED
 from .keywords import READ_KEYWORDS, WRITE_KEYWORDS, check_keywords
+from .pipeline import Handover
 from .staging import DefaultStager
 from .storage.object_client import check_shared
 from .storage.writable import check_writable
@@ -310,8 +311,15 @@ class AsyncCheckpointer(Checkpointer):
         if not ours:  # the reference's contract: a state dict (or its future) from stage() to write()
             staged = stager.stage(state_dict, **kwargs)
             return wrap_future(staged), process.write(staged, path, **kwargs)
-        flat = stager.stage_flattened(state_dict)  # walks the state once; nothing else walks it again
-        return wrap_future(flat), process.write_staged(flat, path, save_called_at=called, **kwargs)
+        # Pipelined (pipeline.py): the write is queued first and starts on the plan, before the copies end.
+        handover = Handover(called)
+        inner = process.write_staged(handover.planned, path, save_called_at=called, handover=handover, **kwargs)
+        try:
+            flat = stager.stage_flattened(state_dict, handover)  # walks the state once; nothing else walks it again
+        except BaseException as e:
+            handover.fail(e)  # the queued write fails with it (and no message is sent)
+            raise
+        return wrap_future(flat), inner
 
     def abort(self) -> None:
         """Stop the background writer at once, without waiting for the save in flight.

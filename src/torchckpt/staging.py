@@ -36,6 +36,7 @@ import torch
 from .config import CheckpointStagerConfig
 from .format.gcpause import paused_gc
 from .format.tree import Flattened, flatten, unflatten
+from .pipeline import Handover, stage_groups
 from .shm import SharedArena, pack
 from .types import STATE_DICT
 
@@ -154,23 +155,45 @@ class _StateDictStager:
         return _Buffers(self._signature(flat), tensors, None)
 
     @paused_gc()  # flatten builds objects per entry: see format/gcpause.py
-    def stage(self, state_dict: STATE_DICT, *, non_blocking: bool) -> Flattened:
+    def stage(self, state_dict: STATE_DICT, *, non_blocking: bool, handover: Handover | None = None) -> Flattened:
+        """Copy ``state_dict``'s tensors into the staging buffers; the flattened state over them.
+
+        With ``handover`` (a pipelined save), a large state in a shared arena is
+        copied group by group (``pipeline.stage_groups``): the plan is handed
+        over before the first copy, and each group once its copies have returned.
+        """
         flat = flatten(state_dict, allow_pickle=True)
         if self._buffers is None or self._buffers.signature != self._signature(flat):
             self._buffers = self._allocate(flat)
         staged = self._buffers.tensors
+        result = dataclasses.replace(flat, tensors=list(staged))
         copies = list(zip(staged, flat.tensors))
-        helper = None if non_blocking else self._helper(sum(src.nbytes for src in flat.tensors))
+        ends = None
+        if handover is not None and not non_blocking and self._buffers.arena is not None:
+            ends = stage_groups([src.nbytes for src in flat.tensors])
+        if ends is None:
+            self._copy(copies, non_blocking)
+            return result
+        handover.plan(result, ends)
+        start = 0
+        for g, end in enumerate(ends):
+            self._copy(copies[start:end], non_blocking)
+            handover.staged(g + 1, last=g + 1 == len(ends))
+            start = end
+        return result
+
+    def _copy(self, copies: list[_Copy], non_blocking: bool) -> None:
+        """Run ``copies``: a large host state split over two threads."""
+        helper = None if non_blocking else self._helper(sum(src.nbytes for _, src in copies))
         if helper is None:
             _copy_all(copies, non_blocking)
-        else:
-            mine, theirs = split_copies(copies, 2)
-            other = helper.submit(_copy_all, theirs)
-            try:
-                _copy_all(mine)
-            finally:
-                other.result()  # never return (or raise) while the other half is still copying
-        return dataclasses.replace(flat, tensors=list(staged))
+            return
+        mine, theirs = split_copies(copies, 2)
+        other = helper.submit(_copy_all, theirs)
+        try:
+            _copy_all(mine)
+        finally:
+            other.result()  # never return (or raise) while the other half is still copying
 
     @paused_gc()
     def warmup(self, state_dict: STATE_DICT) -> torch.Tensor | None:
@@ -244,7 +267,9 @@ class DefaultStager(CheckpointStager):
         """
         return self._submit(staged_state_dict, state_dict)
 
-    def stage_flattened(self, state_dict: STATE_DICT) -> Flattened | Future[Flattened]:
+    def stage_flattened(
+        self, state_dict: STATE_DICT, handover: Handover | None = None
+    ) -> Flattened | Future[Flattened]:
         """Stage ``state_dict`` in its flattened form, or a future of it when staging is asynchronous.
 
         The result's ``tree`` is :func:`~torchckpt.format.tree.flatten`'s (with
@@ -255,11 +280,17 @@ class DefaultStager(CheckpointStager):
         ``AsyncCheckpointer.save`` calls it, not ``stage``, when the stager is a
         ``DefaultStager`` whose ``stage`` is not overridden.
 
+        With ``handover`` (``AsyncCheckpointer.save``'s pipelined save), the
+        plan is handed over as soon as it is made and a large state's groups as
+        they are staged (see :mod:`torchckpt.pipeline`); a state staged whole (small,
+        or copied on an accelerator stream) is handed over once staged; a
+        failure is handed over too.
+
         Raises:
             UnsafeObjectError: As ``flatten`` does (a bad tensor, a cycle, too deep a
                 state, a value that does not pickle), here or from the future.
         """
-        return self._submit(lambda flat: flat, state_dict)
+        return self._submit(lambda flat: flat, state_dict, handover)
 
     def warmup(self, state_dict: STATE_DICT) -> torch.Tensor | None:
         """Make the staging memory of ``state_dict``'s structure ready before the first ``stage``.
@@ -280,28 +311,38 @@ class DefaultStager(CheckpointStager):
             return self._staging_executor.submit(self._state_dict_stager.warmup, state_dict).result()
         return self._state_dict_stager.warmup(state_dict)
 
-    def _submit(self, result: Callable[[Flattened], Any], state_dict: STATE_DICT) -> Any:
+    def _submit(
+        self, result: Callable[[Flattened], Any], state_dict: STATE_DICT, handover: Handover | None = None
+    ) -> Any:
         compute_event = None
         if self._staging_stream is not None:
             # Everything the compute stream has queued so far must be in the copy.
             compute_event = torch.Event()
             compute_event.record()
         if self._staging_executor is not None:
-            return self._staging_executor.submit(lambda: result(self._stage(state_dict, compute_event)))
-        return result(self._stage(state_dict, compute_event))
+            return self._staging_executor.submit(lambda: result(self._stage(state_dict, compute_event, handover)))
+        return result(self._stage(state_dict, compute_event, handover))
 
-    def _stage(self, state_dict: STATE_DICT, compute_event: Any) -> Flattened:
-        non_blocking = bool(self._config.use_non_blocking_copy)
-        if self._staging_stream is not None:
-            self._staging_stream.wait_event(compute_event)
-            with torch.accelerator.stream(self._staging_stream) if hasattr(torch.accelerator, "stream") else _StreamCtx(
-                self._staging_stream
-            ):
-                staged = self._state_dict_stager.stage(state_dict, non_blocking=non_blocking)
-            # The copies are done only when the staging stream has run them.
-            self._staging_stream.synchronize()
-        else:
-            staged = self._state_dict_stager.stage(state_dict, non_blocking=False)
+    def _stage(self, state_dict: STATE_DICT, compute_event: Any, handover: Handover | None = None) -> Flattened:
+        try:
+            if self._staging_stream is not None:
+                self._staging_stream.wait_event(compute_event)
+                with torch.accelerator.stream(self._staging_stream) if hasattr(
+                    torch.accelerator, "stream"
+                ) else _StreamCtx(self._staging_stream):
+                    staged = self._state_dict_stager.stage(
+                        state_dict, non_blocking=bool(self._config.use_non_blocking_copy)
+                    )
+                # The copies are done only when the staging stream has run them.
+                self._staging_stream.synchronize()
+            else:
+                staged = self._state_dict_stager.stage(state_dict, non_blocking=False, handover=handover)
+        except BaseException as e:
+            if handover is not None:
+                handover.fail(e)
+            raise
+        if handover is not None and not handover.planned.done():
+            handover.plan(staged, None)  # staged whole: the write request carries it complete
         return staged
 
     def close(self) -> None:

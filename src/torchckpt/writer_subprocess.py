@@ -58,6 +58,7 @@ import torch.multiprocessing
 from .checkpoint_writer import CheckpointWriter
 from .errors import CheckpointError
 from .format.tree import Flattened
+from .pipeline import StagedProgress
 from .shm import own_storage
 from .staging import staged_state_dict
 from .types import RankInfo
@@ -84,6 +85,8 @@ SHARING_STRATEGY = "torchckpt_sharing_strategy"
 
 _IN_WRITER = False
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+#: Wait for staging progress when the writer's config sets no write timeout.
+_NO_TIMEOUT_S = 24 * 3600.0
 
 
 def in_writer_subprocess() -> bool:
@@ -97,6 +100,7 @@ class RequestType(Enum):
     PING = "ping"
     WARMUP = "warmup"
     WRITE_CHECKPOINT = "write_checkpoint"
+    STAGED = "staged"  # staging progress of the pipelined write in flight (no answer)
     TERMINATE_PROCESS = "exit"
 
 
@@ -239,6 +243,8 @@ class WriterLoop:
             elif request.request_type == RequestType.WRITE_CHECKPOINT:
                 self._write(writer, request.payload)
                 self.pipe.send(WorkerResponse(RequestType.WRITE_CHECKPOINT, success=True))
+            elif request.request_type == RequestType.STAGED:
+                pass  # progress of a write that has already ended (it failed before staging did)
             elif request.request_type == RequestType.TERMINATE_PROCESS:
                 self.pipe.send(WorkerResponse(RequestType.TERMINATE_PROCESS, success=True))
                 return False
@@ -272,19 +278,39 @@ class WriterLoop:
         # torch's cache of shared storages instead of being mapped again.
         self.keep_alive = state
         path, kwargs = payload["path"], payload["kwargs"]
+        progress = None
+        if payload.get("pipeline") is not None:  # the tensors are still being staged: wait for them as written
+            timeout_s = payload["pipeline"]["timeout_s"]
+            progress = StagedProgress(
+                self._next_staged, payload["save_number"], payload["pipeline"]["ends"],
+                _NO_TIMEOUT_S if timeout_s is None else timeout_s, path,
+            )  # fmt: skip
         if isinstance(writer, CheckpointWriter) and type(writer).write is CheckpointWriter.write:
             if not isinstance(state, Flattened):  # a user's stager's state dict
                 state = own_storages(state)
             writer.write_staged(
-                path, state, save_number=payload["save_number"], stats=payload["stats"], **kwargs
+                path, state, save_number=payload["save_number"], stats=payload["stats"], progress=progress, **kwargs
             )  # fmt: skip
             return
+        if progress is not None:
+            progress.wait_all()
         if isinstance(state, Flattened):
             tensors = [own_storage(t) for t in state.tensors]
             state_dict = staged_state_dict(state, tensors.__getitem__)
         else:
             state_dict = own_storages(state)
         writer.write(path=path, state_dict=state_dict, **kwargs)
+
+
+    def _next_staged(self, timeout_s: float) -> dict[str, Any]:
+        """The next message during a pipelined write: staging progress (``pipeline.StagedProgress``)."""
+        if not self.pipe.poll(timeout_s):
+            raise TimeoutError(f"no staging progress from the training process in {timeout_s:.0f}s")
+        request = self.pipe.recv()
+        if not isinstance(request, WorkerRequest) or request.request_type != RequestType.STAGED:
+            kind = request.request_type.value if isinstance(request, WorkerRequest) else type(request).__name__
+            raise CheckpointError(f"the writer got a {kind} request while waiting for staging progress")
+        return request.payload
 
 
 def touch_pages(staging: torch.Tensor) -> torch.Tensor:

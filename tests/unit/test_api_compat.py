@@ -254,7 +254,9 @@ def test_a_misspelled_keyword_is_refused_before_async_staging(tmp_path, monkeypa
     path = str(tmp_path / "ckpt")
     staged = []
     stage_flattened = tc.DefaultStager.stage_flattened
-    monkeypatch.setattr(tc.DefaultStager, "stage_flattened", lambda self, sd: staged.append(sd) or stage_flattened(self, sd))
+    monkeypatch.setattr(
+        tc.DefaultStager, "stage_flattened", lambda self, sd, *rest: staged.append(sd) or stage_flattened(self, sd, *rest)
+    )
     ckpt = _async("torch_save")
     try:
         with pytest.raises(TypeError, match="unexpected keyword argument 'metdata'.*did you mean 'metadata'"):

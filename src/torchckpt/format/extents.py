@@ -96,11 +96,14 @@ class Piece:
     view: memoryview
 
 
-def contiguous_batches(extents: Sequence[Extent]) -> list[tuple[int, list[Piece]]]:
+def contiguous_batches(
+    extents: Sequence[Extent], group: Callable[[int], int] | None = None
+) -> list[tuple[int, list[Piece]]]:
     """Group the extents' chunks, in file order, into runs of contiguous file bytes.
 
     A run is at most ``BATCH_BYTES`` (a chunk larger than that is a run of its
-    own) and at most ``IOV_MAX`` pieces: one positional call's worth.
+    own) and at most ``IOV_MAX`` pieces: one positional call's worth. With
+    ``group`` (extent index -> group), a run never holds extents of two groups.
 
     Returns:
         ``(file offset, pieces)`` per run, in file order.
@@ -109,8 +112,14 @@ def contiguous_batches(extents: Sequence[Extent]) -> list[tuple[int, list[Piece]
     batches: list[tuple[int, list[Piece]]] = []
     cur: list[Piece] = []
     cur_start = cur_end = -1
+    cur_group = None
     for i in order:
         e = extents[i]
+        g = group(i) if group is not None else None
+        if g != cur_group and cur:
+            batches.append((cur_start, cur))
+            cur, cur_start, cur_end = [], -1, -1
+        cur_group = g
         n = e.buffer.nbytes
         pieces = [Piece(i, k, e.buffer[k * CHUNK_BYTES : min(n, (k + 1) * CHUNK_BYTES)]) for k in range(chunk_count(n))]
         pos = e.offset

@@ -30,9 +30,9 @@ import json
 import operator
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import crc32c as _crc32c
 import torch
@@ -64,6 +64,23 @@ __all__ = [
 ]
 
 HEADER_ALIGN = 4096
+
+
+class Ready(Protocol):
+    """Staging progress of a pipelined save (``torchckpt.pipeline.StagedProgress``)."""
+
+    def wait_for(self, index: int) -> None:
+        """Return once tensor ``index`` (table order) is staged."""
+
+    def wait_all(self) -> None:
+        """Return once every tensor is staged."""
+
+    def group_of(self, index: int) -> int:
+        """The staging group of tensor ``index`` (a write batch holds tensors of one group)."""
+
+
+#: Called with a batch's pieces before the batch is written.
+BeforeBatch = Callable[[list[Piece]], None]
 
 
 def native_file_name(rank: int) -> str:
@@ -233,12 +250,16 @@ def plan_rank_file(
     )
 
 
-def write_rank_file(out: ObjectWriter, plan: NativeFile, *, threads: int) -> tuple[list[TensorEntry], int]:
+def write_rank_file(
+    out: ObjectWriter, plan: NativeFile, *, threads: int, ready: Ready | None = None
+) -> tuple[list[TensorEntry], int]:
     """Write the planned file, header and data, through ``out`` (not synced); return its tensor entries and header crc.
 
     Large tensors are written straight from their memory by parallel
     positional writes; small ones (up to ``SMALL_TENSOR_BYTES``) are copied
     into a shared buffer first, which costs less than a view and an iovec each.
+    With ``ready`` (a pipelined save's staging progress) each batch of large
+    tensors is written once they are staged, and the small ones last.
 
     Raises:
         OSError: A write failed (the first error; every started write is waited for).
@@ -251,18 +272,34 @@ def write_rank_file(out: ObjectWriter, plan: NativeFile, *, threads: int) -> tup
     skip = plan.skip
     small = [i for i in range(count) if sizes[i] <= limit and i not in skip]
     large = [i for i in range(count) if sizes[i] > limit and i not in skip]
-    if small:
+
+    def write_small() -> None:
         tensors, offsets = plan.tensors, plan.offsets
+        if ready is not None:
+            ready.wait_all()
         small_crcs = write_gathered(
             out, [offsets[i] for i in small], [tensors[i].data_ptr() for i in small], [sizes[i] for i in small]
         )
         for i, c in zip(small, small_crcs):
             crcs[i] = (c,)
+
+    if small and ready is None:
+        write_small()
     if large:
         spans = [Extent(plan.offsets[i], byte_view(plan.tensors[i])) for i in large]
-        write_extents(out, spans, threads=threads)
+        if ready is None:
+            write_extents(out, spans, threads=threads)
+        else:
+            write_extents(
+                out, spans, threads=threads, group=lambda k: ready.group_of(large[k]),
+                before=lambda pieces: ready.wait_for(max(large[p.extent] for p in pieces)),
+            )  # fmt: skip
         for i, e in zip(large, spans):
             crcs[i] = tuple(e.crcs or ())
+    if small and ready is not None:
+        write_small()
+    if ready is not None:
+        ready.wait_all()
     entries = [
         TensorEntry(name, dtype, shape, offset, size, crc, device)
         for name, dtype, shape, offset, size, crc, device in zip(
@@ -291,7 +328,11 @@ def write_all(out: ObjectWriter, views: list[memoryview], offset: int) -> int:
     return total
 
 
-def _write_batch(out: ObjectWriter, offset: int, pieces: list[Piece], crcs: list[list[int]]) -> int:
+def _write_batch(
+    out: ObjectWriter, offset: int, pieces: list[Piece], crcs: list[list[int]], before: BeforeBatch | None = None
+) -> int:
+    if before is not None:
+        before(pieces)
     total = write_all(out, [p.view for p in pieces if p.view.nbytes], offset)
     for p in pieces:
         crcs[p.extent][p.chunk] = checksum(p.view)
@@ -300,12 +341,21 @@ def _write_batch(out: ObjectWriter, offset: int, pieces: list[Piece], crcs: list
     return total
 
 
-def write_extents(out: ObjectWriter, spans: Sequence[Extent], *, threads: int = 2) -> int:
+def write_extents(
+    out: ObjectWriter,
+    spans: Sequence[Extent],
+    *,
+    threads: int = 2,
+    group: Callable[[int], int] | None = None,
+    before: BeforeBatch | None = None,
+) -> int:
     """Write every extent through ``out`` at its offset and fill its ``crcs``, from up to ``threads`` threads.
 
     Each batch of contiguous file bytes (``extents.contiguous_batches``) is one
     positional write, checksummed chunk by chunk once written (the bytes are
-    still in cache) and then handed to ``start_writeback``.
+    still in cache) and then handed to ``start_writeback``. A pipelined save
+    gives ``group`` (a batch holds spans of one staging group) and ``before``
+    (called with a batch's pieces before it is written: it waits there).
 
     Returns:
         The number of bytes written.
@@ -314,7 +364,7 @@ def write_extents(out: ObjectWriter, spans: Sequence[Extent], *, threads: int = 
         OSError: A write failed (the first error; all started writes are waited for).
     """
     crcs = [[0] * chunk_count(e.buffer.nbytes) for e in spans]
-    jobs = [lambda o=o, p=p: _write_batch(out, o, p, crcs) for o, p in contiguous_batches(spans)]
+    jobs = [lambda o=o, p=p: _write_batch(out, o, p, crcs, before) for o, p in contiguous_batches(spans, group)]
     total = run_parallel(jobs, threads)
     for e, c in zip(spans, crcs):
         e.crcs = c

@@ -1,0 +1,329 @@
+"""Pipelined background saves: the writer writes each group of tensors once staged, while staging goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+import async_testutil as at
+import pytest
+import torch
+
+import torchckpt as tc
+from torchckpt import pipeline, staging
+from torchckpt.errors import WriterProcessError
+from torchckpt.pipeline import Handover, StagedProgress, StagingFailedError, stage_groups
+
+WAIT_S = 60
+RANK = tc.RankInfo(global_rank=0, global_world_size=1)
+#: Tensors of the integration tests: large enough to be written from their own memory (not gathered).
+TENSOR_BYTES = 512 * 1024
+TENSORS = 6
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def test_groups_close_at_the_group_size_and_never_split_a_tensor(monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "PIPELINE_MIN_BYTES", 0)
+    assert stage_groups([4, 4, 4, 4, 4], group_bytes=8) == [2, 4, 5]
+    assert stage_groups([3, 6, 1, 9, 2], group_bytes=8) == [2, 4, 5]
+    assert stage_groups([20, 1], group_bytes=8) == [1, 2]
+
+
+def test_a_state_below_two_groups_or_the_minimum_is_staged_whole(monkeypatch) -> None:
+    assert stage_groups([2**25] * 3) is None  # 96 MiB: below the default minimum
+    assert stage_groups([2**26] * 2) == [1, 2]
+    monkeypatch.setattr(pipeline, "PIPELINE_MIN_BYTES", 0)
+    assert stage_groups([4, 4, 4], group_bytes=8) is None  # 12 < 2 x 8
+    monkeypatch.setattr(pipeline, "PIPELINE_MIN_BYTES", 100)
+    assert stage_groups([40, 40], group_bytes=8) is None  # 80 < 100
+    assert stage_groups([40, 40, 40], group_bytes=8) == [1, 2, 3]
+    assert stage_groups([]) is None
+
+
+# --------------------------------------------------------------------------- the writer's side
+
+
+def progress_over(messages: queue.Queue, ends: list[int], timeout_s: float = 5.0) -> StagedProgress:
+    def recv(wait: float) -> dict:
+        try:
+            return messages.get(timeout=wait)
+        except queue.Empty:
+            raise TimeoutError("nothing came") from None
+
+    return StagedProgress(recv, 3, ends, timeout_s, "/ck/step_3")
+
+
+def msg(groups: int, save_number: int = 3, error: str | None = None, stall_s: float | None = None) -> dict:
+    return {"save_number": save_number, "groups": groups, "error": error, "stall_s": stall_s}
+
+
+def test_a_tensor_is_ready_once_its_group_is_staged() -> None:
+    messages: queue.Queue = queue.Queue()
+    progress = progress_over(messages, [2, 5, 6])
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (progress.wait_for(4), done.set()))
+    waiter.start()
+    messages.put(msg(1))
+    assert not done.wait(0.3)  # tensor 4 is in the second group
+    messages.put(msg(2))
+    assert done.wait(5)
+    waiter.join(5)
+    assert not progress.complete
+    messages.put(msg(3, stall_s=0.25))
+    progress.wait_all()
+    assert progress.complete and progress.stats == {"stall_s": 0.25}
+
+
+def test_progress_of_another_save_is_dropped() -> None:
+    messages: queue.Queue = queue.Queue()
+    progress = progress_over(messages, [1, 2], timeout_s=0.5)
+    messages.put(msg(2, save_number=2))  # a stale message of the save before
+    with pytest.raises(TimeoutError, match=r"waited 0.5s for staging of the save to /ck/step_3: 0 of 2 groups staged"):
+        progress.wait_for(0)
+
+
+def test_staging_that_failed_fails_every_wait_with_its_error() -> None:
+    messages: queue.Queue = queue.Queue()
+    progress = progress_over(messages, [1, 2, 3])
+    messages.put(msg(1))
+    messages.put(msg(1, error="RuntimeError: copy failed"))
+    progress.wait_for(0)  # staged before the failure
+    expected = r"^staging of the save to /ck/step_3 failed in the training process: RuntimeError: copy failed$"
+    with pytest.raises(StagingFailedError, match=expected):
+        progress.wait_for(1)
+    with pytest.raises(StagingFailedError, match=expected):
+        progress.wait_all()
+
+
+def test_two_writing_threads_are_released_by_one_reader() -> None:
+    messages: queue.Queue = queue.Queue()
+    progress = progress_over(messages, [1, 2, 3, 4])
+    released: list[int] = []
+    threads = [threading.Thread(target=lambda i=i: (progress.wait_for(i), released.append(i))) for i in (0, 3)]
+    for t in threads:
+        t.start()
+    messages.put(msg(1))
+    deadline = time.monotonic() + 5
+    while released != [0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert released == [0]  # the first is released while the other still waits
+    messages.put(msg(4))
+    for t in threads:
+        t.join(5)
+    assert released == [0, 3]
+
+
+# --------------------------------------------------------------------------- the training process's side
+
+
+def test_the_handover_sends_the_request_first_and_nothing_once_detached() -> None:
+    sent: list = []
+    handover = Handover(called_at=time.perf_counter())
+    handover.plan("flat", [1, 2])
+    handover.staged(1)  # before the request: kept, not sent
+    assert sent == []
+    handover.attach(7, lambda: sent.append("request"), sent.append)
+    handover.staged(2, last=True)
+    handover.detach()
+    handover.staged(2, last=True)
+    assert sent[0] == "request"
+    assert [(m["save_number"], m["groups"], m["error"]) for m in sent[1:]] == [(7, 1, None), (7, 2, None)]
+    assert sent[1]["stall_s"] is None and sent[2]["stall_s"] > 0
+    assert handover.planned.result() == ("flat", [1, 2])
+
+
+def test_a_failure_before_the_plan_is_the_plans_and_after_it_is_sent() -> None:
+    early = Handover()
+    early.fail(ValueError("bad state"))
+    with pytest.raises(ValueError, match="^bad state$"):
+        early.planned.result()
+    sent: list = []
+    late = Handover()
+    late.plan("flat", [1, 2])
+    late.attach(0, lambda: None, sent.append)
+    late.fail(RuntimeError("copy failed"))
+    assert sent[-1]["error"] == "RuntimeError: copy failed"
+
+
+def test_a_send_that_fails_stops_the_messages_but_not_staging() -> None:
+    calls: list = []
+
+    def broken(message: dict) -> None:
+        calls.append(message)
+        raise WriterProcessError("the writer is gone")
+
+    handover = Handover()
+    handover.plan("flat", [1, 2])
+    handover.attach(0, lambda: None, broken)
+    handover.staged(1)
+    handover.staged(2, last=True)  # not raised, not sent again
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def small_groups(monkeypatch):
+    """Pipeline states of a few MiB, one tensor per group."""
+    monkeypatch.setattr(pipeline, "GROUP_BYTES", TENSOR_BYTES)
+    monkeypatch.setattr(pipeline, "PIPELINE_MIN_BYTES", 0)
+
+
+def big_state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"layer{i}.w": torch.randn(TENSOR_BYTES // 4, generator=g) for i in range(TENSORS)}
+    sd.update({"bias": torch.randn(5, generator=g), "step": seed, "name": f"s{seed}"})
+    return sd
+
+
+def make(fmt: str = "safetensors") -> tc.AsyncCheckpointer:
+    config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format=fmt))
+    return tc.make_async_checkpointer(config, rank_info=RANK)
+
+
+def load(path: Path, like: dict) -> dict:
+    template = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in like.items()}
+    return tc.make_sync_checkpointer(rank_info=RANK).load(str(path), state_dict=template)
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(got[k], v), k
+        else:
+            assert got[k] == v, k
+
+
+class CopyHook:
+    """Wraps staging's copy of one group: ``on_group(n)`` runs before the n-th copy (from 1)."""
+
+    def __init__(self, monkeypatch, on_group) -> None:
+        self.calls = 0
+        self.on_group = on_group
+        real = staging._copy_all
+
+        def copy_all(copies, non_blocking=False):
+            self.calls += 1
+            self.on_group(self.calls)
+            real(copies, non_blocking)
+
+        monkeypatch.setattr(staging, "_copy_all", copy_all)
+
+
+def rank_file_size(root: Path) -> int:
+    sizes = [p.stat().st_size for p in root.rglob("rank_00000.safetensors")]
+    return max(sizes, default=0)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch_save"])
+def test_pipelined_saves_round_trip_and_record_their_stall(tmp_path, small_groups, fmt) -> None:
+    ckpt = make(fmt)
+    try:
+        states = [big_state(seed) for seed in range(3)]
+        for i, sd in enumerate(states):
+            stage, write = ckpt.save(str(tmp_path / f"s{i}"), sd)
+            stage.result(timeout=WAIT_S)
+            write.result(timeout=WAIT_S)
+    finally:
+        ckpt.close()
+    for i, sd in enumerate(states):
+        assert_same(load(tmp_path / f"s{i}", sd), sd)
+    stats = json.loads((tmp_path / "s2" / "manifest.json").read_text())["stats"]
+    assert 0 < stats["stall_s"] < WAIT_S
+
+
+def test_the_writer_writes_the_first_groups_before_staging_ends(tmp_path, small_groups, monkeypatch) -> None:
+    seen: dict[str, int] = {}
+
+    def before(n: int) -> None:
+        if n == TENSORS:  # the last group: the first ones must reach the file meanwhile
+            deadline = time.monotonic() + WAIT_S
+            while rank_file_size(tmp_path) < 4096 + TENSOR_BYTES and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["size"] = rank_file_size(tmp_path)
+
+    CopyHook(monkeypatch, before)
+    ckpt = make()
+    try:
+        sd = big_state(1)
+        stage, write = ckpt.save(str(tmp_path / "s"), sd)
+        stage.result(timeout=2 * WAIT_S)
+        write.result(timeout=WAIT_S)
+    finally:
+        ckpt.close()
+    assert seen["size"] >= 4096 + TENSOR_BYTES  # written while the last group was not yet staged
+    assert_same(load(tmp_path / "s", sd), sd)
+
+
+def test_staging_that_fails_after_the_plan_commits_nothing(tmp_path, small_groups, monkeypatch) -> None:
+    def before(n: int) -> None:
+        if n == 3:
+            raise RuntimeError("copy failed")
+
+    hook = CopyHook(monkeypatch, before)
+    ckpt = make()
+    try:
+        stage, write = ckpt.save(str(tmp_path / "bad"), big_state(1))
+        with pytest.raises(RuntimeError, match="^copy failed$"):
+            stage.result(timeout=WAIT_S)
+        with pytest.raises(StagingFailedError, match=r"failed in the training process: RuntimeError: copy failed"):
+            write.result(timeout=WAIT_S)
+        assert not (tmp_path / "bad").exists()
+        hook.on_group = lambda n: None
+        sd = big_state(2)
+        stage, write = ckpt.save(str(tmp_path / "good"), sd)  # the same writer goes on
+        write.result(timeout=WAIT_S)
+    finally:
+        ckpt.close()
+    assert_same(load(tmp_path / "good", sd), sd)
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == ["good"]
+
+
+def test_a_writer_killed_mid_pipeline_fails_the_write_not_staging(tmp_path, small_groups, monkeypatch) -> None:
+    ckpt = make()
+
+    def before(n: int) -> None:
+        if n == 2:
+            proc = at.writer_process(ckpt)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(WAIT_S)
+
+    hook = CopyHook(monkeypatch, before)
+    try:
+        stage, write = ckpt.save(str(tmp_path / "lost"), big_state(1))
+        stage.result(timeout=WAIT_S)  # staging itself succeeded
+        with pytest.raises(WriterProcessError, match="killed by SIGKILL"):
+            write.result(timeout=WAIT_S)
+        hook.on_group = lambda n: None
+        sd = big_state(2)
+        stage, write = ckpt.save(str(tmp_path / "next"), sd)  # a new writer takes over
+        write.result(timeout=WAIT_S)
+    finally:
+        ckpt.close()
+    assert_same(load(tmp_path / "next", sd), sd)
+    assert not (tmp_path / "lost" / "manifest.json").exists()
+
+
+def test_an_incremental_pipelined_save_refers_to_its_unchanged_tensors(tmp_path, small_groups) -> None:
+    ckpt = make()
+    try:
+        first = big_state(1)
+        ckpt.save(str(tmp_path / "s0"), first, incremental_base="")[1].result(timeout=WAIT_S)  # digests recorded
+        second = {**first, "layer2.w": first["layer2.w"] + 1, "step": 2}
+        ckpt.save(str(tmp_path / "s1"), second, incremental_base=str(tmp_path / "s0"))[1].result(timeout=WAIT_S)
+    finally:
+        ckpt.close()
+    assert_same(load(tmp_path / "s1", second), second)
+    rank = json.loads((tmp_path / "s1" / "manifest.json").read_text())["ranks"][0]
+    assert rank["refs"], "the unchanged tensors are referred to"
+    # Only the changed tensor (and the small one) are in the new file.
+    assert (tmp_path / "s1" / "rank_00000.safetensors").stat().st_size < 4096 + 2 * TENSOR_BYTES
