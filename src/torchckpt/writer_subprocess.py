@@ -28,6 +28,9 @@ Start-up, in order:
 4. Requests are served until ``TERMINATE_PROCESS`` or the end of the pipe.
    ``WARMUP`` carries the staging arena: it is mapped, each page read once,
    and kept (as the last write's state is kept), so the first write finds it mapped.
+   A pipelined write (:mod:`torchckpt.pipeline`) is followed on the pipe by
+   ``STAGED`` messages (no answer), read by the write itself as it waits for
+   staged groups; one that arrives when no write waits (its write failed first) is dropped.
    A write goes to torchckpt's own ``CheckpointWriter`` whole
    (``write_staged``: the staged state as it came, flattened or not, with the
    save's number and figures); a user's writer (any other writer object, or a

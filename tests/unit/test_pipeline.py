@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
-import signal
 import threading
 import time
-from pathlib import Path
 
-import async_testutil as at
 import pytest
-import torch
+from pipeline_testutil import (
+    TENSOR_BYTES,
+    TENSORS,
+    WAIT_S,
+    CopyHook,
+    assert_same,
+    big_state,
+    load,
+    make,
+    rank_file_size,
+    use_small_groups,
+)
 
-import torchckpt as tc
-from torchckpt import pipeline, staging
+from torchckpt import pipeline
 from torchckpt.errors import WriterProcessError
 from torchckpt.pipeline import Handover, StagedProgress, StagingFailedError, stage_groups
-
-WAIT_S = 60
-RANK = tc.RankInfo(global_rank=0, global_world_size=1)
-#: Tensors of the integration tests: large enough to be written from their own memory (not gathered).
-TENSOR_BYTES = 512 * 1024
-TENSORS = 6
-
 
 # --------------------------------------------------------------------------- groups
 
@@ -170,62 +169,9 @@ def test_a_send_that_fails_stops_the_messages_but_not_staging() -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture
-def small_groups(monkeypatch):
-    """Pipeline states of a few MiB, one tensor per group."""
-    monkeypatch.setattr(pipeline, "GROUP_BYTES", TENSOR_BYTES)
-    monkeypatch.setattr(pipeline, "PIPELINE_MIN_BYTES", 0)
-
-
-def big_state(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    sd = {f"layer{i}.w": torch.randn(TENSOR_BYTES // 4, generator=g) for i in range(TENSORS)}
-    sd.update({"bias": torch.randn(5, generator=g), "step": seed, "name": f"s{seed}"})
-    return sd
-
-
-def make(fmt: str = "safetensors") -> tc.AsyncCheckpointer:
-    config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format=fmt))
-    return tc.make_async_checkpointer(config, rank_info=RANK)
-
-
-def load(path: Path, like: dict) -> dict:
-    template = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in like.items()}
-    return tc.make_sync_checkpointer(rank_info=RANK).load(str(path), state_dict=template)
-
-
-def assert_same(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
-    for k, v in want.items():
-        if isinstance(v, torch.Tensor):
-            assert torch.equal(got[k], v), k
-        else:
-            assert got[k] == v, k
-
-
-class CopyHook:
-    """Wraps staging's copy of one group: ``on_group(n)`` runs before the n-th copy (from 1)."""
-
-    def __init__(self, monkeypatch, on_group) -> None:
-        self.calls = 0
-        self.on_group = on_group
-        real = staging._copy_all
-
-        def copy_all(copies, non_blocking=False):
-            self.calls += 1
-            self.on_group(self.calls)
-            real(copies, non_blocking)
-
-        monkeypatch.setattr(staging, "_copy_all", copy_all)
-
-
-def rank_file_size(root: Path) -> int:
-    sizes = [p.stat().st_size for p in root.rglob("rank_00000.safetensors")]
-    return max(sizes, default=0)
-
-
 @pytest.mark.parametrize("fmt", ["safetensors", "torch_save"])
-def test_pipelined_saves_round_trip_and_record_their_stall(tmp_path, small_groups, fmt) -> None:
+def test_pipelined_saves_round_trip_and_record_their_stall(tmp_path, monkeypatch, fmt) -> None:
+    use_small_groups(monkeypatch)
     ckpt = make(fmt)
     try:
         states = [big_state(seed) for seed in range(3)]
@@ -241,7 +187,8 @@ def test_pipelined_saves_round_trip_and_record_their_stall(tmp_path, small_group
     assert 0 < stats["stall_s"] < WAIT_S
 
 
-def test_the_writer_writes_the_first_groups_before_staging_ends(tmp_path, small_groups, monkeypatch) -> None:
+def test_the_writer_writes_the_first_groups_before_staging_ends(tmp_path, monkeypatch) -> None:
+    use_small_groups(monkeypatch)
     seen: dict[str, int] = {}
 
     def before(n: int) -> None:
@@ -264,56 +211,8 @@ def test_the_writer_writes_the_first_groups_before_staging_ends(tmp_path, small_
     assert_same(load(tmp_path / "s", sd), sd)
 
 
-def test_staging_that_fails_after_the_plan_commits_nothing(tmp_path, small_groups, monkeypatch) -> None:
-    def before(n: int) -> None:
-        if n == 3:
-            raise RuntimeError("copy failed")
-
-    hook = CopyHook(monkeypatch, before)
-    ckpt = make()
-    try:
-        stage, write = ckpt.save(str(tmp_path / "bad"), big_state(1))
-        with pytest.raises(RuntimeError, match="^copy failed$"):
-            stage.result(timeout=WAIT_S)
-        with pytest.raises(StagingFailedError, match=r"failed in the training process: RuntimeError: copy failed"):
-            write.result(timeout=WAIT_S)
-        assert not (tmp_path / "bad").exists()
-        hook.on_group = lambda n: None
-        sd = big_state(2)
-        stage, write = ckpt.save(str(tmp_path / "good"), sd)  # the same writer goes on
-        write.result(timeout=WAIT_S)
-    finally:
-        ckpt.close()
-    assert_same(load(tmp_path / "good", sd), sd)
-    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == ["good"]
-
-
-def test_a_writer_killed_mid_pipeline_fails_the_write_not_staging(tmp_path, small_groups, monkeypatch) -> None:
-    ckpt = make()
-
-    def before(n: int) -> None:
-        if n == 2:
-            proc = at.writer_process(ckpt)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.join(WAIT_S)
-
-    hook = CopyHook(monkeypatch, before)
-    try:
-        stage, write = ckpt.save(str(tmp_path / "lost"), big_state(1))
-        stage.result(timeout=WAIT_S)  # staging itself succeeded
-        with pytest.raises(WriterProcessError, match="killed by SIGKILL"):
-            write.result(timeout=WAIT_S)
-        hook.on_group = lambda n: None
-        sd = big_state(2)
-        stage, write = ckpt.save(str(tmp_path / "next"), sd)  # a new writer takes over
-        write.result(timeout=WAIT_S)
-    finally:
-        ckpt.close()
-    assert_same(load(tmp_path / "next", sd), sd)
-    assert not (tmp_path / "lost" / "manifest.json").exists()
-
-
-def test_an_incremental_pipelined_save_refers_to_its_unchanged_tensors(tmp_path, small_groups) -> None:
+def test_an_incremental_pipelined_save_refers_to_its_unchanged_tensors(tmp_path, monkeypatch) -> None:
+    use_small_groups(monkeypatch)
     ckpt = make()
     try:
         first = big_state(1)
