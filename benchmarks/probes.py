@@ -10,6 +10,7 @@ median (min–max) of the per-round ratios::
     python benchmarks/probes.py hygiene       # copy_ right away vs after os.sync() + fresh memory (as saves are timed)
     python benchmarks/probes.py write --size-gib 4 --pairs 3   # sync native save vs pwritev + sync_file_range
     python benchmarks/probes.py pickle --pairs 3   # torch.save of many small tensors vs its pickle's least cost
+    python benchmarks/probes.py pipeline --size-gib 0.5   # async save-to-durable, pipelined or not, vs the sync save
 """
 
 from __future__ import annotations
@@ -233,9 +234,59 @@ def probe_pickle(pairs: int) -> None:
              ("pickle with the two hooks only", lambda: Least(io.BytesIO()).dump(sd)))  # fmt: skip
 
 
+def probe_pipeline(size: int, pairs: int, scratch: str) -> None:
+    """An async save to durable, pipelined (``pipeline.py``) and staged whole first, against the sync save.
+
+    One warmed async checkpointer serves both; ``PIPELINE_MIN_BYTES`` switches
+    pipelining off for the whole-first saves. Same hygiene before each: the
+    previous checkpoint deleted, ``os.sync()``, fresh memory touched and freed.
+    """
+    from torchckpt import pipeline
+
+    sd = make_state(size)
+    ckpt = os.path.join(scratch, "ckpt")
+    config = tc.CheckpointerConfig(
+        writer_config=tc.CheckpointWriterConfig(format="safetensors"),
+        staging_config=tc.CheckpointStagerConfig(pipelined_writes=True),
+    )
+    stalls: dict[str, list[float]] = {"pipelined": [], "whole first": []}
+
+    def before() -> None:
+        remove(ckpt)
+        os.sync()
+        prefault(size + 64 * 2**20)
+        malloc_trim()
+
+    def async_save(kind: str, minimum: int) -> Callable[[], None]:
+        def run() -> None:
+            pipeline.PIPELINE_MIN_BYTES = minimum
+            t0 = time.perf_counter()
+            stage, write = ack.save(ckpt, sd)
+            stage.result()
+            stalls[kind].append(time.perf_counter() - t0)
+            write.result()
+
+        return run
+
+    default = pipeline.PIPELINE_MIN_BYTES
+    with _sync_checkpointer() as sync, tc.make_async_checkpointer(config) as ack:
+        ack.warmup(sd)
+        for kind, minimum in (("pipelined", default), ("whole first", 2**62)):  # one save each before timing
+            before()
+            async_save(kind, minimum)()
+        for ts in stalls.values():
+            ts.clear()
+        _compare(pairs, ("torchckpt sync save native", lambda: sync.save(ckpt, sd)),
+                 ("async save to durable, pipelined", async_save("pipelined", default)),
+                 ("async save to durable, staged whole first", async_save("whole first", 2**62)),
+                 before=before)  # fmt: skip
+    pipeline.PIPELINE_MIN_BYTES = default
+    print("stall: " + "   ".join(f"{k}: median {statistics.median(v) * 1e3:.0f} ms" for k, v in stalls.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["read", "bookkeeping", "stage", "hygiene", "write", "pickle"])
+    p.add_argument("probe", choices=["read", "bookkeeping", "stage", "hygiene", "write", "pickle", "pipeline"])
     p.add_argument("--size-gib", type=float, default=1.0, help="tensor bytes of the state, GiB (default 1)")
     p.add_argument("--pairs", type=int, default=9, help="interleaved rounds (default 9)")
     p.add_argument("--dir", default="/work/bench-scratch", help="scratch directory on the disk to measure")
@@ -255,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             probe_hygiene(size, args.pairs)
         elif args.probe == "pickle":
             probe_pickle(args.pairs)
+        elif args.probe == "pipeline":
+            probe_pipeline(size, args.pairs, scratch)
         else:
             probe_write(size, args.pairs, scratch)
     finally:

@@ -30,8 +30,11 @@ def big_state(seed: int) -> dict:
     return sd
 
 
-def make(fmt: str = "safetensors") -> tc.AsyncCheckpointer:
-    config = tc.CheckpointerConfig(writer_config=tc.CheckpointWriterConfig(format=fmt))
+def make(fmt: str = "safetensors", pipelined: bool = True) -> tc.AsyncCheckpointer:
+    config = tc.CheckpointerConfig(
+        writer_config=tc.CheckpointWriterConfig(format=fmt),
+        staging_config=tc.CheckpointStagerConfig(pipelined_writes=pipelined),
+    )
     return tc.make_async_checkpointer(config, rank_info=RANK)
 
 

@@ -336,7 +336,8 @@ class DefaultStager(CheckpointStager):
                 # The copies are done only when the staging stream has run them.
                 self._staging_stream.synchronize()
             else:
-                staged = self._state_dict_stager.stage(state_dict, non_blocking=False, handover=handover)
+                pipelined = handover if self._config.pipelined_writes else None
+                staged = self._state_dict_stager.stage(state_dict, non_blocking=False, handover=pipelined)
         except BaseException as e:
             if handover is not None:
                 handover.fail(e)

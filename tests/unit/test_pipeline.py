@@ -21,6 +21,8 @@ from pipeline_testutil import (
     use_small_groups,
 )
 
+import torchckpt as tc
+from torchckpt import config as config_module
 from torchckpt import pipeline
 from torchckpt.errors import WriterProcessError
 from torchckpt.pipeline import Handover, StagedProgress, StagingFailedError, stage_groups
@@ -209,6 +211,37 @@ def test_the_writer_writes_the_first_groups_before_staging_ends(tmp_path, monkey
         ckpt.close()
     assert seen["size"] >= 4096 + TENSOR_BYTES  # written while the last group was not yet staged
     assert_same(load(tmp_path / "s", sd), sd)
+
+
+def test_without_pipelined_writes_nothing_is_written_before_staging_ends(tmp_path, monkeypatch) -> None:
+    use_small_groups(monkeypatch)
+    sizes: list[int] = []
+
+    def before(n: int) -> None:
+        time.sleep(0.05)
+        sizes.append(rank_file_size(tmp_path))
+
+    CopyHook(monkeypatch, before)
+    ckpt = make(pipelined=False)
+    try:
+        sd = big_state(1)
+        stage, write = ckpt.save(str(tmp_path / "s"), sd)
+        stage.result(timeout=WAIT_S)
+        write.result(timeout=WAIT_S)
+    finally:
+        ckpt.close()
+    assert sizes == [0]  # one copy of the whole state, before any byte of the file
+    assert_same(load(tmp_path / "s", sd), sd)
+
+
+def test_pipelined_writes_default_to_machines_with_cores_to_spare(monkeypatch) -> None:
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: 2)
+    assert tc.CheckpointStagerConfig().resolved().pipelined_writes is False
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: config_module.PIPELINE_MIN_CPUS)
+    assert tc.CheckpointStagerConfig().resolved().pipelined_writes is True
+    assert tc.CheckpointStagerConfig(pipelined_writes=False).resolved().pipelined_writes is False
+    with pytest.raises(TypeError):
+        tc.CheckpointStagerConfig(None, None, None, None, True)  # torchckpt's own option: keyword only
 
 
 def test_an_incremental_pipelined_save_refers_to_its_unchanged_tensors(tmp_path, monkeypatch) -> None:
