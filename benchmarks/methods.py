@@ -730,6 +730,20 @@ class TorchckptAsync(_AsyncCheckpointerBlock):
             remove(p)
 
 
+class TorchckptAsyncPipelined(_AsyncCheckpointerBlock):
+    """The native async save with ``pipelined_writes`` forced on (its default needs 4 CPUs; see pipeline.py)."""
+
+    group = "torchckpt"
+    key = "tc_async_native_pipelined"
+    label = "torchckpt async, native format, pipelined writes"
+    note = "CheckpointStagerConfig(pipelined_writes=True): the writer writes staged groups while staging goes on"
+
+    def make(self) -> Any:
+        config = tc_config("native")
+        config.staging_config = tc.CheckpointStagerConfig(pipelined_writes=True)
+        return tc.make_async_checkpointer(config)
+
+
 def main_blocks() -> list[Block]:
     """Every block on the transformer-like state, in table order."""
     from ranks import TwoRanks
@@ -748,6 +762,7 @@ def main_blocks() -> list[Block]:
         TorchckptSync("native"),
         TorchckptSync("torch_save"),
         TorchckptAsync("native"),
+        TorchckptAsyncPipelined(),
         TorchckptAsync("torch_save"),
         TwoRanks(),
     ]

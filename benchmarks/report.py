@@ -84,6 +84,10 @@ def _min(*xs: float | None) -> float | None:
     return min(vals) if vals else None
 
 
+def _max(*xs: float | None) -> float | None:
+    return None if any(x is None for x in xs) else max(x for x in xs if x is not None)
+
+
 def _sum(*xs: float | None) -> float | None:
     return None if any(x is None for x in xs) else sum(x for x in xs if x is not None)
 
@@ -125,6 +129,10 @@ TARGETS: list[Target] = [
      0.5, "le"),
     ("async native: save-to-durable / (copy_ + plain write+fsync)", lambda s: _ratio(
         _t(s, "tc_async_native"), _sum(_t(s, "copy"), _t(s, "write"))), 1.2, "le"),
+    ("async native pipelined: save-to-durable / max(copy_, sync save native)", lambda s: _ratio(
+        _t(s, "tc_async_native_pipelined"), _max(_t(s, "copy"), _t(s, "tc_native_save"))), 1.1, "le"),
+    ("async native pipelined, 2nd+ save: stall / copy_",
+     lambda s: _ratio(_t(s, "tc_async_native_pipelined", "stall"), _t(s, "copy")), 1.1, "le"),
     ("load native into preallocated, warm: throughput / plain read warm",
      lambda s: _ratio(_t(s, "read_warm"), _t(s, "tc_native_load_inplace_warm")), 0.95, "ge"),
     ("load native into preallocated, cold: throughput / plain read cold",
