@@ -22,7 +22,6 @@ from pipeline_testutil import (
 )
 
 import torchckpt as tc
-from torchckpt import config as config_module
 from torchckpt import pipeline
 from torchckpt.errors import WriterProcessError
 from torchckpt.pipeline import Handover, StagedProgress, StagingFailedError, stage_groups
@@ -234,12 +233,9 @@ def test_without_pipelined_writes_nothing_is_written_before_staging_ends(tmp_pat
     assert_same(load(tmp_path / "s", sd), sd)
 
 
-def test_pipelined_writes_default_to_machines_with_cores_to_spare(monkeypatch) -> None:
-    monkeypatch.setattr(config_module, "usable_cpus", lambda: 2)
+def test_pipelined_writes_are_off_by_default_and_a_keyword_only_option() -> None:
     assert tc.CheckpointStagerConfig().resolved().pipelined_writes is False
-    monkeypatch.setattr(config_module, "usable_cpus", lambda: config_module.PIPELINE_MIN_CPUS)
-    assert tc.CheckpointStagerConfig().resolved().pipelined_writes is True
-    assert tc.CheckpointStagerConfig(pipelined_writes=False).resolved().pipelined_writes is False
+    assert tc.CheckpointStagerConfig(pipelined_writes=True).resolved().pipelined_writes is True
     with pytest.raises(TypeError):
         tc.CheckpointStagerConfig(None, None, None, None, True)  # torchckpt's own option: keyword only
 
