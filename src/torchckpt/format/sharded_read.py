@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, StateDictMismatchError
 from ..plan.boxes import Box, intersect, row_major_span, volume
-from ..plan.dtensor import is_dtensor, local_boxes
+from ..plan.dtensor import Meshes, is_dtensor, local_boxes, local_tensor
 from ..storage.base import ObjectReader
 from .dtypes import dtype_from_name
 from .extent_read import read_extents
@@ -85,6 +85,7 @@ class ShardedLoads:
         self.where = where
         self.reads: list[_Read] = []
         self.fresh: list[torch.Tensor] = []
+        self._meshes = Meshes()
 
     def tensor(self, g: GlobalTensor, target: torch.Tensor | None, key: str) -> torch.Tensor:
         """The tensor at ``key``: ``target`` (checked, filled by :meth:`execute`) or a fresh full tensor."""
@@ -102,8 +103,8 @@ class ShardedLoads:
                 key=key,
             )
         if is_dtensor(target):
-            local = target.to_local()
-            for box in local_boxes(target, key, action="load into", local=local):
+            local = local_tensor(target)
+            for box in local_boxes(target, key, action="load into", local=local, meshes=self._meshes):
                 self._plan(g, (box.offsets, box.sizes), box.view(local), key)
         elif volume(g.shape) > 0:
             self._plan(g, ((0,) * len(g.shape), tuple(g.shape)), target, key)

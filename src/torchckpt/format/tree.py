@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsafeObjectError
-from ..plan.dtensor import MeshRanks, ReplicaChooser, grid_placements, is_dtensor, local_boxes
+from ..plan.dtensor import Meshes, ReplicaChooser, grid_placements, is_dtensor, local_boxes, local_tensor
 from .dtypes import dtype_from_name, dtype_name
 from .shards import ChunkEntry, Grid, ShardedEntry
 
@@ -149,8 +149,8 @@ class _Flattener:
         self._seen: dict[tuple[Any, ...], int] = {}
         self._used_names: set[str] = {"__metadata__"}  # reserved by safetensors
         self._open: dict[int, str] = {}  # the containers being walked (id -> key path): a cycle's ends
-        self._replicas = ReplicaChooser()
-        self._mesh_ranks = MeshRanks()
+        self._meshes = Meshes()
+        self._replicas = ReplicaChooser(self._meshes)
         self._sharded_names: set[str] = set()
 
     def enter(self, value: Any, path: str) -> None:
@@ -200,8 +200,8 @@ class _Flattener:
 
     def dtensor(self, t: Any, path: str) -> dict[str, int]:
         """A ``DTensor``: the boxes of its local shard that this rank writes, and a ``{"DT": j}`` node."""
-        local = t.to_local()
-        boxes = local_boxes(t, path, local=local)
+        local = local_tensor(t)
+        boxes = local_boxes(t, path, local=local, meshes=self._meshes)
         name, n = path or "[root]", 2
         while name in self._sharded_names:
             name, n = f"{path or '[root]'}#{n}", n + 1
@@ -209,7 +209,7 @@ class _Flattener:
         replica, writes = self._replicas.choose(t)
         chunks = [ChunkEntry(self.tensor(b.view(local), path)["T"], b.offsets) for b in boxes] if writes else []
         placements, mesh = grid_placements(t.placements), t.device_mesh  # no grid: a _StridedShard lists its chunks
-        grid = None if placements is None else Grid(tuple(mesh.shape), self._mesh_ranks(mesh), placements, replica)
+        grid = None if placements is None else Grid(self._meshes.shape(mesh), self._meshes.ranks(mesh), placements, replica)
         shape = tuple(int(d) for d in t.shape)
         self.out.sharded.append(ShardedEntry(name, dtype_name(t.dtype), shape, tuple(chunks), grid))
         return {"DT": len(self.out.sharded) - 1}

@@ -27,7 +27,7 @@ import torch
 from ..errors import UnsafeObjectError
 from .grid import Placement, grid_box
 
-__all__ = ["LocalBox", "MeshRanks", "ReplicaChooser", "grid_placements", "is_dtensor", "local_boxes"]
+__all__ = ["LocalBox", "Meshes", "ReplicaChooser", "grid_placements", "is_dtensor", "local_boxes", "local_tensor"]
 
 
 def _dtensor_type() -> type | None:
@@ -132,25 +132,56 @@ def grid_placements(placements: Sequence[Any]) -> tuple[Placement, ...] | None:
     return tuple(out)
 
 
-class MeshRanks:
-    """The global ranks of device meshes, row-major, computed once per mesh for one walk of a state."""
+class Meshes:
+    """Facts of device meshes, asked of torch once per mesh for one walk of a state.
+
+    A ``DeviceMesh`` recomputes its shape on every access; a walk over a
+    thousand ``DTensor``s of one mesh asks for it thousands of times.
+    """
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[Any, tuple[int, ...]]] = {}
+        self._seen: dict[int, tuple[Any, tuple[int, ...], tuple[int, ...], list[tuple[int, ...]]]] = {}
 
-    def __call__(self, mesh: Any) -> tuple[int, ...]:
+    def _facts(self, mesh: Any) -> tuple[Any, tuple[int, ...], tuple[int, ...], list[tuple[int, ...]]]:
         found = self._seen.get(id(mesh))
-        if found is None or found[0] is not mesh:
-            found = self._seen[id(mesh)] = (mesh, tuple(int(r) for r in mesh.mesh.flatten().tolist()))
-        return found[1]
+        if found is None or found[0] is not mesh:  # the mesh is held: its id is not reused meanwhile
+            coordinate = mesh.get_coordinate()
+            found = self._seen[id(mesh)] = (
+                mesh, tuple(int(n) for n in mesh.shape), tuple(coordinate) if coordinate is not None else (), []
+            )
+        return found
+
+    def shape(self, mesh: Any) -> tuple[int, ...]:
+        """The mesh's shape."""
+        return self._facts(mesh)[1]
+
+    def coordinate(self, mesh: Any) -> tuple[int, ...]:
+        """This rank's coordinate in the mesh (empty when it is not in it)."""
+        return self._facts(mesh)[2]
+
+    def ranks(self, mesh: Any) -> tuple[int, ...]:
+        """The mesh's global ranks, row-major."""
+        cached = self._facts(mesh)[3]
+        if not cached:
+            cached.append(tuple(int(r) for r in mesh.mesh.flatten().tolist()))
+        return cached[0]
 
 
-def local_boxes(dt: Any, key: str, *, action: str = "save", local: torch.Tensor | None = None) -> list[LocalBox]:
+def local_tensor(dt: Any) -> torch.Tensor:
+    """``dt``'s local tensor (the one ``to_local()`` returns a view of), without an autograd node per call."""
+    local = getattr(dt, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else dt.to_local()
+
+
+def local_boxes(
+    dt: Any, key: str, *, action: str = "save", local: torch.Tensor | None = None, meshes: Meshes | None = None
+) -> list[LocalBox]:
     """The boxes of the global tensor that this rank's local tensor of ``dt`` holds (none when it is empty).
 
     ``action`` names what is done with it in the errors (``"save"``, ``"load into"``);
-    ``local``: its local tensor when the caller has it already. ``Shard``/``Replicate`` placements are arithmetic (``plan/grid.py``, torch's
-    rule); a ``_StridedShard`` asks torch.
+    ``local``: its local tensor when the caller has it already; ``meshes``: the
+    walk's cache of mesh facts. ``Shard``/``Replicate`` placements are arithmetic
+    (``plan/grid.py``, torch's rule); a ``_StridedShard`` asks torch.
 
     Raises:
         UnsafeObjectError: A ``Partial`` placement, or a local tensor whose shape
@@ -158,11 +189,11 @@ def local_boxes(dt: Any, key: str, *, action: str = "save", local: torch.Tensor 
     """
     placements = _placements(dt, key, action)
     if local is None:
-        local = dt.to_local()
+        local = local_tensor(dt)
     regular = grid_placements(placements)
     if regular is not None:
-        mesh = dt.device_mesh
-        offsets, shape = grid_box(dt.shape, mesh.shape, regular, mesh.get_coordinate())
+        mesh, meshes = dt.device_mesh, meshes if meshes is not None else Meshes()
+        offsets, shape = grid_box(dt.shape, meshes.shape(mesh), regular, meshes.coordinate(mesh))
     else:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -191,17 +222,17 @@ def local_boxes(dt: Any, key: str, *, action: str = "save", local: torch.Tensor 
     ]
 
 
-def _replica_position(dt: Any) -> tuple[int, int]:
+def _replica_position(dt: Any, meshes: Meshes) -> tuple[int, int]:
     """This rank's position among the ranks holding the same shard, and their number."""
     from torch.distributed.tensor.placement_types import Replicate
 
     mesh = dt.device_mesh
-    coordinate = mesh.get_coordinate()
+    coordinate, sizes = meshes.coordinate(mesh), meshes.shape(mesh)
     position, count = 0, 1
     for mesh_dim, p in enumerate(dt.placements):
         if isinstance(p, Replicate):
-            position = position * mesh.size(mesh_dim) + coordinate[mesh_dim]
-            count *= mesh.size(mesh_dim)
+            position = position * sizes[mesh_dim] + coordinate[mesh_dim]
+            count *= sizes[mesh_dim]
     return position, count
 
 
@@ -212,15 +243,16 @@ class ReplicaChooser:
     job), so every rank makes the same choices.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, meshes: Meshes | None = None) -> None:
         self._given: dict[int, int] = {}
+        self._meshes = meshes if meshes is not None else Meshes()
 
     def choose(self, dt: Any) -> tuple[int, bool]:
         """The replica position that writes ``dt``'s shards, and whether it is this rank's."""
-        position, count = _replica_position(dt)
+        position, count = _replica_position(dt, self._meshes)
         if count == 1:
             return 0, True
-        shards = math.prod(dt.device_mesh.shape) // count
+        shards = math.prod(self._meshes.shape(dt.device_mesh)) // count
         share = math.prod(dt.shape) * dt.dtype.itemsize // max(1, shards)
         chosen = min(range(count), key=lambda p: (self._given.get(p, 0), p))
         self._given[chosen] = self._given.get(chosen, 0) + share
