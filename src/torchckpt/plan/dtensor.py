@@ -141,6 +141,8 @@ class Meshes:
 
     def __init__(self) -> None:
         self._seen: dict[int, tuple[Any, tuple[int, ...], tuple[int, ...], list[tuple[int, ...]]]] = {}
+        #: Boxes of regular shardings already computed: (mesh id, placements, global shape) -> (local shape, boxes).
+        self.boxes: dict[tuple[Any, ...], tuple[tuple[int, ...], list[LocalBox]]] = {}
 
     def _facts(self, mesh: Any) -> tuple[Any, tuple[int, ...], tuple[int, ...], list[tuple[int, ...]]]:
         found = self._seen.get(id(mesh))
@@ -191,9 +193,15 @@ def local_boxes(
     if local is None:
         local = local_tensor(dt)
     regular = grid_placements(placements)
+    memo = None
     if regular is not None:
         mesh, meshes = dt.device_mesh, meshes if meshes is not None else Meshes()
-        offsets, shape = grid_box(dt.shape, meshes.shape(mesh), regular, meshes.coordinate(mesh))
+        mesh_shape = meshes.shape(mesh)  # from here on the cache holds the mesh: its id stays its own
+        memo = (id(mesh), regular, tuple(dt.shape))
+        known = meshes.boxes.get(memo)
+        if known is not None and known[0] == tuple(local.shape):
+            return known[1]  # shared between tensors of one walk: never changed
+        offsets, shape = grid_box(dt.shape, mesh_shape, regular, meshes.coordinate(mesh))
     else:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -207,6 +215,10 @@ def local_boxes(
         )
     if math.prod(shape) == 0:
         return []
+    if memo is not None and meshes is not None:
+        boxes = [LocalBox((0,) * len(shape), tuple(offsets), tuple(shape))]
+        meshes.boxes[memo] = (tuple(shape), boxes)
+        return boxes
     indices = _global_indices(dt, placements)
     per_dim: list[list[tuple[int, int, int]]] = []
     for d, n in enumerate(shape):
