@@ -440,7 +440,9 @@ class CheckpointProcess:
         if request.handover is not None:
             state, ends = state  # the plan: the flattened state, its groups (None: staged whole)
         path = request.path
-        stats = {} if request.called_at is None or ends is not None else {"stall_s": time.perf_counter() - request.called_at}
+        stats = {}  # a pipelined save's stall comes with its last staged group
+        if request.called_at is not None and ends is None:
+            stats["stall_s"] = time.perf_counter() - request.called_at
         payload = {
             "state": state, "path": path, "kwargs": request.kwargs, "save_number": request.save_number, "stats": stats,
         }  # fmt: skip
@@ -472,7 +474,9 @@ class CheckpointProcess:
                 pid = self._pid()
                 self._stop_subprocess()
                 self._broken = True
-                raise TimeoutError(f"checkpoint writer subprocess (pid {pid}) did not finish writing {path} in {timeout}s")
+                raise TimeoutError(
+                    f"checkpoint writer subprocess (pid {pid}) did not finish writing {path} in {timeout}s"
+                )
             self._recv(during=during, path=path)
         finally:
             if handover is not None:

@@ -116,7 +116,9 @@ class Handover:
             self._error = f"{type(error).__name__}: {error}"
             self._notify()
 
-    def attach(self, save_number: int, send_request: Callable[[], None], send: Callable[[dict[str, Any]], None]) -> None:
+    def attach(
+        self, save_number: int, send_request: Callable[[], None], send: Callable[[dict[str, Any]], None]
+    ) -> None:
         """Send the write request (``send_request``), then every message from now on (``send``)."""
         with self._lock:
             send_request()
@@ -134,9 +136,10 @@ class Handover:
         if self._send is None:
             return
         try:
-            self._send(
-                {"save_number": self._save_number, "groups": self._groups, "error": self._error, "stall_s": self._stall_s}
-            )
+            self._send({
+                "save_number": self._save_number, "groups": self._groups, "error": self._error,
+                "stall_s": self._stall_s,
+            })
         except Exception as e:  # noqa: BLE001 - the writer is gone: its write fails with that; staging goes on
             logger.debug("could not tell the writer of staging progress: %s", e)
             self._send = None

@@ -209,7 +209,8 @@ class _Flattener:
         replica, writes = self._replicas.choose(t)
         chunks = [ChunkEntry(self.tensor(b.view(local), path)["T"], b.offsets) for b in boxes] if writes else []
         placements, mesh = grid_placements(t.placements), t.device_mesh  # no grid: a _StridedShard lists its chunks
-        grid = None if placements is None else Grid(self._meshes.shape(mesh), self._meshes.ranks(mesh), placements, replica)
+        meshes = self._meshes
+        grid = None if placements is None else Grid(meshes.shape(mesh), meshes.ranks(mesh), placements, replica)
         shape = tuple(int(d) for d in t.shape)
         self.out.sharded.append(ShardedEntry(name, dtype_name(t.dtype), shape, tuple(chunks), grid))
         return {"DT": len(self.out.sharded) - 1}

@@ -215,10 +215,6 @@ def local_boxes(
         )
     if math.prod(shape) == 0:
         return []
-    if memo is not None and meshes is not None:
-        boxes = [LocalBox((0,) * len(shape), tuple(offsets), tuple(shape))]
-        meshes.boxes[memo] = (tuple(shape), boxes)
-        return boxes
     indices = _global_indices(dt, placements)
     per_dim: list[list[tuple[int, int, int]]] = []
     for d, n in enumerate(shape):
@@ -226,12 +222,13 @@ def local_boxes(
             per_dim.append(_runs(indices[d]))
         else:
             per_dim.append([(0, offsets[d] if offsets else 0, n)])
-    boxes = [()]  # type: list[tuple[tuple[int, int, int], ...]]
+    runs_of_boxes = [()]  # type: list[tuple[tuple[int, int, int], ...]]
     for runs in per_dim:
-        boxes = [b + (r,) for b in boxes for r in runs]
-    return [
-        LocalBox(tuple(r[0] for r in b), tuple(r[1] for r in b), tuple(r[2] for r in b)) for b in boxes
-    ]
+        runs_of_boxes = [b + (r,) for b in runs_of_boxes for r in runs]
+    boxes = [LocalBox(tuple(r[0] for r in b), tuple(r[1] for r in b), tuple(r[2] for r in b)) for b in runs_of_boxes]
+    if memo is not None:
+        meshes.boxes[memo] = (tuple(shape), boxes)
+    return boxes
 
 
 def _replica_position(dt: Any, meshes: Meshes) -> tuple[int, int]:
