@@ -261,3 +261,23 @@ def test_a_staged_overlap_larger_than_a_round_is_read_in_slabs(tmp_path, monkeyp
     tc.make_sync_checkpointer().load(path, template)
     assert torch.equal(template["model"]["w"], w)
     assert sum(reads) == 8 and len(reads) == 8  # 2 chunks of 20 rows, 4 slabs each, one slab per round
+
+
+def test_an_overlap_that_is_a_row_block_of_a_contiguous_target_is_read_straight_into_it(tmp_path, monkeypatch) -> None:
+    from torchckpt.format import sharded_read
+
+    w = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
+    path = sharded_checkpoint(str(tmp_path / "ckpt"), {"model.w": w, "model.v": w + 1}, world=2)
+    reads: list[int] = []
+    original = sharded_read.read_extents
+
+    def counting(src, extents, **kw):  # type: ignore[no-untyped-def]
+        reads.append(len(extents))
+        return original(src, extents, **kw)
+
+    monkeypatch.setattr(sharded_read, "read_extents", counting)
+    monkeypatch.setattr(sharded_read, "ROUND_BYTES", 5 * 6 * 4)  # a buffered read would be cut in 4 slabs
+    template = {"model": {"w": torch.zeros(40, 6), "v": torch.zeros(40, 6)}}  # rows 0-19 / 20-39: contiguous views
+    tc.make_sync_checkpointer().load(path, template)
+    assert torch.equal(template["model"]["w"], w) and torch.equal(template["model"]["v"], w + 1)
+    assert sum(reads) == 4  # one whole chunk per rank and tensor, no slabs

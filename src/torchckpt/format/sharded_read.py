@@ -58,6 +58,33 @@ class _Read:
     dest: torch.Tensor  # the target's elements of the overlap (a view)
 
 
+def _contiguous_view(shape: tuple[int, ...], view_shape: list[int]) -> bool:
+    """Whether a view of ``view_shape`` of a contiguous tensor of ``shape`` (narrowed where they differ) is contiguous.
+
+    torch's rule: dimensions of size 1 are ignored, every other stride is the
+    product of the sizes after it.
+    """
+    if 0 in view_shape:
+        return True
+    expected, stride = 1, 1
+    for n, v in zip(reversed(shape), reversed(view_shape)):
+        if v != 1 and stride != expected:
+            return False
+        expected *= v
+        stride *= n
+    return True
+
+
+#: A part of an overlap: its box in the chunk, its slab ``(start, length)`` of the
+#: target's view (None: the whole view), its first element, the first and end byte
+#: of the span read.
+_Part = tuple[Box, tuple[int, int] | None, int, int, int]
+
+#: A chunk overlapping a target: the chunk, the ``(dim, start, length)`` narrowings
+#: of the target that hold the overlap, and its parts.
+_Span = tuple[SavedChunk, tuple[tuple[int, int, int], ...], tuple[_Part, ...]]
+
+
 class ShardedLoads:
     """Plans and runs the reads of sharded tensors (and of plain tensors loaded into ``DTensor``s).
 
@@ -86,6 +113,7 @@ class ShardedLoads:
         self.reads: list[_Read] = []
         self.fresh: list[torch.Tensor] = []
         self._meshes = Meshes()
+        self._spans: dict[Any, list[_Span]] = {}  # _geometry's results, per grid, shape and box
 
     def tensor(self, g: GlobalTensor, target: torch.Tensor | None, key: str) -> torch.Tensor:
         """The tensor at ``key``: ``target`` (checked, filled by :meth:`execute`) or a fresh full tensor."""
@@ -138,42 +166,69 @@ class ShardedLoads:
     def _plan(self, g: GlobalTensor, want: Box, dest: torch.Tensor, key: str) -> None:
         """The reads of every chunk of ``g`` that overlaps ``want`` (global box), into ``dest`` (its memory)."""
         itemsize = dtype_from_name(g.dtype).itemsize
+        straight = dest.is_cpu and dest.is_contiguous()
+        memo = (id(g.grid), g.shape, want, itemsize, straight) if g.grid is not None else None
+        spans = self._spans.get(memo) if memo is not None else None
+        if spans is None:
+            spans = self._geometry(g, want, itemsize, straight)
+            if memo is not None:  # a grid lives as long as the manifest: its id stays its own
+                self._spans[memo] = spans
+        for c, narrows, parts in spans:
+            view = dest
+            for d, start, n in narrows:
+                view = view.narrow(d, start, n)
+            t = self._chunk_tensor(g, c, key)
+            for part, slab, first, lo, hi in parts:
+                part_view = view if slab is None else view.narrow(0, *slab)
+                self.reads.append(_Read(c.rank, t, key, lo, hi, part, first, part_view))
+
+    def _geometry(self, g: GlobalTensor, want: Box, itemsize: int, straight: bool) -> list[_Span]:
+        """Where each chunk overlapping ``want`` goes in the target, and the spans of its bytes to read.
+
+        Depends only on the chunks' boxes, ``want``, the item size and whether
+        the target is a contiguous CPU tensor (``straight``): the same for every
+        tensor of one shape on one grid, so :meth:`_plan` computes it once for them.
+        """
+        spans = []
         for c in g.overlapping(want):
             common = intersect(want, c.box)
             if common is None:
                 continue
             chunk_offsets, chunk_shape = c.box
             sub = (tuple(o - co for o, co in zip(common[0], chunk_offsets)), common[1])
-            view = dest
+            narrows, view_shape = [], list(want[1])
             for d, (o, n, wo) in enumerate(zip(common[0], common[1], want[0])):
-                if o != wo or n != view.shape[d]:
-                    view = view.narrow(d, o - wo, n)
-            t = self._chunk_tensor(g, c, key)
-            for part, part_view in self._slabs(chunk_shape, sub, view, itemsize):
+                if o != wo or n != view_shape[d]:
+                    narrows.append((d, o - wo, n))
+                    view_shape[d] = n
+            parts = []
+            contiguous = straight and _contiguous_view(want[1], view_shape)
+            for part, slab in self._slabs(chunk_shape, sub, contiguous, itemsize):
                 first, end = row_major_span(chunk_shape, part)
                 lo = first * itemsize // CHUNK_BYTES * CHUNK_BYTES
-                hi = min(t.nbytes, -(-end * itemsize // CHUNK_BYTES) * CHUNK_BYTES)
-                self.reads.append(_Read(c.rank, t, key, lo, hi, part, first, part_view))
+                hi = min(volume(chunk_shape) * itemsize, -(-end * itemsize // CHUNK_BYTES) * CHUNK_BYTES)
+                parts.append((part, slab, first, lo, hi))
+            spans.append((c, tuple(narrows), tuple(parts)))
+        return spans
 
     def _slabs(
-        self, chunk_shape: tuple[int, ...], sub: Box, view: torch.Tensor, itemsize: int
-    ) -> list[tuple[Box, torch.Tensor]]:
+        self, chunk_shape: tuple[int, ...], sub: Box, straight: bool, itemsize: int
+    ) -> list[tuple[Box, tuple[int, int] | None]]:
         """``sub`` cut along its first dimension so that a span read through a buffer stays near ``round_bytes``.
 
-        An overlap read straight into its target (a contiguous span) is not cut.
+        Each part with the ``(start, length)`` of its slab of the target's view
+        (None: the whole view). An overlap read straight into its target (a
+        contiguous span; ``straight``: the view is a contiguous CPU tensor) is not cut.
         """
         first, end = row_major_span(chunk_shape, sub)
-        if not sub[1] or (end - first) * itemsize <= self.round_bytes or (
-            end - first == volume(sub[1]) and view.is_contiguous() and view.is_cpu
-        ):
-            return [(sub, view)]
+        if not sub[1] or (end - first) * itemsize <= self.round_bytes or (end - first == volume(sub[1]) and straight):
+            return [(sub, None)]
         row = volume(chunk_shape[1:]) * itemsize  # one index of the first dimension, in the chunk
         rows = max(1, self.round_bytes // max(1, row))
-        out = []
+        out: list[tuple[Box, tuple[int, int] | None]] = []
         for k in range(0, sub[1][0], rows):
             n = min(rows, sub[1][0] - k)
-            part = ((sub[0][0] + k, *sub[0][1:]), (n, *sub[1][1:]))
-            out.append((part, view.narrow(0, k, n)))
+            out.append((((sub[0][0] + k, *sub[0][1:]), (n, *sub[1][1:])), (k, n)))
         return out
 
     def execute(self, *, verify: bool, threads: int) -> int:
@@ -198,12 +253,16 @@ class ShardedLoads:
                 src.close()
         return total
 
-    def _read_round(self, src: ObjectReader, entry: RankEntry, reads: list[_Read], *, verify: bool, threads: int) -> int:
+    def _read_round(
+        self, src: ObjectReader, entry: RankEntry, reads: list[_Read], *, verify: bool, threads: int
+    ) -> int:
         extents: list[Extent] = []
         copies: list[tuple[_Read, torch.Tensor]] = []
         for r in reads:
             itemsize = r.dest.element_size()
-            crcs = list(r.tensor.crc32c[r.first_byte // CHUNK_BYTES : -(-r.end_byte // CHUNK_BYTES)]) if verify else None
+            crcs = (
+                list(r.tensor.crc32c[r.first_byte // CHUNK_BYTES : -(-r.end_byte // CHUNK_BYTES)]) if verify else None
+            )
             if _direct(r, itemsize):
                 buffer = contiguous_bytes(r.dest)
             else:
