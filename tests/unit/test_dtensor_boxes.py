@@ -50,6 +50,20 @@ SCRIPT = textwrap.dedent(
     out["uneven"] = [(x.offsets, x.sizes) for x in local_boxes(uneven, "u", meshes=meshes)]
     chooser = ReplicaChooser(meshes)
     out["choices"] = [chooser.choose(uneven) for _ in range(3)]
+    # One layout per (mesh, placements), each with its own replica position; a Partial is refused every time.
+    from torch.distributed.tensor import Partial
+    layouts = [meshes.layout(dt((10, 6), p, s), "k") for p, s in (
+        ([Shard(0), Shard(1)], (5, 3)), ([Shard(0), Replicate()], (5, 6)), ([Replicate(), Replicate()], (10, 6)),
+        ([Shard(0), Replicate()], (5, 6)))]
+    out["layouts"] = [(l.regular, l.position, l.count) for l in layouts]
+    out["layout_reused"] = layouts[1] is layouts[3]
+    partial = dt((10, 6), [Shard(0), Partial()], (5, 6))
+    out["partial"] = []
+    for key in ("p1", "p2"):
+        try:
+            meshes.layout(partial, key)
+        except UnsafeObjectError as e:
+            out["partial"].append(str(e).split(":")[0])
     print(json.dumps(out))
     dist.destroy_process_group()
     """
@@ -73,3 +87,12 @@ def test_cached_boxes_equal_fresh_ones_and_a_wrong_local_shape_still_fails() -> 
     assert out["uneven"] == [[[5, 0], [4, 6]]]
     # Two replicas (mesh dim 1) of each shard: writes alternate by bytes, the same on every rank.
     assert out["choices"] == [[0, False], [1, True], [0, False]]
+    # Rank 3 sits at (1, 1) of the 2 x 2 mesh: its position among replicas counts the Replicate dimensions.
+    assert out["layouts"] == [
+        [[["S", 0], ["S", 1]], 0, 1],
+        [[["S", 0], ["R", -1]], 1, 2],
+        [[["R", -1], ["R", -1]], 3, 4],
+        [[["S", 0], ["R", -1]], 1, 2],
+    ]
+    assert out["layout_reused"] is True
+    assert out["partial"] == ["cannot save the DTensor at key 'p1'", "cannot save the DTensor at key 'p2'"]

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsafeObjectError
-from ..plan.dtensor import Meshes, ReplicaChooser, grid_placements, is_dtensor, local_boxes, local_tensor
+from ..plan.dtensor import Meshes, ReplicaChooser, is_dtensor, local_boxes, local_tensor
 from .dtypes import dtype_from_name, dtype_name
 from .shards import ChunkEntry, Grid, ShardedEntry
 
@@ -201,18 +201,17 @@ class _Flattener:
     def dtensor(self, t: Any, path: str) -> dict[str, int]:
         """A ``DTensor``: the boxes of its local shard that this rank writes, and a ``{"DT": j}`` node."""
         local = local_tensor(t)
-        boxes = local_boxes(t, path, local=local, meshes=self._meshes)
+        layout = self._meshes.layout(t, path)
+        boxes = local_boxes(t, path, local=local, meshes=self._meshes, layout=layout)
         name, n = path or "[root]", 2
         while name in self._sharded_names:
             name, n = f"{path or '[root]'}#{n}", n + 1
         self._sharded_names.add(name)
-        replica, writes = self._replicas.choose(t)
+        replica, writes = self._replicas.choose(t, layout)
         chunks = [ChunkEntry(self.tensor(b.view(local), path)["T"], b.offsets) for b in boxes] if writes else []
-        placements, mesh = grid_placements(t.placements), t.device_mesh  # no grid: a _StridedShard lists its chunks
-        meshes = self._meshes
-        grid = None if placements is None else Grid(meshes.shape(mesh), meshes.ranks(mesh), placements, replica)
-        shape = tuple(int(d) for d in t.shape)
-        self.out.sharded.append(ShardedEntry(name, dtype_name(t.dtype), shape, tuple(chunks), grid))
+        mesh, regular = t.device_mesh, layout.regular  # no grid: a _StridedShard lists its chunks
+        grid = None if regular is None else Grid(self._meshes.shape(mesh), self._meshes.ranks(mesh), regular, replica)
+        self.out.sharded.append(ShardedEntry(name, dtype_name(t.dtype), tuple(t.shape), tuple(chunks), grid))
         return {"DT": len(self.out.sharded) - 1}
 
     def node(self, value: Any, path: str) -> Any:

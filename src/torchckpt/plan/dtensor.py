@@ -27,7 +27,16 @@ import torch
 from ..errors import UnsafeObjectError
 from .grid import Placement, grid_box
 
-__all__ = ["LocalBox", "Meshes", "ReplicaChooser", "grid_placements", "is_dtensor", "local_boxes", "local_tensor"]
+__all__ = [
+    "Layout",
+    "LocalBox",
+    "Meshes",
+    "ReplicaChooser",
+    "grid_placements",
+    "is_dtensor",
+    "local_boxes",
+    "local_tensor",
+]
 
 
 def _dtensor_type() -> type | None:
@@ -67,6 +76,23 @@ class LocalBox:
             if start != 0 or size != out.shape[d]:
                 out = out.narrow(d, start, size)
         return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A ``DTensor``'s placements over its mesh, as a walk needs them (the same for every tensor laid out alike).
+
+    Attributes:
+        placements: Its placements (checked: no ``Partial``).
+        regular: The placements as ``plan/grid.py`` takes them, None when one is a ``_StridedShard``.
+        position: This rank's position among the ranks holding the same shard.
+        count: How many ranks hold each shard.
+    """
+
+    placements: tuple[Any, ...]
+    regular: tuple[Placement, ...] | None
+    position: int
+    count: int
 
 
 def _placements(dt: Any, key: str, action: str) -> tuple[Any, ...]:
@@ -143,13 +169,40 @@ class Meshes:
         self._seen: dict[int, tuple[Any, tuple[int, ...], tuple[int, ...], list[tuple[int, ...]]]] = {}
         #: Boxes of regular shardings already computed: (mesh id, placements, global shape) -> (local shape, boxes).
         self.boxes: dict[tuple[Any, ...], tuple[tuple[int, ...], list[LocalBox]]] = {}
+        self._layouts: dict[tuple[int, tuple[Any, ...]], Layout] = {}
+
+    def layout(self, dt: Any, key: str, action: str = "save") -> Layout:
+        """``dt``'s :class:`Layout`, computed once per (mesh, placements).
+
+        Raises:
+            UnsafeObjectError: A ``Partial`` placement (names ``key``; never remembered).
+        """
+        mesh, placements = dt.device_mesh, tuple(dt.placements)
+        sizes = self.shape(mesh)  # from here on the cache holds the mesh: its id stays its own
+        memo = (id(mesh), placements)
+        found = self._layouts.get(memo)
+        if found is None:
+            from torch.distributed.tensor.placement_types import Replicate
+
+            checked = _placements(dt, key, action)
+            coordinate = self.coordinate(mesh)
+            position, count = 0, 1
+            for mesh_dim, p in enumerate(checked):
+                if isinstance(p, Replicate):
+                    position = position * sizes[mesh_dim] + coordinate[mesh_dim]
+                    count *= sizes[mesh_dim]
+            found = self._layouts[memo] = Layout(checked, grid_placements(checked), position, count)
+        return found
 
     def _facts(self, mesh: Any) -> tuple[Any, tuple[int, ...], tuple[int, ...], list[tuple[int, ...]]]:
         found = self._seen.get(id(mesh))
         if found is None or found[0] is not mesh:  # the mesh is held: its id is not reused meanwhile
             coordinate = mesh.get_coordinate()
             found = self._seen[id(mesh)] = (
-                mesh, tuple(int(n) for n in mesh.shape), tuple(coordinate) if coordinate is not None else (), []
+                mesh,
+                tuple(int(n) for n in mesh.shape),
+                tuple(coordinate) if coordinate is not None else (),
+                [],
             )
         return found
 
@@ -176,27 +229,35 @@ def local_tensor(dt: Any) -> torch.Tensor:
 
 
 def local_boxes(
-    dt: Any, key: str, *, action: str = "save", local: torch.Tensor | None = None, meshes: Meshes | None = None
+    dt: Any,
+    key: str,
+    *,
+    action: str = "save",
+    local: torch.Tensor | None = None,
+    meshes: Meshes | None = None,
+    layout: Layout | None = None,
 ) -> list[LocalBox]:
     """The boxes of the global tensor that this rank's local tensor of ``dt`` holds (none when it is empty).
 
     ``action`` names what is done with it in the errors (``"save"``, ``"load into"``);
     ``local``: its local tensor when the caller has it already; ``meshes``: the
-    walk's cache of mesh facts. ``Shard``/``Replicate`` placements are arithmetic
+    walk's cache of mesh facts; ``layout``: ``meshes.layout(dt, key, action)``
+    when the caller has it already. ``Shard``/``Replicate`` placements are arithmetic
     (``plan/grid.py``, torch's rule); a ``_StridedShard`` asks torch.
 
     Raises:
         UnsafeObjectError: A ``Partial`` placement, or a local tensor whose shape
             is not the one its placements give (names the key).
     """
-    placements = _placements(dt, key, action)
+    meshes = meshes if meshes is not None else Meshes()
+    layout = layout if layout is not None else meshes.layout(dt, key, action)
+    placements, regular = layout.placements, layout.regular
     if local is None:
         local = local_tensor(dt)
-    regular = grid_placements(placements)
     memo = None
     if regular is not None:
-        mesh, meshes = dt.device_mesh, meshes if meshes is not None else Meshes()
-        mesh_shape = meshes.shape(mesh)  # from here on the cache holds the mesh: its id stays its own
+        mesh = dt.device_mesh
+        mesh_shape = meshes.shape(mesh)
         memo = (id(mesh), regular, tuple(dt.shape))
         known = meshes.boxes.get(memo)
         if known is not None and known[0] == tuple(local.shape):
@@ -231,20 +292,6 @@ def local_boxes(
     return boxes
 
 
-def _replica_position(dt: Any, meshes: Meshes) -> tuple[int, int]:
-    """This rank's position among the ranks holding the same shard, and their number."""
-    from torch.distributed.tensor.placement_types import Replicate
-
-    mesh = dt.device_mesh
-    coordinate, sizes = meshes.coordinate(mesh), meshes.shape(mesh)
-    position, count = 0, 1
-    for mesh_dim, p in enumerate(dt.placements):
-        if isinstance(p, Replicate):
-            position = position * sizes[mesh_dim] + coordinate[mesh_dim]
-            count *= sizes[mesh_dim]
-    return position, count
-
-
 class ReplicaChooser:
     """Decides, tensor by tensor in the order of the walk, whether this rank writes its shard.
 
@@ -256,9 +303,13 @@ class ReplicaChooser:
         self._given: dict[int, int] = {}
         self._meshes = meshes if meshes is not None else Meshes()
 
-    def choose(self, dt: Any) -> tuple[int, bool]:
-        """The replica position that writes ``dt``'s shards, and whether it is this rank's."""
-        position, count = _replica_position(dt, self._meshes)
+    def choose(self, dt: Any, layout: Layout | None = None) -> tuple[int, bool]:
+        """The replica position that writes ``dt``'s shards, and whether it is this rank's.
+
+        ``layout``: ``dt``'s, when the caller has it already (checked for ``Partial``).
+        """
+        layout = layout if layout is not None else self._meshes.layout(dt, "")
+        position, count = layout.position, layout.count
         if count == 1:
             return 0, True
         shards = math.prod(self._meshes.shape(dt.device_mesh)) // count
