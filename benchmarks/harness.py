@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from memsample import descendants
 
 HERE = Path(__file__).resolve().parent
 DROP_CACHES = "/proc/sys/vm/drop_caches"
@@ -200,7 +201,14 @@ class MemProbe:
 
 
 class CpuMeter:
-    """How many cores other processes kept busy (from /proc/stat minus this process and its children)."""
+    """How many cores other processes kept busy: /proc/stat minus this process and all its descendants.
+
+    The benchmark's own processes (rank processes, async writer subprocesses,
+    the memory sampler) are its descendants: their CPU time is read from
+    ``/proc/<pid>/stat`` while they live (with what they reaped of theirs), and
+    from this process's children times once reaped, so none of it counts as
+    another process's.
+    """
 
     def __init__(self) -> None:
         self._tick = os.sysconf("SC_CLK_TCK")
@@ -216,7 +224,15 @@ class CpuMeter:
 
     def _own(self) -> float:
         t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
+        own = t.user + t.system + t.children_user + t.children_system
+        for pid in descendants(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile: its time is in its parent's children times
+            own += sum(int(x) for x in fields[11:15]) / self._tick  # utime, stime, cutime, cstime
+        return own
 
     def start(self) -> None:
         self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy(), self._own()
