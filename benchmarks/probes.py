@@ -11,6 +11,7 @@ median (min–max) of the per-round ratios::
     python benchmarks/probes.py write --size-gib 4 --pairs 3   # sync native save vs pwritev + sync_file_range
     python benchmarks/probes.py pickle --pairs 3   # torch.save of many small tensors vs its pickle's least cost
     python benchmarks/probes.py pipeline --size-gib 0.5   # async save-to-durable, pipelined or not, vs the sync save
+    python benchmarks/probes.py sharded-stall --ranks 2   # an FSDP2 async save's stall vs copy_ and the state's walk
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from methods import raw_pwrite_sfr
 from workload import make_state, template_like, tensors
 
 import torchckpt as tc
-from torchckpt.format.manifest import parse_manifest
-from torchckpt.format.native import byte_view, contiguous_bytes
 from torchckpt.format.extent_read import read_extents
 from torchckpt.format.extents import Extent
+from torchckpt.format.manifest import parse_manifest
+from torchckpt.format.native import byte_view, contiguous_bytes
 from torchckpt.storage.local_read import LocalObjectReader
 
 GIB = 2**30
@@ -284,9 +285,87 @@ def probe_pipeline(size: int, pairs: int, scratch: str) -> None:
     print("stall: " + "   ".join(f"{k}: median {statistics.median(v) * 1e3:.0f} ms" for k, v in stalls.items()))
 
 
+def _sharded_stall_rank(rank: int, world: int, port: int, size: int, pairs: int, scratch: str, out: object) -> None:
+    """One rank of ``probe_sharded_stall``: per round, every rank at once, a copy_, a walk and an async save."""
+    from datetime import timedelta
+
+    import methods
+    import sharded_state
+    import torch.distributed as dist
+
+    from torchckpt.format.tree import flatten
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
+    torch.set_num_threads(1)
+    state = sharded_state.build(world, size)["state"]
+    src = sharded_state.local_tensors(state)
+    dst = [torch.empty_like(t) for t in src]
+    ckpt = os.path.join(scratch, "ckpt")
+    rows = []
+    with tc.make_async_checkpointer(methods.tc_config("native")) as ack:
+        for r in range(pairs + 1):  # the first save allocates the staging memory and starts the writer: untimed
+            dist.barrier()
+            copy = _timed(lambda: [d.copy_(x) for d, x in zip(dst, src)])
+            dist.barrier()
+            walk = _timed(lambda: flatten(state, allow_pickle=True))
+            if rank == 0:
+                remove(ckpt)
+            os.sync()
+            malloc_trim()
+            dist.barrier()
+            t0 = time.perf_counter()
+            stage, write = ack.save(ckpt, state)
+            stage.result()
+            stall = time.perf_counter() - t0
+            write.result()
+            if r:
+                rows.append((copy, walk, stall))
+    out.put((rank, rows))  # type: ignore[attr-defined]
+    dist.destroy_process_group()
+
+
+def probe_sharded_stall(size: int, pairs: int, scratch: str, world: int) -> None:
+    """An FSDP2 state's async save on ``world`` gloo ranks: its stall against a ``copy_`` of the local shards
+    and the walk of the state (``flatten``), each rank doing each at once with the others (as ``run.py --sharded``).
+
+    Per round, the slowest rank's figure of each; ``size`` is the whole state's bytes (each rank holds 1/world).
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_sharded_stall_rank, args=(r, world, port, size, pairs, scratch, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(out.get(timeout=900) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    rounds = [tuple(max(got[r][i][k] for r in got) for k in range(3)) for i in range(pairs)]
+    copy, walk, stall = (sorted(x[k] for x in rounds) for k in range(3))
+    ratio = sorted(x[2] / x[0] for x in rounds)
+    excess = sorted((x[2] - x[0] - x[1]) for x in rounds)
+    print(f"{world} ranks, {size / GIB:.2f} GiB: copy_ median {statistics.median(copy) * 1e3:.0f} ms, walk (flatten) "
+          f"{statistics.median(walk) * 1e3:.0f} ms, stall {statistics.median(stall) * 1e3:.0f} ms; stall / copy_ median "
+          f"{statistics.median(ratio):.2f} ({ratio[0]:.2f}–{ratio[-1]:.2f}); stall - copy_ - walk median "
+          f"{statistics.median(excess) * 1e3:.0f} ms, over {pairs} rounds")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["read", "bookkeeping", "stage", "hygiene", "write", "pickle", "pipeline"])
+    p.add_argument(
+        "probe", choices=["read", "bookkeeping", "stage", "hygiene", "write", "pickle", "pipeline", "sharded-stall"]
+    )
+    p.add_argument("--ranks", type=int, default=2, help="sharded-stall: gloo ranks (default 2)")
     p.add_argument("--size-gib", type=float, default=1.0, help="tensor bytes of the state, GiB (default 1)")
     p.add_argument("--pairs", type=int, default=9, help="interleaved rounds (default 9)")
     p.add_argument("--dir", default="/work/bench-scratch", help="scratch directory on the disk to measure")
@@ -308,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             probe_pickle(args.pairs)
         elif args.probe == "pipeline":
             probe_pipeline(size, args.pairs, scratch)
+        elif args.probe == "sharded-stall":
+            probe_sharded_stall(size, args.pairs, scratch, args.ranks)
         else:
             probe_write(size, args.pairs, scratch)
     finally:
