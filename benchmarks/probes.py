@@ -293,6 +293,7 @@ def _sharded_stall_rank(rank: int, world: int, port: int, size: int, pairs: int,
     import sharded_state
     import torch.distributed as dist
 
+    from torchckpt.format.gcpause import paused_gc
     from torchckpt.format.tree import flatten
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -308,7 +309,8 @@ def _sharded_stall_rank(rank: int, world: int, port: int, size: int, pairs: int,
             dist.barrier()
             copy = _timed(lambda: [d.copy_(x) for d, x in zip(dst, src)])
             dist.barrier()
-            walk = _timed(lambda: flatten(state, allow_pickle=True))
+            with paused_gc():  # as staging walks it
+                walk = _timed(lambda: flatten(state, allow_pickle=True))
             if rank == 0:
                 remove(ckpt)
             os.sync()

@@ -135,6 +135,12 @@ def _ls_rows(root: str, verify: bool) -> dict[int, dict[str, Any]]:
     return root_rows(store, verify)
 
 
+def _step_of(name: str) -> str:
+    """``"10"`` for ``step_0000000010`` (a referenced checkpoint's name), else the name as it is."""
+    digits = name.removeprefix("step_")
+    return str(int(digits)) if digits != name and digits.isdigit() else name
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     rows_by_step = _ls_rows(args.root, args.verify)
     if args.remote is None:
@@ -149,15 +155,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for r in rows:
         place = [r["location"]] if where else []
         if not r["committed"]:
-            table.append([str(r["step"]), *place, "-", "-", "-", "-", "-", "-", "-", "not committed"])
+            table.append([str(r["step"]), *place, "-", "-", "-", "-", "-", "-", "-", "-", "not committed"])
             continue
         status = "verified" if r.get("verified") else ("BAD" if "verified" in r else "committed")
         table.append(
             [str(r["step"]), *place, r["time"], _human(r["size_bytes"]), str(r["ranks"]), r["format"],
-             _seconds_text(r["stall_s"]), _seconds_text(r["write_s"]), _metrics_text(r["metrics"]) or "-", status]
+             _seconds_text(r["stall_s"]), _seconds_text(r["write_s"]), _metrics_text(r["metrics"]) or "-",
+             ",".join(_step_of(name) for name in r["refs"]) or "-", status]
         )  # fmt: skip
     header = ["step", *(["location"] if where else []), "time", "size", "ranks", "format", "stall_s", "write_s"]
-    print(_table(table, [*header, "metrics", "status"]))
+    print(_table(table, [*header, "metrics", "refers_to", "status"]))
     return 0
 
 

@@ -3,7 +3,11 @@
 A row is a plain dict (what ``--json`` prints)::
 
     {"step", "path", "committed": True, "time", "size_bytes", "ranks", "format",
-     "stall_s", "write_s", "metrics"[, "verified"]}       a committed step
+     "stall_s", "write_s", "metrics", "refs"[, "verified"]}       a committed step
+
+``size_bytes`` counts the step's own files; ``refs`` names the checkpoints of
+the same root whose files hold the rest of its tensors (an incremental save's
+unchanged tensors), sorted.
     {"step", "path", "committed": False, "error"}          anything else with a step's name
 
 With a remote tier (:func:`tier_rows`), each row also says where the step is
@@ -57,6 +61,7 @@ def step_row(step: int, path: str, verify: bool) -> dict[str, Any]:
         "stall_s": man.stats.get("stall_s"),
         "write_s": man.stats.get("write_s"),
         "metrics": _metrics_of(man.metadata.get("metrics")),
+        "refs": sorted({ref.name for r in man.ranks for ref in r.refs}),
     }
     if verify:
         from .verify import verify_checkpoint

@@ -290,3 +290,21 @@ def test_a_fresh_load_reads_a_referenced_tensor_from_its_own_file_where_offsets_
     assert by_name["small"].offset == by_name["big"].offset == 4096  # the same place in two files
     loaded = _load(root, 1)
     assert torch.equal(loaded["small"], small) and torch.equal(loaded["big"], states[1]["big"])
+
+
+def test_ls_names_the_steps_an_incremental_step_refers_to(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torchckpt.cli import main
+
+    root = str(tmp_path)
+    frozen = _frozen()
+    with _manager(root) as m:
+        for step in (0, 1, 2):
+            m.save(step, _state(step, frozen))
+    assert main(["ls", root, "--json"]) == 0
+    rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)}
+    assert [rows[s]["refs"] for s in (0, 1, 2)] == [[], ["step_0000000000"], ["step_0000000000"]]
+    assert rows[1]["size_bytes"] == _size(root, 1) < _size(root, 0)  # its own file only
+    assert main(["ls", root]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-2:] == ["refers_to", "status"]
+    assert [line.split()[-2] for line in lines[1:]] == ["-", "0", "0"]

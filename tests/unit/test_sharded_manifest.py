@@ -243,11 +243,10 @@ def test_the_sharded_entries_round_trip_the_manifest(good: str) -> None:
     assert [s.to_json(MeshTable()) for s in m.ranks[1].sharded] == doc["ranks"][1]["sharded"]
 
 
-def test_a_staged_overlap_larger_than_a_round_is_read_in_slabs(tmp_path, monkeypatch) -> None:
+def _count_reads(monkeypatch: pytest.MonkeyPatch, round_bytes: int) -> list[int]:
+    """The number of extents of each ``read_extents`` call of sharded loads, with rounds of ``round_bytes``."""
     from torchckpt.format import sharded_read
 
-    w = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
-    path = sharded_checkpoint(str(tmp_path / "ckpt"), {"model.w": w}, world=2)
     reads: list[int] = []
     original = sharded_read.read_extents
 
@@ -256,7 +255,14 @@ def test_a_staged_overlap_larger_than_a_round_is_read_in_slabs(tmp_path, monkeyp
         return original(src, extents, **kw)
 
     monkeypatch.setattr(sharded_read, "read_extents", counting)
-    monkeypatch.setattr(sharded_read, "ROUND_BYTES", 5 * 6 * 4)  # five rows per slab
+    monkeypatch.setattr(sharded_read, "ROUND_BYTES", round_bytes)
+    return reads
+
+
+def test_a_staged_overlap_larger_than_a_round_is_read_in_slabs(tmp_path, monkeypatch) -> None:
+    w = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
+    path = sharded_checkpoint(str(tmp_path / "ckpt"), {"model.w": w}, world=2)
+    reads = _count_reads(monkeypatch, 5 * 6 * 4)  # five rows per slab
     template = {"model": {"w": torch.zeros(6, 40).t()}}  # not contiguous: read through buffers
     tc.make_sync_checkpointer().load(path, template)
     assert torch.equal(template["model"]["w"], w)
@@ -264,19 +270,9 @@ def test_a_staged_overlap_larger_than_a_round_is_read_in_slabs(tmp_path, monkeyp
 
 
 def test_an_overlap_that_is_a_row_block_of_a_contiguous_target_is_read_straight_into_it(tmp_path, monkeypatch) -> None:
-    from torchckpt.format import sharded_read
-
     w = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
     path = sharded_checkpoint(str(tmp_path / "ckpt"), {"model.w": w, "model.v": w + 1}, world=2)
-    reads: list[int] = []
-    original = sharded_read.read_extents
-
-    def counting(src, extents, **kw):  # type: ignore[no-untyped-def]
-        reads.append(len(extents))
-        return original(src, extents, **kw)
-
-    monkeypatch.setattr(sharded_read, "read_extents", counting)
-    monkeypatch.setattr(sharded_read, "ROUND_BYTES", 5 * 6 * 4)  # a buffered read would be cut in 4 slabs
+    reads = _count_reads(monkeypatch, 5 * 6 * 4)  # a buffered read would be cut in 4 slabs
     template = {"model": {"w": torch.zeros(40, 6), "v": torch.zeros(40, 6)}}  # rows 0-19 / 20-39: contiguous views
     tc.make_sync_checkpointer().load(path, template)
     assert torch.equal(template["model"]["w"], w) and torch.equal(template["model"]["v"], w + 1)
