@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,9 +319,46 @@ class DefaultStager(CheckpointStager):
             # Everything the compute stream has queued so far must be in the copy.
             compute_event = torch.Event()
             compute_event.record()
-        if self._staging_executor is not None:
-            return self._staging_executor.submit(lambda: result(self._stage(state_dict, compute_event, handover)))
-        return result(self._stage(state_dict, compute_event, handover))
+        if self._staging_executor is None:
+            staged = self._stage(state_dict, compute_event, handover)
+            _hand_over_whole(handover, staged)
+            return result(staged)
+        if handover is None:
+            return self._staging_executor.submit(lambda: result(self._stage(state_dict, compute_event)))
+        done: Future[Any] = Future()
+        self._staging_executor.submit(self._stage_then_hand_over, done, result, state_dict, compute_event, handover)
+        return done
+
+    def _stage_then_hand_over(
+        self,
+        done: Future[Any],
+        result: Callable[[Flattened], Any],
+        state_dict: STATE_DICT,
+        compute_event: Any,
+        handover: Handover,
+    ) -> None:
+        """Stage, resolve ``done``, then hand a state staged whole over to the writer.
+
+        In that order: the writer's thread pickles the state's tree as soon as it
+        has it, and told after the caller's waiters it does not hold the
+        interpreter while the training thread resumes from its stall.
+        """
+        if not done.set_running_or_notify_cancel():
+            handover.fail(CancelledError())
+            return
+        try:
+            staged = self._stage(state_dict, compute_event, handover)  # hands a failure over itself
+        except BaseException as e:  # noqa: BLE001 - the caller's future holds it
+            done.set_exception(e)
+            return
+        try:
+            value = result(staged)
+        except BaseException as e:  # noqa: BLE001 - the caller's future and the write hold it
+            handover.fail(e)
+            done.set_exception(e)
+            return
+        done.set_result(value)
+        _hand_over_whole(handover, staged)
 
     def _stage(self, state_dict: STATE_DICT, compute_event: Any, handover: Handover | None = None) -> Flattened:
         try:
@@ -342,8 +379,6 @@ class DefaultStager(CheckpointStager):
             if handover is not None:
                 handover.fail(e)
             raise
-        if handover is not None and not handover.planned.done():
-            handover.plan(staged, None)  # staged whole: the write request carries it complete
         return staged
 
     def close(self) -> None:
@@ -370,6 +405,12 @@ def staged_state_dict(flat: Flattened, tensor: Callable[[int], torch.Tensor] | N
     """
     tensors = flat.tensors
     return unflatten(flat.tree, tensor if tensor is not None else tensors.__getitem__, allow_pickle=True)
+
+
+def _hand_over_whole(handover: Handover | None, staged: Flattened) -> None:
+    """A state staged whole (not group by group): the write request carries it complete."""
+    if handover is not None and not handover.planned.done():
+        handover.plan(staged, None)
 
 
 class _StreamCtx:

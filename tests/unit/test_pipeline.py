@@ -23,7 +23,7 @@ from pipeline_testutil import (
 
 import torchckpt as tc
 from torchckpt import pipeline
-from torchckpt.errors import WriterProcessError
+from torchckpt.errors import UnsafeObjectError, WriterProcessError
 from torchckpt.pipeline import Handover, StagedProgress, StagingFailedError, stage_groups
 
 # --------------------------------------------------------------------------- groups
@@ -165,6 +165,26 @@ def test_a_send_that_fails_stops_the_messages_but_not_staging() -> None:
     handover.staged(1)
     handover.staged(2, last=True)  # not raised, not sent again
     assert len(calls) == 1
+
+
+def test_a_state_staged_whole_resolves_the_callers_future_before_the_writer_gets_it() -> None:
+    import torch
+
+    # The writer's thread pickles the state once it has it: the training thread must be woken first.
+    order: list[str] = []
+    with tc.DefaultStager(tc.CheckpointStagerConfig(use_async_staging=True)) as stager:
+        handover = Handover()
+        future = stager.stage_flattened({"w": torch.arange(4.0)}, handover)
+        handover.planned.add_done_callback(lambda f: order.append(f"plan (caller's future done: {future.done()})"))
+        flat = future.result(timeout=WAIT_S)
+        assert handover.planned.result(timeout=WAIT_S) == (flat, None)
+        assert order == ["plan (caller's future done: True)"]
+        failing = Handover()
+        bad = stager.stage_flattened({"x": lambda: 0}, failing)  # does not pickle: both sides get the error
+        with pytest.raises(UnsafeObjectError, match="cannot pickle the value at key 'x'"):
+            bad.result(timeout=WAIT_S)
+        with pytest.raises(UnsafeObjectError, match="cannot pickle the value at key 'x'"):
+            failing.planned.result(timeout=WAIT_S)
 
 
 # --------------------------------------------------------------------------- end to end
