@@ -85,7 +85,7 @@ class Layout:
     Attributes:
         placements: Its placements (checked: no ``Partial``).
         regular: The placements as ``plan/grid.py`` takes them, None when one is a ``_StridedShard``.
-        position: This rank's position among the ranks holding the same shard.
+        position: This rank's position among the ranks holding the same shard (negative: not in the mesh).
         count: How many ranks hold each shard.
     """
 
@@ -185,7 +185,7 @@ class Meshes:
             from torch.distributed.tensor.placement_types import Replicate
 
             checked = _placements(dt, key, action)
-            coordinate = self.coordinate(mesh)
+            coordinate = self.coordinate(mesh) or (-1,) * len(sizes)  # not in the mesh: no replica's position
             position, count = 0, 1
             for mesh_dim, p in enumerate(checked):
                 if isinstance(p, Replicate):
