@@ -311,6 +311,9 @@ def _sharded_stall_rank(rank: int, world: int, port: int, size: int, pairs: int,
             dist.barrier()
             with paused_gc():  # as staging walks it
                 walk = _timed(lambda: flatten(state, allow_pickle=True))
+                dist.barrier()
+                alone = _timed(lambda: flatten(state, allow_pickle=True)) if rank == 0 else 0.0  # the others wait
+            dist.barrier()
             if rank == 0:
                 remove(ckpt)
             os.sync()
@@ -322,14 +325,15 @@ def _sharded_stall_rank(rank: int, world: int, port: int, size: int, pairs: int,
             stall = time.perf_counter() - t0
             write.result()
             if r:
-                rows.append((copy, walk, stall))
+                rows.append((copy, walk, stall, alone))
     out.put((rank, rows))  # type: ignore[attr-defined]
     dist.destroy_process_group()
 
 
 def probe_sharded_stall(size: int, pairs: int, scratch: str, world: int) -> None:
     """An FSDP2 state's async save on ``world`` gloo ranks: its stall against a ``copy_`` of the local shards
-    and the walk of the state (``flatten``), each rank doing each at once with the others (as ``run.py --sharded``).
+    and the walk of the state (``flatten``), each rank doing each at once with the others (as ``run.py --sharded``);
+    also rank 0's walk while the others wait.
 
     Per round, the slowest rank's figure of each; ``size`` is the whole state's bytes (each rank holds 1/world).
     """
@@ -352,12 +356,12 @@ def probe_sharded_stall(size: int, pairs: int, scratch: str, world: int) -> None
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
-    rounds = [tuple(max(got[r][i][k] for r in got) for k in range(3)) for i in range(pairs)]
-    copy, walk, stall = (sorted(x[k] for x in rounds) for k in range(3))
+    rounds = [tuple(max(got[r][i][k] for r in got) for k in range(4)) for i in range(pairs)]
+    copy, walk, stall, alone = (sorted(x[k] for x in rounds) for k in range(4))
     ratio = sorted(x[2] / x[0] for x in rounds)
     excess = sorted((x[2] - x[0] - x[1]) for x in rounds)
     print(f"{world} ranks, {size / GIB:.2f} GiB: copy_ median {statistics.median(copy) * 1e3:.0f} ms, walk (flatten) "
-          f"{statistics.median(walk) * 1e3:.0f} ms, stall {statistics.median(stall) * 1e3:.0f} ms; stall / copy_ median "
+          f"{statistics.median(walk) * 1e3:.0f} ms (rank 0 alone: {statistics.median(alone) * 1e3:.0f} ms), stall {statistics.median(stall) * 1e3:.0f} ms; stall / copy_ median "
           f"{statistics.median(ratio):.2f} ({ratio[0]:.2f}–{ratio[-1]:.2f}); stall - copy_ - walk median "
           f"{statistics.median(excess) * 1e3:.0f} ms, over {pairs} rounds")  # fmt: skip
 

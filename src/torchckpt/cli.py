@@ -29,7 +29,7 @@ from .errors import CheckpointError, CheckpointIOError, CheckpointNotFoundError
 from .format.manifest import Manifest
 from .listing import check_object_root, root_rows, tier_rows
 from .object_prune import DEFAULT_GRACE_S, parse_storage_options
-from .step_dirs import committed_steps
+from .step_dirs import committed_steps, step_of
 from .step_store import ObjectSteps, open_step_store
 from .storage.locate import is_object_url
 from .storage.object_client import parse_object_url
@@ -135,10 +135,10 @@ def _ls_rows(root: str, verify: bool) -> dict[int, dict[str, Any]]:
     return root_rows(store, verify)
 
 
-def _step_of(name: str) -> str:
-    """``"10"`` for ``step_0000000010`` (a referenced checkpoint's name), else the name as it is."""
-    digits = name.removeprefix("step_")
-    return str(int(digits)) if digits != name and digits.isdigit() else name
+def _ref_text(name: str) -> str:
+    """A referenced checkpoint as ``ls`` shows it: its step (``step_0000000010`` -> ``10``), else its name."""
+    step = step_of(name)
+    return name if step is None else str(step)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -161,7 +161,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         table.append(
             [str(r["step"]), *place, r["time"], _human(r["size_bytes"]), str(r["ranks"]), r["format"],
              _seconds_text(r["stall_s"]), _seconds_text(r["write_s"]), _metrics_text(r["metrics"]) or "-",
-             ",".join(_step_of(name) for name in r["refs"]) or "-", status]
+             ",".join(_ref_text(name) for name in r["refs"]) or "-", status]
         )  # fmt: skip
     header = ["step", *(["location"] if where else []), "time", "size", "ranks", "format", "stall_s", "write_s"]
     print(_table(table, [*header, "metrics", "refers_to", "status"]))

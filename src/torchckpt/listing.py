@@ -4,11 +4,11 @@ A row is a plain dict (what ``--json`` prints)::
 
     {"step", "path", "committed": True, "time", "size_bytes", "ranks", "format",
      "stall_s", "write_s", "metrics", "refs"[, "verified"]}       a committed step
+    {"step", "path", "committed": False, "error"}          anything else with a step's name
 
 ``size_bytes`` counts the step's own files; ``refs`` names the checkpoints of
 the same root whose files hold the rest of its tensors (an incremental save's
 unchanged tensors), sorted.
-    {"step", "path", "committed": False, "error"}          anything else with a step's name
 
 With a remote tier (:func:`tier_rows`), each row also says where the step is
 committed: ``"location"`` is ``"local"``, ``"remote"``, ``"both"`` or ``"-"``,

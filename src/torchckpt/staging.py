@@ -325,19 +325,15 @@ class DefaultStager(CheckpointStager):
             return result(staged)
         if handover is None:
             return self._staging_executor.submit(lambda: result(self._stage(state_dict, compute_event)))
+        # A handover comes with stage_flattened only: its result is the flattened state itself.
         done: Future[Any] = Future()
-        self._staging_executor.submit(self._stage_then_hand_over, done, result, state_dict, compute_event, handover)
+        self._staging_executor.submit(self._stage_then_hand_over, done, state_dict, compute_event, handover)
         return done
 
     def _stage_then_hand_over(
-        self,
-        done: Future[Any],
-        result: Callable[[Flattened], Any],
-        state_dict: STATE_DICT,
-        compute_event: Any,
-        handover: Handover,
+        self, done: Future[Any], state_dict: STATE_DICT, compute_event: Any, handover: Handover
     ) -> None:
-        """Stage, resolve ``done``, then hand a state staged whole over to the writer.
+        """Stage, resolve ``done`` with the flattened state, then hand a state staged whole over to the writer.
 
         In that order: the writer's thread pickles the state's tree as soon as it
         has it, and told after the caller's waiters it does not hold the
@@ -351,13 +347,7 @@ class DefaultStager(CheckpointStager):
         except BaseException as e:  # noqa: BLE001 - the caller's future holds it
             done.set_exception(e)
             return
-        try:
-            value = result(staged)
-        except BaseException as e:  # noqa: BLE001 - the caller's future and the write hold it
-            handover.fail(e)
-            done.set_exception(e)
-            return
-        done.set_result(value)
+        done.set_result(staged)
         _hand_over_whole(handover, staged)
 
     def _stage(self, state_dict: STATE_DICT, compute_event: Any, handover: Handover | None = None) -> Flattened:
